@@ -1,0 +1,42 @@
+"""What a ring entry records. Plain data: rendering lives in render.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nvmefs.nvme.status import Status
+
+
+@dataclass(slots=True)
+class NvmeEvent:
+    """A completion with an NVMe status, and what is known about the command behind it."""
+
+    status: Status
+    ctrl: str | None = None
+    nsid: int | None = None
+    qid: int | None = None
+    cid: int | None = None
+    opcode: int | None = None
+    admin: bool = False
+    slba: int | None = None
+    nlb: int | None = None  # number of logical blocks (1-based, unlike the 0-based NLB field)
+    retry: int | None = None
+
+    kind = "nvme"
+
+
+# Kinds of host-side event: none of them carries an NVMe status.
+START = "start"  # the recorder came up (the seed's "driver finished loading")
+HOST_ERROR = "host-error"  # a negative passthrough result: -ENODEV, -EINTR, -EINVAL...
+TIMEOUT = "timeout"
+ABORT = "abort"
+RESET = "reset"
+NOTICE = "notice"  # controller error-log entries, SMART critical warnings, device attach/detach
+
+
+@dataclass(slots=True)
+class HostEvent:
+    kind: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)

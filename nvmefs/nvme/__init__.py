@@ -1,0 +1,1 @@
+"""The NVMe protocol without I/O: layouts, tables, the status translator, queue state."""

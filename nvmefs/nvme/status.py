@@ -1,0 +1,141 @@
+"""The status translator: a 15-bit NVMe status word -> everything the kernel would say about it.
+
+Theory of operation: the translation runs on every completion, so it must cost one list index.
+Each profile's 32768 possible results are built once, as immutable `Status` objects, and
+`Translator.decode(word)` returns the shared object. Everything below the table build is data
+from `tables.py`; the only logic is the bit layout of the status word:
+
+    bit 14 DNR | bit 13 MORE | bits 12:11 CRD | bits 10:8 SCT | bits 7:0 SC
+
+The raw CQE status field (dword 3 bits 31:16) carries the phase tag in bit 0 and this word in
+bits 15:1; `decode_cqe()` takes that form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from nvmefs.nvme import tables
+
+STATUS_MASK = 0x7FFF
+SCT_SC_MASK = 0x7FF
+CRD_MASK = 0x1800
+MORE = 0x2000
+DNR = 0x4000
+
+
+class StatusError(ValueError):
+    """A status value that is not a valid status word (or CQE status field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    status: int  # the 15-bit word as given, DNR/MORE/CRD included
+    sct: int
+    sc: int
+    crd: int
+    more: bool
+    dnr: bool
+    name: str
+    blk_status: str
+    blk_string: str
+    errno: int  # positive errno value; the kernel hands back its negative
+    profile: str
+
+    @property
+    def code(self) -> int:
+        """SCT/SC only: what the kernel switches on."""
+        return self.status & SCT_SC_MASK
+
+    @property
+    def ok(self) -> bool:
+        return self.status & SCT_SC_MASK == 0
+
+    @property
+    def sct_name(self) -> str:
+        return tables.SCT_NAMES.get(self.sct, "Reserved")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": f"0x{self.status:x}",
+            "sct": self.sct,
+            "sc": self.sc,
+            "crd": self.crd,
+            "more": self.more,
+            "dnr": self.dnr,
+            "name": self.name,
+            "blk_status": self.blk_status,
+            "blk_string": self.blk_string,
+            "errno": self.errno,
+            "profile": self.profile,
+        }
+
+
+def _build(word: int, profile: str) -> Status:
+    code = word & SCT_SC_MASK
+    names = tables.NAME_OVERRIDES_BY_PROFILE[profile]
+    name = names.get(code) or tables.STATUS_NAMES.get(code, "Unknown")
+    blk = tables.BLK_STATUS_BY_PROFILE[profile].get(code, "IOERR")
+    blk_string, err = tables.BLK_STATUS_INFO[blk]
+    return Status(
+        status=word,
+        sct=(word >> 8) & 0x7,
+        sc=word & 0xFF,
+        crd=(word & CRD_MASK) >> 11,
+        more=bool(word & MORE),
+        dnr=bool(word & DNR),
+        name=name,
+        blk_status=blk,
+        blk_string=blk_string,
+        errno=err,
+        profile=profile,
+    )
+
+
+class Translator:
+    """Decodes status words under one kernel profile; `decode` is a table lookup."""
+
+    __slots__ = ("_table", "profile")
+
+    def __init__(self, profile: str = tables.DEFAULT_PROFILE) -> None:
+        if profile not in tables.BLK_STATUS_BY_PROFILE:
+            raise StatusError(
+                f"unknown profile {profile!r} (choose from {', '.join(tables.PROFILES)})"
+            )
+        self.profile = profile
+        self._table = _table_for(profile)
+
+    def decode(self, word: int) -> Status:
+        """15-bit status word -> Status. Raises StatusError outside 0..0x7fff."""
+        try:
+            if word >= 0:
+                return self._table[word]
+        except IndexError:
+            pass
+        raise StatusError(f"status {word:#x} does not fit in 15 bits")
+
+    def decode_cqe(self, field: int) -> Status:
+        """Raw 16-bit CQE status field (phase tag in bit 0) -> Status."""
+        if not 0 <= field <= 0xFFFF:
+            raise StatusError(f"CQE status field 0x{field:x} does not fit in 16 bits")
+        return self._table[field >> 1]
+
+
+@cache
+def _table_for(profile: str) -> tuple[Status, ...]:
+    return tuple(_build(w, profile) for w in range(STATUS_MASK + 1))
+
+
+def parse_status(text: str, *, cqe: bool = False) -> int:
+    """Parse a user-given status ("0x281", "641", "0b1010000001") and check its width."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise StatusError(f"not a number: {text!r}") from None
+    limit = 0xFFFF if cqe else STATUS_MASK
+    if not 0 <= value <= limit:
+        width = "16 bits (CQE status field)" if cqe else "15 bits (use --cqe for a raw CQE field)"
+        raise StatusError(f"status {text!r} does not fit in {width}")
+    return value

@@ -1,0 +1,208 @@
+"""Text and JSON forms of ring entries.
+
+The text line is the seed's `[<ticks>] <info>\\n`. With the default clock the ticks are what the
+kernel's jiffies counter would read at that moment (INITIAL_JIFFIES + uptime * HZ), so a line
+can be held next to dmesg and next to the seed's `[4295386259]` numbers. The info text is capped
+at 255 bytes, the seed's `char info[256]`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+from typing import Any
+
+from nvmefs.events import HostEvent, NvmeEvent
+from nvmefs.nvme import tables
+from nvmefs.ring import Entry
+
+INFO_MAX = 255
+FORMATS = ("full", "seed")
+CLOCKS = ("jiffies", "uptime", "realtime")
+SEED_PREFIX = "Specific NVMe error encountered: Status = "
+
+
+def kernel_hz(release: str | None = None) -> int:
+    """CONFIG_HZ of the running kernel, from /boot/config-* or /proc/config.gz; 1000 if unknown."""
+    release = release or os.uname().release
+    for text in (_read_text(f"/boot/config-{release}"), _read_text("/proc/config.gz")):
+        for line in text.splitlines():
+            if line.startswith("CONFIG_HZ="):
+                try:
+                    return int(line.split("=", 1)[1])
+                except ValueError:
+                    break
+    return 1000
+
+
+def _read_text(path: str) -> str:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rt") as gz:
+                return gz.read()
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def initial_jiffies(hz: int) -> int:
+    # include/linux/jiffies.h: ((unsigned long)(unsigned int) (-300*HZ)) on 64-bit.
+    return (-300 * hz) & 0xFFFFFFFF
+
+
+class Clock:
+    """Turns an entry's CLOCK_MONOTONIC / wall-clock nanoseconds into the ticks shown."""
+
+    def __init__(self, kind: str = "jiffies", hz: int | None = None) -> None:
+        if kind not in CLOCKS:
+            raise ValueError(f"clock {kind!r}: expected one of {', '.join(CLOCKS)}")
+        self.kind = kind
+        self.hz = hz if hz is not None else kernel_hz()
+        self._base = initial_jiffies(self.hz)
+
+    def jiffies(self, mono_ns: int) -> int:
+        # CLOCK_MONOTONIC counts from boot and stops in suspend, as jiffies do.
+        return self._base + mono_ns * self.hz // 1_000_000_000
+
+    def ticks(self, mono_ns: int, wall_ns: int) -> str:
+        if self.kind == "jiffies":
+            return str(self.jiffies(mono_ns))
+        if self.kind == "uptime":
+            return f"{mono_ns // 1_000_000_000:5d}.{mono_ns // 1000 % 1_000_000:06d}"
+        return _iso(wall_ns)
+
+
+def _iso(wall_ns: int) -> str:
+    # Integer arithmetic: a float of the nanoseconds rounds the microseconds.
+    dt = datetime.datetime.fromtimestamp(wall_ns // 1_000_000_000, tz=datetime.UTC).replace(
+        microsecond=wall_ns // 1000 % 1_000_000
+    )
+    return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _cap(info: str) -> str:
+    raw = info.encode()
+    if len(raw) <= INFO_MAX:
+        return info
+    return raw[:INFO_MAX].decode("utf-8", "ignore")
+
+
+def _opcode_name(opcode: int, admin: bool) -> str:
+    names = tables.ADMIN_OPCODE_NAMES if admin else tables.IO_OPCODE_NAMES
+    return names.get(opcode, "Unknown")
+
+
+def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
+    st = ev.status
+    if fmt == "seed":
+        return f"{SEED_PREFIX}0x{st.status:x}"
+    head = "NVMe command completed: Status = " if st.ok else SEED_PREFIX
+    parts = [f"{head}0x{st.status:x}", f"({st.name})", f"SCT=0x{st.sct:x} SC=0x{st.sc:02x}"]
+    if st.crd:
+        parts.append(f"CRD={st.crd}")
+    if st.more:
+        parts.append("MORE")
+    if st.dnr:
+        parts.append("DNR")
+    parts.append(f"blk_status={st.blk_status}" + (f" ({st.blk_string})" if st.blk_string else ""))
+    if ev.ctrl is not None:
+        parts.append(f"ctrl={ev.ctrl}")
+    for key in ("nsid", "qid", "cid"):
+        value = getattr(ev, key)
+        if value is not None:
+            parts.append(f"{key}={value}")
+    if ev.opcode is not None:
+        parts.append(f"opcode=0x{ev.opcode:02x} ({_opcode_name(ev.opcode, ev.admin)})")
+    if ev.slba is not None:
+        parts.append(f"slba={ev.slba}")
+    if ev.nlb is not None:
+        parts.append(f"nlb={ev.nlb}")
+    if ev.retry is not None:
+        parts.append(f"retry={ev.retry}")
+    return _cap(" ".join(parts))
+
+
+def host_info(ev: HostEvent) -> str:
+    extra = " ".join(f"{k}={v}" for k, v in ev.fields.items() if v is not None)
+    return _cap(f"nvmefs {ev.kind}: {ev.message}" + (f" {extra}" if extra else ""))
+
+
+def info(event: Any, fmt: str = "full") -> str:
+    if isinstance(event, NvmeEvent):
+        return nvme_info(event, fmt)
+    return host_info(event)
+
+
+class Renderer:
+    """Renders entries as text lines or JSON lines under one clock and format."""
+
+    def __init__(self, clock: Clock | None = None, fmt: str = "full") -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        self.clock = clock or Clock()
+        self.fmt = fmt
+
+    def line(self, entry: Entry) -> str:
+        _seq, mono_ns, wall_ns, event = entry
+        return f"[{self.clock.ticks(mono_ns, wall_ns)}] {info(event, self.fmt)}\n"
+
+    def missed_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
+        noun = "entry" if missed == 1 else "entries"
+        return (
+            f"[{self.clock.ticks(mono_ns, wall_ns)}] nvmefs: {missed} {noun} missed "
+            "(overwritten or cleared before this reader reached them)\n"
+        )
+
+    def record(self, entry: Entry) -> dict[str, Any]:
+        seq, mono_ns, wall_ns, event = entry
+        rec: dict[str, Any] = {
+            "seq": seq,
+            "ticks": self.clock.ticks(mono_ns, wall_ns),
+            "jiffies": self.clock.jiffies(mono_ns),
+            "monotonic_ns": mono_ns,
+            "wall_ns": wall_ns,
+            "wall": _iso(wall_ns),
+            "kind": event.kind,
+            "info": info(event, self.fmt),
+        }
+        if isinstance(event, NvmeEvent):
+            rec.update(event.status.as_dict())
+            rec.update(
+                ctrl=event.ctrl,
+                nsid=event.nsid,
+                qid=event.qid,
+                cid=event.cid,
+                opcode=event.opcode,
+                opcode_name=(
+                    None if event.opcode is None else _opcode_name(event.opcode, event.admin)
+                ),
+                admin=event.admin,
+                slba=event.slba,
+                nlb=event.nlb,
+                retry=event.retry,
+            )
+        elif isinstance(event, HostEvent):
+            rec["message"] = event.message
+            rec.update(event.fields)
+        return rec
+
+    def json_line(self, entry: Entry) -> str:
+        return json.dumps(self.record(entry), separators=(",", ":")) + "\n"
+
+    def missed_json_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
+        return (
+            json.dumps(
+                {
+                    "kind": "missed",
+                    "missed": missed,
+                    "monotonic_ns": mono_ns,
+                    "wall_ns": wall_ns,
+                    "wall": _iso(wall_ns),
+                },
+                separators=(",", ":"),
+            )
+            + "\n"
+        )

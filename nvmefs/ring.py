@@ -1,0 +1,133 @@
+"""The debug ring: fixed capacity, sequence numbered, exact about what it lost.
+
+Theory of operation: every entry gets the next sequence number (the first is 1) and lives in slot
+`seq % capacity`. The retained entries are exactly the sequence numbers in [start, next): a slot
+outside that window is never looked at, so readers cannot see empty or stale slots. Wrap-around
+moves `start` forward one entry at a time and counts it as dropped; `clear()` moves `start` to
+`next` and counts what it removed as cleared. So at every moment
+
+    appended == retained + dropped + cleared
+
+A reader keeps the last sequence number it has seen; `read_after(n)` tells it how many entries
+after n are gone (it was overtaken) and hands back the ones that are still there.
+
+An entry is the tuple (seq, monotonic_ns, wall_ns, event): nothing is formatted on append.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Entry = tuple[int, int, int, Any]
+SEQ, MONO_NS, WALL_NS, EVENT = range(4)
+
+DEFAULT_CAPACITY = 1024
+
+
+class DebugRing:
+    __slots__ = (
+        "_buf",
+        "_listeners",
+        "_next",
+        "_start",
+        "capacity",
+        "cleared",
+        "dropped",
+    )
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError(f"ring capacity must be at least 1, not {capacity}")
+        self.capacity = capacity
+        self._buf: list[Entry | None] = [None] * capacity
+        self._next = 1
+        self._start = 1
+        self.dropped = 0
+        self.cleared = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(self, event: Any) -> int:
+        seq = self._next
+        self._buf[seq % self.capacity] = (seq, time.monotonic_ns(), time.time_ns(), event)
+        self._next = seq + 1
+        if seq - self._start >= self.capacity:
+            self._start += 1
+            self.dropped += 1
+        if self._listeners:
+            for wake in self._listeners:
+                wake()
+        return seq
+
+    def clear(self) -> int:
+        """Forget every retained entry; returns how many were removed."""
+        removed = self._next - self._start
+        self.cleared += removed
+        self._start = self._next
+        # Release the events now rather than when their slots are reused.
+        self._buf = [None] * self.capacity
+        return removed
+
+    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake()` after every append; returns the function that unsubscribes."""
+        self._listeners.append(wake)
+        return lambda: self._listeners.remove(wake)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """Sequence number of the oldest retained entry (== next_seq when empty)."""
+        return self._start
+
+    @property
+    def next_seq(self) -> int:
+        return self._next
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the newest entry ever appended (0 before the first)."""
+        return self._next - 1
+
+    @property
+    def appended(self) -> int:
+        return self._next - 1
+
+    @property
+    def retained(self) -> int:
+        return self._next - self._start
+
+    def __len__(self) -> int:
+        return self._next - self._start
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Oldest first, retained entries only."""
+        return iter(self.read_after(0)[1])
+
+    def read_after(self, seq: int, limit: int | None = None) -> tuple[int, list[Entry]]:
+        """Entries with sequence number > seq, oldest first, at most `limit` of them.
+
+        Returns (missed, entries): `missed` counts the entries after `seq` that are no longer
+        retained (overwritten or cleared before this reader got to them).
+        """
+        first = seq + 1
+        missed = 0
+        if first < self._start:
+            missed = self._start - first
+            first = self._start
+        end = self._next
+        if limit is not None and end - first > limit:
+            end = first + limit
+        n = end - first
+        if n <= 0:
+            return missed, []
+        buf, cap = self._buf, self.capacity
+        lo = first % cap
+        if lo + n <= cap:
+            entries = buf[lo : lo + n]
+        else:
+            entries = buf[lo:] + buf[: lo + n - cap]
+        return missed, entries  # type: ignore[return-value]  # window slots are never None
