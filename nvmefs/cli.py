@@ -15,9 +15,19 @@ import json
 import sys
 from collections.abc import Sequence
 
+import trio
+
+from nvmefs import options, workloads
+from nvmefs.engine import Engine, EngineError
+from nvmefs.events import NvmeEvent
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import STATUS_MASK, StatusError, Translator, parse_status
+from nvmefs.render import Clock, Renderer
+from nvmefs.ring import EVENT, SEQ, DebugRing
+from nvmefs.sources import SourceError, open_source
+from nvmefs.transport.base import Transport
+from nvmefs.workloads import Progress
 
 PROG = "nvmefs"
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
@@ -88,7 +98,85 @@ def cmd_decode(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"decode": cmd_decode}
+def cmd_scrub(argv: Sequence[str]) -> int:
+    p = _Parser(prog=f"{PROG} scrub", description="One pass over a source; errors to stdout.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    args = p.parse_args(argv)
+    try:
+        opts = options.parse(args.options, allow_fuse=False, overrides={"passes": 1})
+        transport, ctrl = open_source(args.source, opts)
+    except (options.OptionError, SourceError) as e:
+        raise UsageError(f"scrub: {e}") from None
+    try:
+        return trio.run(_scrub, transport, ctrl, opts)
+    except EngineError as e:
+        raise UsageError(f"scrub: {e}") from None
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _scrub(transport: Transport, ctrl: str, opts: options.Parsed) -> int:
+    ring = DebugRing(opts["capacity"])
+    renderer = Renderer(Clock(opts["clock"]), opts["format"])
+    found = 0
+    printed = 0
+
+    def emit() -> None:
+        nonlocal found, printed
+        _missed, entries = ring.read_after(printed)
+        for entry in entries:
+            event = entry[EVENT]
+            if not isinstance(event, NvmeEvent) or not event.status.ok:
+                found += 1
+            sys.stdout.write(renderer.line(entry))
+            printed = entry[SEQ]
+        sys.stdout.flush()
+
+    ring.subscribe(emit)
+    engine = Engine(
+        transport,
+        ring,
+        translator=Translator(opts["profile"]),
+        policy=LogPolicy(opts["log"]),
+        ctrl_name=ctrl,
+        io_timeout=opts["io_timeout"],
+        max_retries=opts["retries"],
+        queue_depth=max(opts["qd"] + 1, 2),
+    )
+    progress = Progress()
+    async with engine.running(), trio.open_nursery() as nursery:
+        if sys.stderr.isatty():
+            nursery.start_soon(_progress_bar, progress)
+        await workloads.scrub(
+            engine,
+            progress,
+            bs=opts["bs"],
+            qd=opts["qd"],
+            passes=opts["passes"],
+            interval=opts["interval"],
+            rate=opts["rate"],
+            op=opts["op"],
+        )
+        nursery.cancel_scope.cancel()
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    return EXIT_FOUND if found else EXIT_OK
+
+
+async def _progress_bar(progress: Progress) -> None:
+    while True:
+        total = progress.nblocks or 1
+        sys.stderr.write(
+            f"\r\033[Kscrub pass {progress.pass_no} nsid {progress.nsid}: "
+            f"{100 * progress.lba / total:5.1f}%  {progress.bytes_done >> 20} MiB  "
+            f"{progress.failed} failed"
+        )
+        sys.stderr.flush()
+        await trio.sleep(0.2)
+
+
+COMMANDS = {"decode": cmd_decode, "scrub": cmd_scrub}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,115 @@
+"""What the engine needs from a register-level transport (the simulated controller, VFIO).
+
+The interface is the PCIe view of an NVMe controller and nothing more:
+- registers: 32/64-bit reads and writes at BAR0 offsets (CAP, CC, CSTS, AQA, ASQ, ACQ);
+- doorbells: SQ tail and CQ head writes, by doorbell index (2*qid, 2*qid+1);
+- host memory the controller reaches by bus address (queues, data buffers, PRP lists);
+- a way to wait for an interrupt vector; a transport without interrupts polls.
+
+Kernel passthrough (io_uring, ioctl) has no registers: the kernel owns the NVMe queues. It plugs in
+one level up, as another queue backend of the engine.
+"""
+
+from __future__ import annotations
+
+import bisect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import trio
+
+PAGE = 4096
+
+# Controller registers (BAR0 offsets)
+REG_CAP = 0x00
+REG_VS = 0x08
+REG_CC = 0x14
+REG_CSTS = 0x1C
+REG_AQA = 0x24
+REG_ASQ = 0x28
+REG_ACQ = 0x30
+DOORBELL_BASE = 0x1000
+
+CC_EN = 1
+CSTS_RDY = 1
+CSTS_CFS = 2
+
+
+@dataclass(slots=True)
+class DmaBuffer:
+    addr: int
+    view: memoryview
+
+    @property
+    def size(self) -> int:
+        return len(self.view)
+
+
+class DmaMemory:
+    """Host memory with bus addresses: page-aligned regions a controller can reach."""
+
+    def __init__(self, base: int = 0x1_0000_0000) -> None:
+        self._next = base
+        self._addrs: list[int] = []
+        self._views: list[memoryview] = []
+
+    def alloc(self, size: int) -> DmaBuffer:
+        size = max(PAGE, -(-size // PAGE) * PAGE)
+        addr = self._next
+        self._next += size + PAGE  # a guard page: overruns hit no other buffer
+        view = memoryview(bytearray(size))
+        self._addrs.append(addr)
+        self._views.append(view)
+        return DmaBuffer(addr, view)
+
+    def free(self, buf: DmaBuffer) -> None:
+        i = bisect.bisect_left(self._addrs, buf.addr)
+        if i < len(self._addrs) and self._addrs[i] == buf.addr:
+            del self._addrs[i]
+            del self._views[i]
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """The device's view of [addr, addr+length); raises ValueError outside any region."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i >= 0:
+            off = addr - self._addrs[i]
+            mv = self._views[i]
+            if off + length <= len(mv):
+                return mv[off : off + length]
+        raise ValueError(f"DMA to unmapped address {addr:#x}+{length}")
+
+
+class Transport(ABC):
+    """A register-level NVMe controller connection."""
+
+    name: str = "transport"
+    has_interrupts: bool = True
+
+    def __init__(self) -> None:
+        self.dma = DmaMemory()
+
+    async def start(self, nursery: trio.Nursery) -> None:  # noqa: B027 - optional hook
+        """Begin any background work (delayed completions, device watching)."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abstractmethod
+    def read32(self, offset: int) -> int: ...
+
+    @abstractmethod
+    def write32(self, offset: int, value: int) -> None: ...
+
+    @abstractmethod
+    def read64(self, offset: int) -> int: ...
+
+    @abstractmethod
+    def write64(self, offset: int, value: int) -> None: ...
+
+    @abstractmethod
+    def doorbell(self, index: int, value: int) -> None:
+        """Write doorbell `index` (2*qid: SQ tail, 2*qid+1: CQ head)."""
+
+    @abstractmethod
+    async def wait_interrupt(self, vector: int) -> None:
+        """Return once `vector` has fired since the last return (or a poll interval passed)."""

@@ -1,0 +1,221 @@
+"""What the engine is made to do: scrub, randread, or idle health polling."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import trio
+
+from nvmefs import events
+from nvmefs.engine import CommandError, Completion, Engine, Namespace
+from nvmefs.events import HostEvent
+from nvmefs.nvme import commands as c
+from nvmefs.nvme.commands import Command
+from nvmefs.nvme.layouts import ERROR_LOG_ENTRY_SIZE, ffi, u128
+from nvmefs.nvme.status import Translator
+
+
+@dataclass
+class Progress:
+    workload: str = ""
+    state: str = "idle"
+    pass_no: int = 0
+    passes: int = 0
+    nsid: int = 0
+    lba: int = 0
+    nblocks: int = 0
+    bytes_done: int = 0
+    commands: int = 0
+    failed: int = 0
+    polls: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class _Pacer:
+    """Keeps a byte rate under `mbps` MB/s (0: no cap) by sleeping between batches."""
+
+    def __init__(self, mbps: float) -> None:
+        self.bps = mbps * 1_000_000
+        self.start = trio.current_time()
+        self.sent = 0
+
+    async def account(self, nbytes: int) -> None:
+        self.sent += nbytes
+        if self.bps:
+            due = self.start + self.sent / self.bps
+            now = trio.current_time()
+            if due > now:
+                await trio.sleep(due - now)
+
+
+def _settle(
+    engine: Engine,
+    progress: Progress,
+    cmds: list[Command],
+    results: list[Completion | CommandError],
+) -> None:
+    for cmd, r in zip(cmds, results, strict=True):
+        progress.commands += 1
+        if isinstance(r, CommandError):
+            progress.failed += 1
+            engine.log_command_failure(r, cmd)
+        elif not r.status.ok:
+            progress.failed += 1
+
+
+def _chunk_cmd(op: str, ns: Namespace, lba: int, nlb: int) -> Command:
+    if op == "verify":
+        return c.verify(ns.nsid, lba, nlb)
+    return c.read(ns.nsid, lba, nlb, ns.lba_size)
+
+
+async def scrub(
+    engine: Engine,
+    progress: Progress,
+    *,
+    bs: int,
+    qd: int,
+    passes: int,
+    interval: float = 0.0,
+    rate: float = 0.0,
+    op: str = "read",
+) -> None:
+    """Read (or verify) every LBA of every namespace in order, `bs` bytes per command."""
+    progress.workload, progress.passes = "scrub", passes
+    n = 0
+    while passes == 0 or n < passes:
+        n += 1
+        progress.pass_no, progress.state = n, "running"
+        pacer = _Pacer(rate)
+        for ns in engine.namespaces:
+            nlb = max(1, min(bs // ns.lba_size, 0x10000))
+            progress.nsid, progress.nblocks, progress.lba = ns.nsid, ns.nblocks, 0
+            lba = 0
+            while lba < ns.nblocks:
+                cmds: list[Command] = []
+                while lba < ns.nblocks and len(cmds) < qd:
+                    count = min(nlb, ns.nblocks - lba)
+                    cmds.append(_chunk_cmd(op, ns, lba, count))
+                    lba += count
+                results = await engine.submit_batch(cmds)
+                _settle(engine, progress, cmds, results)
+                nbytes = sum((cmd.nlb or 0) * ns.lba_size for cmd in cmds)
+                progress.bytes_done += nbytes
+                progress.lba = lba
+                await pacer.account(nbytes)
+        progress.state = "waiting"
+        if passes == 0 or n < passes:
+            await trio.sleep(interval)
+    progress.state = "done"
+
+
+async def randread(
+    engine: Engine,
+    progress: Progress,
+    *,
+    bs: int,
+    qd: int,
+    seed: int = 0,
+    rate: float = 0.0,
+    count: int = 0,
+) -> None:
+    """Random reads of `bs` bytes, `qd` at a time, forever (or `count` commands)."""
+    progress.workload, progress.state = "randread", "running"
+    rng = random.Random(seed)
+    pacer = _Pacer(rate)
+    ns = engine.namespaces[0]
+    nlb = max(1, min(bs // ns.lba_size, 0x10000, ns.nblocks))
+    slots = ns.nblocks // nlb
+    done = 0
+    while count == 0 or done < count:
+        batch = qd if count == 0 else min(qd, count - done)
+        cmds = [c.read(ns.nsid, rng.randrange(slots) * nlb, nlb, ns.lba_size) for _ in range(batch)]
+        results = await engine.submit_batch(cmds)
+        _settle(engine, progress, cmds, results)
+        done += batch
+        progress.bytes_done += batch * nlb * ns.lba_size
+        await pacer.account(batch * nlb * ns.lba_size)
+    progress.state = "done"
+
+
+def parse_error_log(page: bytes) -> list[dict[str, int]]:
+    """Valid entries of an Error Information log page (error_count 0 marks an empty slot)."""
+    out = []
+    for off in range(0, len(page) - ERROR_LOG_ENTRY_SIZE + 1, ERROR_LOG_ENTRY_SIZE):
+        e = ffi.from_buffer("struct nvme_error_log_entry *", bytearray(page[off : off + 64]))
+        if e.error_count:
+            out.append(
+                {
+                    "error_count": e.error_count,
+                    "sqid": e.sqid,
+                    "cmdid": e.cmdid,
+                    "status": e.status_field >> 1,
+                    "lba": e.lba,
+                    "nsid": e.nsid,
+                    "opcode": e.opcode,
+                }
+            )
+    return out
+
+
+async def health_poll(engine: Engine, progress: Progress, state: dict[str, int]) -> None:
+    """One poll: new controller error-log entries and SMART critical warnings become entries."""
+    translator: Translator = engine.translator
+    page = await engine.get_log_page(c.LOG_ERROR, (engine.elpe + 1) * ERROR_LOG_ENTRY_SIZE)
+    last = state.get("error_count", 0)
+    new = [e for e in parse_error_log(page) if e["error_count"] > last]
+    for e in sorted(new, key=lambda e: e["error_count"]):
+        st = translator.decode(e["status"])
+        engine.ring.append(
+            HostEvent(
+                events.NOTICE,
+                f"controller error log entry {e['error_count']}: Status = 0x{e['status']:x} "
+                f"({st.name})",
+                {
+                    "ctrl": engine.ctrl_name,
+                    "sqid": e["sqid"],
+                    "cid": e["cmdid"],
+                    "nsid": e["nsid"],
+                    "lba": e["lba"],
+                    "opcode": f"0x{e['opcode']:02x}",
+                },
+            )
+        )
+        state["error_count"] = max(state.get("error_count", 0), e["error_count"])
+    smart = ffi.from_buffer(
+        "struct nvme_smart_log *", bytearray(await engine.get_log_page(c.LOG_SMART, 512))
+    )
+    warning = smart.critical_warning
+    if warning and warning != state.get("critical_warning", 0):
+        engine.ring.append(
+            HostEvent(
+                events.NOTICE,
+                f"SMART critical warning 0x{warning:02x}",
+                {"ctrl": engine.ctrl_name, "media_errors": u128(smart.media_errors)},
+            )
+        )
+    state["critical_warning"] = warning
+    state["media_errors"] = u128(smart.media_errors)
+    progress.polls += 1
+    progress.extra["media_errors"] = state["media_errors"]
+
+
+async def idle(engine: Engine, progress: Progress, *, interval: float) -> None:
+    """Health polling only."""
+    progress.workload, progress.state = "idle", "running"
+    state: dict[str, int] = {}
+    # Entries already in the controller's log at start are history, not news.
+    for e in parse_error_log(
+        await engine.get_log_page(c.LOG_ERROR, (engine.elpe + 1) * ERROR_LOG_ENTRY_SIZE)
+    ):
+        state["error_count"] = max(state.get("error_count", 0), e["error_count"])
+    while True:
+        await trio.sleep(interval)
+        try:
+            await health_poll(engine, progress, state)
+        except CommandError as e:
+            progress.failed += 1
+            engine.ring.append(
+                HostEvent(events.HOST_ERROR, f"health poll failed: {e}", {"ctrl": engine.ctrl_name})
+            )
