@@ -362,7 +362,7 @@ class Engine:
         pendings = []
         written = 0
         for cmd, attempt in items:
-            while not q.qp.free_slots or len(q.qp.inflight) >= q.qp.depth - 1:
+            while not q.qp.can_submit:
                 if written:
                     self.transport.doorbell(2 * q.qid, q.qp.sq_tail)
                     written = 0

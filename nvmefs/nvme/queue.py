@@ -59,12 +59,18 @@ class QueuePair:
         return (self.sq_head - self.sq_tail - 1) % self.depth
 
     @property
+    def can_submit(self) -> bool:
+        """A free SQ slot (the controller consumed enough) and a free command id (enough
+        completed): the two free up at different times."""
+        return bool(self.free_slots and self._free)
+
+    @property
     def busy(self) -> int:
         return len(self.inflight)
 
     def submit(self, context: Any) -> tuple[int, int]:
         """Claim a slot and a command id for `context`; returns (sq slot index, cid)."""
-        if not self.free_slots or not self._free:
+        if not self.can_submit:
             raise QueueFull(f"queue {self.qid} full ({self.depth - 1} in flight)")
         cid = self._free.popleft()
         self.inflight[cid] = context
