@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import trio
 
-from nvmefs import options, workloads
+from nvmefs import _trio, options, workloads
 from nvmefs.engine import Engine, EngineError
 from nvmefs.events import NvmeEvent
 from nvmefs.nvme import tables
@@ -109,7 +109,7 @@ def cmd_scrub(argv: Sequence[str]) -> int:
     except (options.OptionError, SourceError) as e:
         raise UsageError(f"scrub: {e}") from None
     try:
-        return trio.run(_scrub, transport, ctrl, opts)
+        return _trio.run(_scrub, transport, ctrl, opts)
     except EngineError as e:
         raise UsageError(f"scrub: {e}") from None
     except KeyboardInterrupt:
@@ -188,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = COMMANDS.get(argv[0])
         if command is not None:
             return command(argv[1:])
-        raise UsageError(f"unknown command {argv[0]!r} (try: {PROG} --help)")
+        from nvmefs.daemon import cmd_mount
+
+        return cmd_mount(argv)
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,294 @@
+"""`nvmefs SOURCE MOUNTPOINT [-o OPTIONS] [-f]`: the mount daemon (mount.fuse calling convention).
+
+Lifecycle: check everything that can be checked (options, mountpoint, source) before forking;
+fork; the child brings the controller up and mounts; only when the mount is live does the parent
+exit 0, so `mount -a` returns with the filesystem usable. Any failure before that is reported by
+the parent as one line with exit status 2, and nothing is left mounted or running. SIGTERM,
+SIGINT and an external umount end the daemon with the mount gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+from nvmefs import __version__, _trio, events, options, workloads
+from nvmefs.engine import Engine, EngineError
+from nvmefs.events import HostEvent, NvmeEvent
+from nvmefs.fs import NvmeFS
+from nvmefs.nvme.policy import LogPolicy
+from nvmefs.nvme.status import Translator
+from nvmefs.recorder import Recorder
+from nvmefs.render import Clock, Renderer, info
+from nvmefs.ring import EVENT, DebugRing
+from nvmefs.sources import SourceError, open_source
+from nvmefs.transport.base import Transport
+
+log = logging.getLogger("nvmefs")
+
+# The daemon scrubs forever, pausing between passes, unless told otherwise.
+DAEMON_DEFAULTS = {"passes": 0, "interval": 60.0}
+
+
+class MountError(Exception):
+    """One line for the user; exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from nvmefs.cli import _Parser
+
+    p = _Parser(prog="nvmefs", description="Mount the NVMe error ring.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", dest="debug", action="store_true", help="foreground, with debug logs")
+    return p
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount, from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = left.split()[4].replace("\\040", " ")
+            out.append((point, right.split()[0]))
+    return out
+
+
+def check_mountpoint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"mountpoint {path} is a dead FUSE mount (Transport endpoint is not "
+                f"connected): run 'umount {path}' first"
+            ) from None
+        raise MountError(f"mountpoint {path}: {e.strerror}") from None
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise MountError(f"mountpoint {path} is not a directory")
+    for point, fstype in _mounts():
+        if point == real and fstype == "fuse.nvmefs":
+            raise MountError(f"mountpoint {path} is already an nvmefs mount")
+    try:
+        if os.listdir(real):
+            raise MountError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise MountError(f"mountpoint {path}: permission denied") from None
+    del st
+    return real
+
+
+def cmd_mount(argv: Sequence[str]) -> int:
+    from nvmefs.cli import UsageError
+
+    args = _parser().parse_args(argv)
+    try:
+        opts = options.parse(args.options, allow_fuse=True, overrides=DAEMON_DEFAULTS)
+        mountpoint = check_mountpoint(args.mountpoint)
+        transport, ctrl = open_source(args.source, opts)
+    except (options.OptionError, SourceError, MountError) as e:
+        raise UsageError(str(e)) from None
+    fuse_opts = {f"fsname={args.source}", "subtype=nvmefs", "default_permissions", *opts.fuse}
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="nvmefs[%(process)d]: %(levelname)s %(message)s",
+    )
+    if args.foreground or args.debug:
+        return _run(args.source, transport, ctrl, mountpoint, fuse_opts, opts, None)
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        os.setsid()
+        # Hold none of the caller's terminal or pipes: mount -a and $(...) must not wait on us.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        code = 2
+        try:
+            code = _run(args.source, transport, ctrl, mountpoint, fuse_opts, opts, wfd)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        report = r.read().decode(errors="replace")
+    if report == "ok\n":
+        return 0
+    os.waitpid(pid, 0)
+    raise UsageError(report.strip() or "the daemon died before the mount was live")
+
+
+class _Ready:
+    """Tells the waiting parent (or, in the foreground, the terminal) how setup went, once."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.reported = False
+
+    def _send(self, message: str) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        if self.fd is not None:
+            os.write(self.fd, message.encode())
+            os.close(self.fd)
+        elif message != "ok\n":
+            print(f"nvmefs: {message.strip()}", file=sys.stderr)
+
+    def ok(self) -> None:
+        self._send("ok\n")
+
+    def fail(self, message: str) -> None:
+        self._send(message + "\n")
+
+
+def _run(
+    source: str,
+    transport: Transport,
+    ctrl: str,
+    mountpoint: str,
+    fuse_opts: set[str],
+    opts: options.Parsed,
+    ready_fd: int | None,
+) -> int:
+    ready = _Ready(ready_fd)
+    ring = DebugRing(opts["capacity"])
+    renderer = Renderer(Clock(opts["clock"]), opts["format"])
+    engine = Engine(
+        transport,
+        ring,
+        translator=Translator(opts["profile"]),
+        policy=LogPolicy(opts["log"]),
+        ctrl_name=ctrl,
+        io_timeout=opts["io_timeout"],
+        max_retries=opts["retries"],
+        queue_depth=max(opts["qd"] + 1, 2),
+    )
+    recorder = Recorder(ring, renderer, source=source, engine=engine)
+    ring.append(
+        HostEvent(
+            events.START,
+            f"version {__version__} source={source} capacity={ring.capacity} "
+            f"log={opts['log']} profile={opts['profile']} workload={opts['workload']}",
+        )
+    )
+    if opts["kmsg"]:
+        _mirror_to_kmsg(ring)
+    try:
+        _trio.run(_serve, recorder, engine, mountpoint, fuse_opts, opts, ready)
+    except (_SetupFailed, EngineError) as e:
+        if ready.reported:
+            raise
+        ready.fail(str(e))
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class _SetupFailed(Exception):
+    pass
+
+
+async def _serve(
+    recorder: Recorder,
+    engine: Engine,
+    mountpoint: str,
+    fuse_opts: set[str],
+    opts: options.Parsed,
+    ready: _Ready,
+) -> None:
+    async with engine.running():
+        fs = NvmeFS(recorder)
+        try:
+            pyfuse3.init(fs, mountpoint, fuse_opts)
+        except RuntimeError as e:
+            raise _SetupFailed(f"cannot mount {mountpoint}: {e}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_signals)
+                nursery.start_soon(_workload, engine, recorder, opts)
+                ready.ok()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                continue
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+
+
+async def _workload(engine: Engine, recorder: Recorder, opts: options.Parsed) -> None:
+    progress = recorder.progress
+    try:
+        kind = opts["workload"]
+        if kind == "scrub":
+            await workloads.scrub(
+                engine,
+                progress,
+                bs=opts["bs"],
+                qd=opts["qd"],
+                passes=opts["passes"],
+                interval=opts["interval"],
+                rate=opts["rate"],
+                op=opts["op"],
+            )
+        elif kind == "randread":
+            await workloads.randread(
+                engine,
+                progress,
+                bs=opts["bs"],
+                qd=opts["qd"],
+                seed=opts["seed"],
+                rate=opts["rate"],
+            )
+        await workloads.idle(engine, progress, interval=opts["health_interval"])
+    except Exception as e:  # a workload bug must not take the ring away from its readers
+        log.exception("workload failed")
+        progress.state = "failed"
+        recorder.ring.append(HostEvent(events.HOST_ERROR, f"workload failed: {e!r}"))
+
+
+def _mirror_to_kmsg(ring: DebugRing) -> None:
+    try:
+        fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        log.warning("kmsg: cannot open /dev/kmsg: %s", e.strerror)
+        return
+    last = ring.last_seq
+
+    def mirror() -> None:
+        nonlocal last
+        _, entries = ring.read_after(last)
+        for entry in entries:
+            ev = entry[EVENT]
+            level = 4 if not isinstance(ev, NvmeEvent) or not ev.status.ok else 6
+            with contextlib.suppress(OSError):  # best effort: the ring has the entry anyway
+                os.write(fd, f"<{level}>nvmefs: {info(ev)}\n".encode())
+            last = entry[0]
+
+    ring.subscribe(mirror)
+    mirror()

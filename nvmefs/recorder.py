@@ -1,0 +1,161 @@
+"""The recorder: the ring, the engine that feeds it and how entries are shown.
+
+What the files of the filesystem show, and what the control file may change, is decided here;
+fs.py only maps files to these calls.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from nvmefs.engine import Engine
+from nvmefs.nvme import tables
+from nvmefs.nvme.policy import LogPolicy, PolicyError
+from nvmefs.nvme.status import Translator
+from nvmefs.render import CLOCKS, FORMATS, Clock, Renderer
+from nvmefs.ring import DebugRing, Entry
+from nvmefs.views import LogStream, StaticStream
+from nvmefs.workloads import Progress
+
+
+class ControlError(ValueError):
+    pass
+
+
+class Recorder:
+    def __init__(
+        self,
+        ring: DebugRing,
+        renderer: Renderer,
+        *,
+        source: str = "sim",
+        engine: Engine | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.ring = ring
+        self.renderer = renderer
+        self.source = source
+        self.engine = engine
+        self.progress = progress or Progress()
+        self.started_wall = time.time()
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def _line(self, entry: Entry) -> str:
+        return self.renderer.line(entry)
+
+    def _json(self, entry: Entry) -> str:
+        return self.renderer.json_line(entry)
+
+    def text_stream(self) -> LogStream:
+        return LogStream(self.ring, self._line, self.renderer.missed_line)
+
+    def json_stream(self) -> LogStream:
+        return LogStream(self.ring, self._json, self.renderer.missed_json_line)
+
+    def stats_stream(self) -> StaticStream:
+        return StaticStream(self.stats_text().encode())
+
+    def stats_text(self) -> str:
+        ring = self.ring
+        rows: list[tuple[str, Any]] = [
+            ("source", self.source),
+            ("pid", os.getpid()),
+            ("ring_capacity", ring.capacity),
+            ("ring_appended", ring.appended),
+            ("ring_retained", ring.retained),
+            ("ring_dropped", ring.dropped),
+            ("ring_cleared", ring.cleared),
+            ("format", self.renderer.fmt),
+            ("clock", self.renderer.clock.kind),
+            ("hz", self.renderer.clock.hz),
+        ]
+        e = self.engine
+        if e is not None:
+            s = e.stats
+            rows += [
+                ("log", e.policy.spec),
+                ("profile", e.translator.profile),
+                ("engine_state", e.state),
+                ("controller", e.ctrl_name),
+                ("serial", e.serial),
+                ("model", e.model),
+                ("firmware", e.firmware),
+                ("namespaces", len(e.namespaces)),
+                ("completions", s.completions),
+                ("logged", s.logged),
+                ("errors", s.errors),
+                ("retries", s.retries),
+                ("timeouts", s.timeouts),
+                ("aborts", s.aborts),
+                ("resets", s.resets),
+                ("host_errors", s.host_errors),
+                ("protocol_errors", s.protocol_errors),
+                ("latency_avg_us", f"{e.latency_avg_us:.1f}"),
+                ("latency_max_us", f"{s.latency_ns_max / 1000:.1f}"),
+            ]
+            for word, n in sorted(s.by_status.items()):
+                rows.append((f"status_0x{word:x}", n))
+            for (admin, opcode), n in sorted(s.by_opcode.items()):
+                names = tables.ADMIN_OPCODE_NAMES if admin else tables.IO_OPCODE_NAMES
+                name = names.get(opcode, f"0x{opcode:02x}").lower().replace(" ", "_")
+                rows.append((f"opcode_{'admin_' if admin else ''}{name}", n))
+        p = self.progress
+        rows += [
+            ("workload", p.workload or "none"),
+            ("workload_state", p.state),
+            ("workload_pass", p.pass_no),
+            ("workload_passes", p.passes),
+            ("workload_nsid", p.nsid),
+            ("workload_lba", p.lba),
+            ("workload_nblocks", p.nblocks),
+            ("workload_bytes", p.bytes_done),
+            ("workload_commands", p.commands),
+            ("workload_failed", p.failed),
+            ("workload_polls", p.polls),
+        ]
+        rows += [(f"workload_{k}", v) for k, v in sorted(p.extra.items())]
+        return "".join(f"{k} {v}\n" for k, v in rows)
+
+    # -- control -------------------------------------------------------------------------------
+
+    def control(self, text: str) -> list[str]:
+        """Apply control commands (one per line or word); all are checked before any applies."""
+        words = text.split()
+        if not words:
+            raise ControlError("empty control write")
+        actions = [self._action(w) for w in words]
+        for act in actions:
+            act()
+        return words
+
+    def _action(self, word: str) -> Any:
+        if word == "clear":
+            return self.ring.clear
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise ControlError(f"unknown control command {word!r}")
+        e = self.engine
+        if key == "log" and e is not None:
+            try:
+                policy = LogPolicy(value)
+            except PolicyError as err:
+                raise ControlError(str(err)) from None
+            return lambda: setattr(e, "policy", policy)
+        if key == "profile" and e is not None:
+            if value not in tables.PROFILES:
+                raise ControlError(f"unknown profile {value!r}")
+            translator = Translator(value)
+            return lambda: setattr(e, "translator", translator)
+        if key == "format":
+            if value not in FORMATS:
+                raise ControlError(f"unknown format {value!r}")
+            return lambda: setattr(self.renderer, "fmt", value)
+        if key == "clock":
+            if value not in CLOCKS:
+                raise ControlError(f"unknown clock {value!r}")
+            clock = Clock(value, self.renderer.clock.hz)
+            return lambda: setattr(self.renderer, "clock", clock)
+        raise ControlError(f"unknown control command {word!r}")
