@@ -278,7 +278,7 @@ def _mirror_to_kmsg(ring: DebugRing) -> None:
     except OSError as e:
         log.warning("kmsg: cannot open /dev/kmsg: %s", e.strerror)
         return
-    last = ring.last_seq
+    last = 0  # from the start entry on: the seed's driver announced itself in dmesg too
 
     def mirror() -> None:
         nonlocal last

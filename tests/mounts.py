@@ -25,10 +25,13 @@ status = 0x4281
 """
 
 
+def mountinfo() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
 def is_mounted(mnt: Path) -> bool:
     real = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return any(line.split()[4] == real for line in mountinfo())
 
 
 def daemon_pids(mnt: Path) -> list[int]:
