@@ -91,3 +91,42 @@ def test_unknown_source_exits_2() -> None:
         timeout=60,
     )
     assert p.returncode == 2 and "floppy" in p.stderr
+
+
+def test_progress_goes_to_stderr_only_when_it_is_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    out = tmp_path / "out"
+    pid, fd = pty.fork()
+    if pid == 0:  # stderr is the pty; stdout a file
+        with open(out, "w") as f:
+            os.dup2(f.fileno(), 1)
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "nvmefs",
+                "scrub",
+                "sim",
+                "-o",
+                f"faults={plan},rate=20,sim_size=16M",
+            ],
+        )
+    term = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        term += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert b"scrub pass 1 nsid 1:" in term and b"%" in term
+    assert out.read_text().count("Specific NVMe error encountered") == 6
+    assert "scrub pass" not in out.read_text()

@@ -232,3 +232,36 @@ def test_engine_construction_does_no_io() -> None:
     sim = SimController()
     Engine(sim, DebugRing())
     assert sim.commands == 0 and sim.csts == 0
+
+
+async def test_delayed_completion_arrives_after_its_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = READ_FAIL.format(status=0x4281) + "delay_ms = 1500\n"
+    async with sim_engine(plan) as (e, _sim, _ring):
+        t0 = trio.current_time()
+        comp = await e.submit(c.read(1, 100, 1, 512))
+        assert comp.status.status == 0x4281
+        assert trio.current_time() - t0 == pytest.approx(1.5, abs=0.01)
+        assert comp.latency_ns >= 0
+
+
+async def test_queue_deletion_rules() -> None:
+    async with sim_engine() as (e, sim, _ring):
+        # The CQ still has its SQ: the controller refuses (Invalid Queue Deletion).
+        assert (await e.submit(c.delete_io_cq(1))).status.status == 0x410C
+        assert (await e.submit(c.delete_io_sq(7))).status.status == 0x4101
+        assert (await e.submit(c.delete_io_sq(1))).status.ok and 1 not in sim.sqs
+        assert (await e.submit(c.delete_io_cq(1))).status.ok and 1 not in sim.cqs
+        assert (await e.submit(c.identify(0x55))).status.status == 0x4002  # unknown CNS
+
+
+async def test_scrub_rate_cap_and_interval(autojump_clock: trio.testing.MockClock) -> None:
+    async with sim_engine(size=16 << 20) as (e, _sim, _ring):
+        progress = workloads.Progress()
+        t0 = trio.current_time()
+        await workloads.scrub(e, progress, bs=128 << 10, qd=4, passes=2, interval=10, rate=8)
+        elapsed = trio.current_time() - t0
+        # 2 passes of 16 MiB at 8 MB/s, and 10 s between them.
+        assert elapsed == pytest.approx(2 * 16.777216 / 8 + 10, rel=0.05)
+        assert progress.bytes_done == 2 * (16 << 20) and progress.state == "done"
