@@ -25,7 +25,7 @@ import math
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,7 @@ class CommandAborted(CommandError):
 class Completion:
     status: Status
     result: int
-    qid: int
+    qid: int | None  # None where the kernel owns the queues (passthrough)
     cid: int
     attempt: int  # 0 for the first try, n for the n-th retry
     latency_ns: int
@@ -162,10 +162,15 @@ class _Queue:
         self.prp_lists: dict[int, DmaBuffer] = {}
 
 
-class Engine:
+class EngineBase:
+    """What every engine shares: the completion path, retries, counters, the ring.
+
+    A subclass owns the queues: it brings the controller up in `running()`, puts commands on
+    the wire in `_issue()`, and reports each completion with `_finish()` or `_fail()`.
+    """
+
     def __init__(
         self,
-        transport: Transport,
         ring: DebugRing,
         *,
         translator: Translator | None = None,
@@ -175,19 +180,15 @@ class Engine:
         admin_timeout: float = 60.0,
         max_retries: int = 5,
         queue_depth: int = 128,
-        admin_depth: int = 32,
     ) -> None:
-        self.transport = transport
         self.ring = ring
         self.translator = translator or Translator()
         self.policy = policy or LogPolicy()
         self.ctrl_name = ctrl_name
         self.io_timeout = io_timeout
         self.admin_timeout = admin_timeout
-        self.abort_timeout = min(io_timeout, 5.0)
         self.max_retries = max_retries
         self.queue_depth = queue_depth
-        self.admin_depth = admin_depth
         self.stats = Stats()
         self.state = "stopped"
         self.serial = self.model = self.firmware = ""
@@ -195,6 +196,140 @@ class Engine:
         self.elpe = 0
         self.namespaces: list[Namespace] = []
         self.on_completion: Callable[[Completion, Command], None] | None = None
+
+    def running(self) -> AbstractAsyncContextManager[EngineBase]:
+        raise NotImplementedError
+
+    async def _issue(
+        self, items: list[tuple[Command, int]], keep: bool, recover: bool = True
+    ) -> list[_Pending]:
+        raise NotImplementedError
+
+    async def submit(self, cmd: Command, *, keep_data: bool = False) -> Completion:
+        """Run one command to its final completion (after retries); raises CommandError."""
+        (r,) = await self.submit_batch([cmd], keep_data=keep_data)
+        if isinstance(r, CommandError):
+            raise r
+        return r
+
+    async def submit_batch(
+        self, cmds: Sequence[Command], *, keep_data: bool = False, retry: bool = True
+    ) -> list[Completion | CommandError]:
+        """Run commands together: one doorbell per burst, one wake-up for the whole batch."""
+        results: list[Completion | CommandError | None] = [None] * len(cmds)
+        todo = [(i, 0) for i in range(len(cmds))]
+        while todo:
+            if self.state not in ("ready", "starting", "resetting"):
+                err = CommandAborted(f"{self.ctrl_name} is {self.state}")
+                for i, _ in todo:
+                    results[i] = err
+                break
+            done = await self._issue([(cmds[i], a) for i, a in todo], keep_data)
+            again: list[tuple[int, int]] = []
+            delay = 0.0
+            for (i, attempt), p in zip(todo, done, strict=True):
+                comp = p.completion
+                if comp is None:
+                    results[i] = p.error or CommandError("no completion")
+                    continue
+                st = comp.status
+                if st.ok or st.dnr or not retry or attempt >= self.max_retries:
+                    results[i] = comp
+                    continue
+                self.stats.retries += 1
+                again.append((i, attempt + 1))
+                if st.crd and self.crdt[st.crd - 1]:
+                    delay = max(delay, self.crdt[st.crd - 1] / 10)
+            if again and delay:
+                await trio.sleep(delay)
+            todo = again
+        return results  # type: ignore[return-value]
+
+    def _finish(
+        self, p: _Pending, qid: int | None, word: int, result: int, data: bytes | None = None
+    ) -> None:
+        now = time.monotonic_ns()
+        cmd = p.cmd
+        status = self.translator.decode(word)
+        st = self.stats
+        st.completions += 1
+        st.by_status[word] = st.by_status.get(word, 0) + 1
+        key = (cmd.admin, cmd.opcode)
+        st.by_opcode[key] = st.by_opcode.get(key, 0) + 1
+        latency = now - p.t0
+        st.latency_ns_total += latency
+        if latency > st.latency_ns_max:
+            st.latency_ns_max = latency
+        if word & 0x7FF:
+            st.errors += 1
+        comp = Completion(status, result, qid, p.cid, p.attempt, latency, data)
+        if self.policy.logs(word):
+            st.logged += 1
+            self.ring.append(
+                NvmeEvent(
+                    status,
+                    self.ctrl_name,
+                    cmd.nsid,
+                    qid,
+                    p.cid,
+                    cmd.opcode,
+                    cmd.admin,
+                    cmd.slba,
+                    cmd.nlb,
+                    p.attempt,
+                )
+            )
+        if self.on_completion is not None:
+            self.on_completion(comp, cmd)
+        p.completion = comp
+        p.done = True
+        p.waiter.done()
+
+    def _fail(self, p: _Pending, error: CommandError) -> None:
+        if not p.done:
+            p.error = error
+            p.done = True
+            p.waiter.done()
+
+    def _log_host(self, kind: str, message: str, **fields: Any) -> None:
+        self.ring.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
+
+    def log_command_failure(self, error: CommandError, cmd: Command) -> None:
+        """Record a host-side failure of a command (no NVMe status) in the ring."""
+        self.stats.host_errors += 1
+        self._log_host(
+            error.kind,
+            str(error),
+            opcode=f"0x{cmd.opcode:02x}",
+            nsid=cmd.nsid,
+            slba=cmd.slba,
+            nlb=cmd.nlb,
+        )
+
+    # -- helpers for workloads -----------------------------------------------------------------
+
+    async def get_log_page(self, lid: int, nbytes: int) -> bytes:
+        comp = await self.submit(c.get_log_page(lid, nbytes), keep_data=True)
+        if not comp.status.ok:
+            raise CommandError(f"Get Log Page {lid:#x}: {comp.status.name}")
+        return comp.data or b""
+
+    @property
+    def latency_avg_us(self) -> float:
+        n = self.stats.completions
+        return self.stats.latency_ns_total / n / 1000 if n else math.nan
+
+
+class Engine(EngineBase):
+    """The engine for register-level transports: it owns the NVMe queues in host memory."""
+
+    def __init__(
+        self, transport: Transport, ring: DebugRing, *, admin_depth: int = 32, **kw: Any
+    ) -> None:
+        super().__init__(ring, **kw)
+        self.transport = transport
+        self.abort_timeout = min(self.io_timeout, 5.0)
+        self.admin_depth = admin_depth
         self._admin: _Queue | None = None
         self._io: _Queue | None = None
         self._nursery: trio.Nursery | None = None
@@ -310,46 +445,6 @@ class Engine:
         return r.data or b""
 
     # -- submission ----------------------------------------------------------------------------
-
-    async def submit(self, cmd: Command, *, keep_data: bool = False) -> Completion:
-        """Run one command to its final completion (after retries); raises CommandError."""
-        (r,) = await self.submit_batch([cmd], keep_data=keep_data)
-        if isinstance(r, CommandError):
-            raise r
-        return r
-
-    async def submit_batch(
-        self, cmds: Sequence[Command], *, keep_data: bool = False, retry: bool = True
-    ) -> list[Completion | CommandError]:
-        """Run commands together: one doorbell per burst, one wake-up for the whole batch."""
-        results: list[Completion | CommandError | None] = [None] * len(cmds)
-        todo = [(i, 0) for i in range(len(cmds))]
-        while todo:
-            if self.state not in ("ready", "starting", "resetting"):
-                err = CommandAborted(f"{self.ctrl_name} is {self.state}")
-                for i, _ in todo:
-                    results[i] = err
-                break
-            done = await self._issue([(cmds[i], a) for i, a in todo], keep_data)
-            again: list[tuple[int, int]] = []
-            delay = 0.0
-            for (i, attempt), p in zip(todo, done, strict=True):
-                comp = p.completion
-                if comp is None:
-                    results[i] = p.error or CommandError("no completion")
-                    continue
-                st = comp.status
-                if st.ok or st.dnr or not retry or attempt >= self.max_retries:
-                    results[i] = comp
-                    continue
-                self.stats.retries += 1
-                again.append((i, attempt + 1))
-                if st.crd and self.crdt[st.crd - 1]:
-                    delay = max(delay, self.crdt[st.crd - 1] / 10)
-            if again and delay:
-                await trio.sleep(delay)
-            todo = again
-        return results  # type: ignore[return-value]
 
     async def _issue(
         self, items: list[tuple[Command, int]], keep: bool, recover: bool = True
@@ -468,57 +563,14 @@ class Engine:
                 )
                 continue
             reaped += 1
-            self._finish(q, p, status_field >> 1, result)
+            cmd = p.cmd
+            data = None
+            if p.keep and cmd.data_len and not cmd.to_device:
+                data = bytes(q.bufs[p.cid].view[: cmd.data_len])
+            self._finish(p, q.qid, status_field >> 1, result, data)
         if reaped:
             self.transport.doorbell(2 * q.qid + 1, qp.cq_head)
             q.space.set()
-
-    def _finish(self, q: _Queue, p: _Pending, word: int, result: int) -> None:
-        now = time.monotonic_ns()
-        cmd = p.cmd
-        status = self.translator.decode(word)
-        st = self.stats
-        st.completions += 1
-        st.by_status[word] = st.by_status.get(word, 0) + 1
-        key = (cmd.admin, cmd.opcode)
-        st.by_opcode[key] = st.by_opcode.get(key, 0) + 1
-        latency = now - p.t0
-        st.latency_ns_total += latency
-        if latency > st.latency_ns_max:
-            st.latency_ns_max = latency
-        if word & 0x7FF:
-            st.errors += 1
-        data = None
-        if p.keep and cmd.data_len and not cmd.to_device:
-            data = bytes(q.bufs[p.cid].view[: cmd.data_len])
-        comp = Completion(status, result, q.qid, p.cid, p.attempt, latency, data)
-        if self.policy.logs(word):
-            st.logged += 1
-            self.ring.append(
-                NvmeEvent(
-                    status,
-                    self.ctrl_name,
-                    cmd.nsid,
-                    q.qid,
-                    p.cid,
-                    cmd.opcode,
-                    cmd.admin,
-                    cmd.slba,
-                    cmd.nlb,
-                    p.attempt,
-                )
-            )
-        if self.on_completion is not None:
-            self.on_completion(comp, cmd)
-        p.completion = comp
-        p.done = True
-        p.waiter.done()
-
-    def _fail(self, p: _Pending, error: CommandError) -> None:
-        if not p.done:
-            p.error = error
-            p.done = True
-            p.waiter.done()
 
     def _fail_outstanding(self, error: CommandError) -> int:
         n = 0
@@ -531,9 +583,6 @@ class Engine:
         return n
 
     # -- recovery ------------------------------------------------------------------------------
-
-    def _log_host(self, kind: str, message: str, **fields: Any) -> None:
-        self.ring.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
 
     async def _recover(self, q: _Queue, p: _Pending) -> None:
         async with self._recovery:
@@ -582,31 +631,6 @@ class Engine:
             self._log_host(events.RESET, f"controller did not come back: {e}")
             return
         self._log_host(events.RESET, "controller ready again")
-
-    def log_command_failure(self, error: CommandError, cmd: Command) -> None:
-        """Record a host-side failure of a command (no NVMe status) in the ring."""
-        self.stats.host_errors += 1
-        self._log_host(
-            error.kind,
-            str(error),
-            opcode=f"0x{cmd.opcode:02x}",
-            nsid=cmd.nsid,
-            slba=cmd.slba,
-            nlb=cmd.nlb,
-        )
-
-    # -- helpers for workloads -----------------------------------------------------------------
-
-    async def get_log_page(self, lid: int, nbytes: int) -> bytes:
-        comp = await self.submit(c.get_log_page(lid, nbytes), keep_data=True)
-        if not comp.status.ok:
-            raise CommandError(f"Get Log Page {lid:#x}: {comp.status.name}")
-        return comp.data or b""
-
-    @property
-    def latency_avg_us(self) -> float:
-        n = self.stats.completions
-        return self.stats.latency_ns_total / n / 1000 if n else math.nan
 
 
 def _cmd_name(cmd: Command) -> str:
