@@ -3,6 +3,7 @@
     nvmefs decode [--profile P] [--cqe] STATUS...   decode status words as JSON lines
     nvmefs decode --all                              every 15-bit status word
     nvmefs scrub SOURCE [-o OPTIONS]                 one pass over a source, errors to stdout
+    nvmefs list [--json]                             NVMe controllers and namespaces
     nvmefs SOURCE MOUNTPOINT [-o OPTIONS] [-f]       mount (mount.fuse calling convention)
 
 Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
@@ -11,6 +12,7 @@ Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -18,15 +20,15 @@ from collections.abc import Sequence
 import trio
 
 from nvmefs import _trio, options, workloads
-from nvmefs.engine import Engine, EngineError
+from nvmefs.engine import EngineError
 from nvmefs.events import NvmeEvent
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import STATUS_MASK, StatusError, Translator, parse_status
 from nvmefs.render import Clock, Renderer
 from nvmefs.ring import EVENT, SEQ, DebugRing
-from nvmefs.sources import SourceError, open_source
-from nvmefs.transport.base import Transport
+from nvmefs.sources import Source, SourceError, build_engine, open_source
+from nvmefs.transport import devices
 from nvmefs.workloads import Progress
 
 PROG = "nvmefs"
@@ -105,18 +107,18 @@ def cmd_scrub(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     try:
         opts = options.parse(args.options, allow_fuse=False, overrides={"passes": 1})
-        transport, ctrl = open_source(args.source, opts)
+        src = open_source(args.source, opts)
     except (options.OptionError, SourceError) as e:
         raise UsageError(f"scrub: {e}") from None
     try:
-        return _trio.run(_scrub, transport, ctrl, opts)
+        return _trio.run(_scrub, src, opts)
     except EngineError as e:
         raise UsageError(f"scrub: {e}") from None
     except KeyboardInterrupt:
         return 130
 
 
-async def _scrub(transport: Transport, ctrl: str, opts: options.Parsed) -> int:
+async def _scrub(src: Source, opts: options.Parsed) -> int:
     ring = DebugRing(opts["capacity"])
     renderer = Renderer(Clock(opts["clock"]), opts["format"])
     found = 0
@@ -134,16 +136,7 @@ async def _scrub(transport: Transport, ctrl: str, opts: options.Parsed) -> int:
         sys.stdout.flush()
 
     ring.subscribe(emit)
-    engine = Engine(
-        transport,
-        ring,
-        translator=Translator(opts["profile"]),
-        policy=LogPolicy(opts["log"]),
-        ctrl_name=ctrl,
-        io_timeout=opts["io_timeout"],
-        max_retries=opts["retries"],
-        queue_depth=max(opts["qd"] + 1, 2),
-    )
+    engine = build_engine(src, opts, ring)
     progress = Progress()
     async with engine.running(), trio.open_nursery() as nursery:
         if sys.stderr.isatty():
@@ -176,7 +169,31 @@ async def _progress_bar(progress: Progress) -> None:
         await trio.sleep(0.2)
 
 
-COMMANDS = {"decode": cmd_decode, "scrub": cmd_scrub}
+def cmd_list(argv: Sequence[str]) -> int:
+    p = _Parser(prog=f"{PROG} list", description="NVMe controllers and namespaces nvmefs can use.")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    ctrls = devices.controllers()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in ctrls], indent=2))
+        return EXIT_OK
+    if not ctrls:
+        print("no NVMe controllers found", file=sys.stderr)
+        return EXIT_OK
+    print(f"{'NODE':<12} {'SERIAL':<20} {'MODEL':<28} {'NSID':>4} {'SIZE':>12} {'LBA':>5}  GENERIC")
+    for ctrl in ctrls:
+        for ns in ctrl.namespaces or [None]:  # type: ignore[list-item]
+            if ns is None:
+                print(f"{ctrl.node:<12} {ctrl.serial:<20} {ctrl.model[:28]:<28}")
+                continue
+            print(
+                f"{ctrl.node:<12} {ctrl.serial:<20} {ctrl.model[:28]:<28} {ns.nsid:>4} "
+                f"{ns.size:>12} {ns.lba_size:>5}  {ns.generic}"
+            )
+    return EXIT_OK
+
+
+COMMANDS = {"decode": cmd_decode, "scrub": cmd_scrub, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,16 +22,13 @@ import pyfuse3
 import trio
 
 from nvmefs import __version__, _trio, events, options, workloads
-from nvmefs.engine import Engine, EngineError
+from nvmefs.engine import EngineBase, EngineError
 from nvmefs.events import HostEvent, NvmeEvent
 from nvmefs.fs import NvmeFS
-from nvmefs.nvme.policy import LogPolicy
-from nvmefs.nvme.status import Translator
 from nvmefs.recorder import Recorder
 from nvmefs.render import Clock, Renderer, info
 from nvmefs.ring import EVENT, DebugRing
-from nvmefs.sources import SourceError, open_source
-from nvmefs.transport.base import Transport
+from nvmefs.sources import Source, SourceError, build_engine, open_source
 
 log = logging.getLogger("nvmefs")
 
@@ -100,7 +97,7 @@ def cmd_mount(argv: Sequence[str]) -> int:
     try:
         opts = options.parse(args.options, allow_fuse=True, overrides=DAEMON_DEFAULTS)
         mountpoint = check_mountpoint(args.mountpoint)
-        transport, ctrl = open_source(args.source, opts)
+        src = open_source(args.source, opts)
     except (options.OptionError, SourceError, MountError) as e:
         raise UsageError(str(e)) from None
     fuse_opts = {f"fsname={args.source}", "subtype=nvmefs", "default_permissions", *opts.fuse}
@@ -109,7 +106,7 @@ def cmd_mount(argv: Sequence[str]) -> int:
         format="nvmefs[%(process)d]: %(levelname)s %(message)s",
     )
     if args.foreground or args.debug:
-        return _run(args.source, transport, ctrl, mountpoint, fuse_opts, opts, None)
+        return _run(args.source, src, mountpoint, fuse_opts, opts, None)
 
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -123,7 +120,7 @@ def cmd_mount(argv: Sequence[str]) -> int:
         os.close(devnull)
         code = 2
         try:
-            code = _run(args.source, transport, ctrl, mountpoint, fuse_opts, opts, wfd)
+            code = _run(args.source, src, mountpoint, fuse_opts, opts, wfd)
         finally:
             os._exit(code)
     os.close(wfd)
@@ -161,8 +158,7 @@ class _Ready:
 
 def _run(
     source: str,
-    transport: Transport,
-    ctrl: str,
+    src: Source,
     mountpoint: str,
     fuse_opts: set[str],
     opts: options.Parsed,
@@ -171,16 +167,7 @@ def _run(
     ready = _Ready(ready_fd)
     ring = DebugRing(opts["capacity"])
     renderer = Renderer(Clock(opts["clock"]), opts["format"])
-    engine = Engine(
-        transport,
-        ring,
-        translator=Translator(opts["profile"]),
-        policy=LogPolicy(opts["log"]),
-        ctrl_name=ctrl,
-        io_timeout=opts["io_timeout"],
-        max_retries=opts["retries"],
-        queue_depth=max(opts["qd"] + 1, 2),
-    )
+    engine = build_engine(src, opts, ring)
     recorder = Recorder(ring, renderer, source=source, engine=engine)
     ring.append(
         HostEvent(
@@ -209,7 +196,7 @@ class _SetupFailed(Exception):
 
 async def _serve(
     recorder: Recorder,
-    engine: Engine,
+    engine: EngineBase,
     mountpoint: str,
     fuse_opts: set[str],
     opts: options.Parsed,
@@ -241,7 +228,7 @@ async def _signals() -> None:
             pyfuse3.terminate()
 
 
-async def _workload(engine: Engine, recorder: Recorder, opts: options.Parsed) -> None:
+async def _workload(engine: EngineBase, recorder: Recorder, opts: options.Parsed) -> None:
     progress = recorder.progress
     try:
         kind = opts["workload"]

@@ -69,6 +69,7 @@ class CommandError(Exception):
     """A command that ended without an NVMe status: the host gave up on it."""
 
     kind = "host-error"
+    logged = False  # True once the engine put it in the ring itself
 
 
 class CommandTimeout(CommandError):
@@ -296,6 +297,8 @@ class EngineBase:
 
     def log_command_failure(self, error: CommandError, cmd: Command) -> None:
         """Record a host-side failure of a command (no NVMe status) in the ring."""
+        if error.logged:
+            return
         self.stats.host_errors += 1
         self._log_host(
             error.kind,

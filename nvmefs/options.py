@@ -91,6 +91,8 @@ OPTIONS: dict[str, Option] = {
     "faults": Option(str, None, "fault plan: demo or a TOML file"),
     "seed": Option(_int_range(0), 0, "seed for fault probabilities and randread"),
     "sim_abort": Option(_onoff, True, "whether the simulated controller honours Abort"),
+    # device sources
+    "transport": Option(_choice("auto", "uring", "ioctl"), "auto", "passthrough: uring or ioctl"),
     # the engine
     "qd": Option(_int_range(1, 1023), 8, "commands in flight"),
     "bs": Option(size, 128 << 10, "bytes per command (scrub, randread)"),

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from nvmefs.engine import Engine
+from nvmefs.engine import EngineBase
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
@@ -31,7 +31,7 @@ class Recorder:
         renderer: Renderer,
         *,
         source: str = "sim",
-        engine: Engine | None = None,
+        engine: EngineBase | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.ring = ring

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import trio
 
 from nvmefs import events
-from nvmefs.engine import CommandError, Completion, Engine, Namespace
+from nvmefs.engine import CommandError, Completion, EngineBase, Namespace
 from nvmefs.events import HostEvent
 from nvmefs.nvme import commands as c
 from nvmefs.nvme.commands import Command
@@ -50,7 +50,7 @@ class _Pacer:
 
 
 def _settle(
-    engine: Engine,
+    engine: EngineBase,
     progress: Progress,
     cmds: list[Command],
     results: list[Completion | CommandError],
@@ -71,7 +71,7 @@ def _chunk_cmd(op: str, ns: Namespace, lba: int, nlb: int) -> Command:
 
 
 async def scrub(
-    engine: Engine,
+    engine: EngineBase,
     progress: Progress,
     *,
     bs: int,
@@ -111,7 +111,7 @@ async def scrub(
 
 
 async def randread(
-    engine: Engine,
+    engine: EngineBase,
     progress: Progress,
     *,
     bs: int,
@@ -159,7 +159,7 @@ def parse_error_log(page: bytes) -> list[dict[str, int]]:
     return out
 
 
-async def health_poll(engine: Engine, progress: Progress, state: dict[str, int]) -> None:
+async def health_poll(engine: EngineBase, progress: Progress, state: dict[str, int]) -> None:
     """One poll: new controller error-log entries and SMART critical warnings become entries."""
     translator: Translator = engine.translator
     page = await engine.get_log_page(c.LOG_ERROR, (engine.elpe + 1) * ERROR_LOG_ENTRY_SIZE)
@@ -201,7 +201,7 @@ async def health_poll(engine: Engine, progress: Progress, state: dict[str, int])
     progress.extra["media_errors"] = state["media_errors"]
 
 
-async def idle(engine: Engine, progress: Progress, *, interval: float) -> None:
+async def idle(engine: EngineBase, progress: Progress, *, interval: float) -> None:
     """Health polling only."""
     progress.workload, progress.state = "idle", "running"
     state: dict[str, int] = {}

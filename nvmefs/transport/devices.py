@@ -1,0 +1,134 @@
+"""NVMe devices the kernel exposes: discovery through sysfs, and SOURCE paths resolved to nodes.
+
+A controller is /dev/nvmeX (admin commands); each namespace has a block node /dev/nvmeXnY and a
+generic character node /dev/ngXnY, which takes any I/O command without a filesystem in the way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYSFS = Path("/sys/class/nvme")
+_CTRL = re.compile(r"^/dev/nvme(\d+)$")
+_BLK = re.compile(r"^/dev/nvme(\d+)n(\d+)$")
+_NG = re.compile(r"^/dev/ng(\d+)n(\d+)$")
+
+
+class DeviceError(ValueError):
+    pass
+
+
+@dataclass
+class NamespaceNode:
+    nsid: int
+    generic: str  # /dev/ngXnY
+    block: str  # /dev/nvmeXnY
+    size: int  # bytes
+    lba_size: int
+
+
+@dataclass
+class Controller:
+    name: str  # nvme0
+    serial: str
+    model: str
+    firmware: str
+    transport: str  # pcie, tcp, ...
+    address: str
+    namespaces: list[NamespaceNode] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"/dev/{self.name}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def controllers(sysfs: Path = SYSFS) -> list[Controller]:
+    out = []
+    for ctrl_dir in sorted(sysfs.glob("nvme*"), key=lambda p: int(p.name[4:] or 0)):
+        if not re.fullmatch(r"nvme\d+", ctrl_dir.name):
+            continue
+        ctrl = Controller(
+            name=ctrl_dir.name,
+            serial=_read(ctrl_dir / "serial"),
+            model=_read(ctrl_dir / "model"),
+            firmware=_read(ctrl_dir / "firmware_rev"),
+            transport=_read(ctrl_dir / "transport"),
+            address=_read(ctrl_dir / "address"),
+        )
+        inst = ctrl_dir.name[4:]
+        for ns_dir in sorted(ctrl_dir.glob("nvme*n*")):
+            m = re.fullmatch(r"nvme(\d+)(?:c\d+)?n(\d+)", ns_dir.name)
+            if not m:
+                continue
+            nsid = int(_read(ns_dir / "nsid") or m.group(2))
+            sectors = int(_read(ns_dir / "size") or 0)
+            lba = int(_read(ns_dir / "queue" / "logical_block_size") or 512)
+            ctrl.namespaces.append(
+                NamespaceNode(
+                    nsid=nsid,
+                    generic=f"/dev/ng{inst}n{m.group(2)}",
+                    block=f"/dev/{ns_dir.name}",
+                    size=sectors * 512,
+                    lba_size=lba,
+                )
+            )
+        ctrl.namespaces.sort(key=lambda n: n.nsid)
+        out.append(ctrl)
+    return out
+
+
+@dataclass
+class DeviceSource:
+    """What a device SOURCE names: a controller and the namespaces to use."""
+
+    path: str
+    controller: Controller
+    namespaces: list[NamespaceNode]
+
+
+def resolve(path: str, sysfs: Path = SYSFS) -> DeviceSource:
+    """/dev/ngXnY, /dev/nvmeXnY (mapped to its generic node) or /dev/nvmeX (all namespaces)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DeviceError(f"{path}: no such device") from None
+    except OSError as e:
+        raise DeviceError(f"{path}: {e.strerror}") from None
+    real = os.path.realpath(path)
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise DeviceError(f"{path}: not a device node")
+    m_ctrl, m_blk, m_ng = _CTRL.match(real), _BLK.match(real), _NG.match(real)
+    if not (m_ctrl or m_blk or m_ng):
+        raise DeviceError(
+            f"{path}: not an NVMe device (expected /dev/ngXnY, /dev/nvmeXnY or /dev/nvmeX)"
+        )
+    inst = (m_ctrl or m_blk or m_ng).group(1)  # type: ignore[union-attr]
+    ctrl = next((c for c in controllers(sysfs) if c.name == f"nvme{inst}"), None)
+    if ctrl is None:
+        raise DeviceError(f"{path}: no NVMe controller nvme{inst} in {sysfs}")
+    if m_ctrl:
+        namespaces = ctrl.namespaces
+        if not namespaces:
+            raise DeviceError(f"{path}: controller has no namespaces")
+    else:
+        node = (m_blk or m_ng).group(0)  # type: ignore[union-attr]
+        namespaces = [n for n in ctrl.namespaces if node in (n.generic, n.block)]
+        if not namespaces:
+            raise DeviceError(f"{path}: namespace not found under {ctrl.name}")
+    for node_path in [ctrl.node] + [n.generic for n in namespaces]:
+        try:
+            os.close(os.open(node_path, os.O_RDWR))
+        except OSError as e:
+            raise DeviceError(f"{node_path}: cannot open: {e.strerror}") from None
+    return DeviceSource(path, ctrl, namespaces)
