@@ -105,7 +105,8 @@ class PassthroughEngine(EngineBase):
         self._ctrl_fd = -1
         self._ns_fds: dict[int, int] = {}
         self._ring: uring.Uring | None = None
-        self._inflight: dict[int, tuple[_Pending, tuple[mmap.mmap, int] | None]] = {}
+        _Buf = tuple[mmap.mmap, int] | None
+        self._inflight: dict[int, tuple[_Pending, _Buf, _Buf]] = {}
         self._next_tag = 1
         self._space = trio.Event()
         self._attached = trio.Event()
@@ -184,9 +185,12 @@ class PassthroughEngine(EngineBase):
 
     # -- submission ----------------------------------------------------------------------------
 
-    def _encode(self, cmd: Command, addr: int, fmt: struct.Struct) -> bytearray:
+    def _encode(
+        self, cmd: Command, addr: int, meta: tuple[mmap.mmap, int] | None, fmt: struct.Struct
+    ) -> bytearray:
+        """nvme_uring_cmd (72 bytes) or nvme_passthru_cmd64 (80, with the result) for `cmd`."""
         timeout = cmd.timeout or (self.admin_timeout if cmd.admin else self.io_timeout)
-        buf = bytearray(fmt.size)
+        maddr, mlen = (meta[1], len(cmd.metadata or b"")) if meta is not None else (0, 0)
         fields = [
             cmd.opcode,
             0,
@@ -194,9 +198,9 @@ class PassthroughEngine(EngineBase):
             cmd.nsid,
             0,
             0,
-            0,
+            maddr,
             addr if cmd.data_len else 0,
-            0,
+            mlen,
             cmd.data_len,
             cmd.cdw10,
             cmd.cdw11,
@@ -208,7 +212,8 @@ class PassthroughEngine(EngineBase):
             0,
         ]
         if fmt is PASSTHRU64:
-            fields.append(0)
+            fields.append(0)  # result, filled in by the kernel
+        buf = bytearray(fmt.size)
         fmt.pack_into(buf, 0, *fields)
         return buf
 
@@ -219,6 +224,19 @@ class PassthroughEngine(EngineBase):
         if cmd.to_device and cmd.data is not None:
             item[0][: len(cmd.data)] = cmd.data
         return item
+
+    def _meta(self, cmd: Command) -> tuple[mmap.mmap, int] | None:
+        if not cmd.metadata:
+            return None
+        item = self._pool.take(len(cmd.metadata))
+        item[0][: len(cmd.metadata)] = cmd.metadata
+        return item
+
+    def _ns_fd(self, nsid: int) -> int:
+        # A command for a namespace we did not open goes to our first node anyway: the kernel,
+        # not nvmefs, decides that it refuses it (-EINVAL), and that is what gets logged.
+        fd = self._ns_fds.get(nsid)
+        return fd if fd is not None else next(iter(self._ns_fds.values()), -1)
 
     async def _issue(
         self, items: list[tuple[Command, int]], keep: bool, recover: bool = True
@@ -239,18 +257,13 @@ class PassthroughEngine(EngineBase):
                 ring.submit()
                 self._space = trio.Event()
                 await self._space.wait()
-            fd = self._ns_fds.get(p.cmd.nsid)
-            if fd is None:
-                self._fail(p, HostError(errno_mod.EINVAL))
-                continue
-            buf = self._buffer(p.cmd)
+            buf, meta = self._buffer(p.cmd), self._meta(p.cmd)
             tag = self._next_tag
             self._next_tag += 1
             p.cid = tag
-            self._inflight[tag] = (p, buf)
-            ring.prep_nvme(
-                fd, False, tag, bytes(self._encode(p.cmd, buf[1] if buf else 0, uring.URING_CMD))
-            )
+            self._inflight[tag] = (p, buf, meta)
+            cmd = self._encode(p.cmd, buf[1] if buf else 0, meta, uring.URING_CMD)
+            ring.prep_nvme(self._ns_fd(p.cmd.nsid), False, tag, bytes(cmd))
             p.t0 = time.monotonic_ns()
         ring.submit()
         # The kernel enforces timeout_ms; this is only a backstop if it never answers.
@@ -274,14 +287,14 @@ class PassthroughEngine(EngineBase):
 
     async def _run_ioctl(self, p: _Pending) -> None:
         cmd = p.cmd
-        fd = self._ctrl_fd if cmd.admin else self._ns_fds.get(cmd.nsid, -1)
+        fd = self._ctrl_fd if cmd.admin else self._ns_fd(cmd.nsid)
         request = NVME_IOCTL_ADMIN64_CMD if cmd.admin else NVME_IOCTL_IO64_CMD
-        buf = self._buffer(cmd)
-        arg = self._encode(cmd, buf[1] if buf else 0, PASSTHRU64)
+        buf, meta = self._buffer(cmd), self._meta(cmd)
+        arg = self._encode(cmd, buf[1] if buf else 0, meta, PASSTHRU64)
         p.t0 = time.monotonic_ns()
         ret = await trio.to_thread.run_sync(_ioctl, fd, request, arg, limiter=self._threads)
         result = PASSTHRU64.unpack_from(arg)[-1] & 0xFFFFFFFF
-        self._complete(p, ret, result, buf)
+        self._complete(p, ret, result, buf, meta)
 
     async def _reaper(self, ring: uring.Uring) -> None:
         while True:
@@ -291,12 +304,17 @@ class PassthroughEngine(EngineBase):
                 item = self._inflight.pop(tag, None)
                 if item is None:  # answered after our backstop gave up on it
                     continue
-                p, buf = item
-                self._complete(p, res, result & 0xFFFFFFFF, buf)
+                p, buf, meta = item
+                self._complete(p, res, result & 0xFFFFFFFF, buf, meta)
             self._space.set()
 
     def _complete(
-        self, p: _Pending, res: int, result: int, buf: tuple[mmap.mmap, int] | None
+        self,
+        p: _Pending,
+        res: int,
+        result: int,
+        buf: tuple[mmap.mmap, int] | None,
+        meta: tuple[mmap.mmap, int] | None,
     ) -> None:
         cmd = p.cmd
         if res >= 0:
@@ -319,8 +337,9 @@ class PassthroughEngine(EngineBase):
             self._fail(p, err)
             if err.errno == errno_mod.ENODEV:
                 self._gone.set()
-        if buf is not None:
-            self._pool.give(buf)
+        for item in (buf, meta):
+            if item is not None:
+                self._pool.give(item)
 
     # -- hot-unplug ----------------------------------------------------------------------------
 

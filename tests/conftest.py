@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,3 +28,7 @@ async def sim_engine(
     engine = Engine(sim, ring, policy=LogPolicy(log), **engine_kw)
     async with engine.running():
         yield engine, sim, ring
+
+
+# tests/vm runs inside the QEMU VM (tests/test_vm.py boots it); on the host it is not collected.
+collect_ignore = [] if os.environ.get("NVMEFS_IN_VM") else ["vm"]

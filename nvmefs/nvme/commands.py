@@ -65,6 +65,7 @@ class Command:
     data: bytes | None = None  # what to send when to_device
     timeout: float | None = None  # seconds; None takes the engine's io_timeout
     prp1: int = 0  # queue memory for Create I/O SQ/CQ (data buffers are the engine's)
+    metadata: bytes | None = None  # separate metadata (protection information), passthrough only
 
     @property
     def slba(self) -> int | None:

@@ -1,0 +1,127 @@
+"""nvmefs on QEMU's controllers: scrub, a mount followed with tail -f, a hung device, hot-unplug."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import BUF, cleanup, is_mounted, stats, wait_for
+from tests.vm.guest import ng, qmp
+
+NVMEFS = [sys.executable, "-m", "nvmefs"]
+
+
+def test_scrub_prints_the_injected_media_errors_and_exits_1() -> None:
+    p = subprocess.run(
+        [*NVMEFS, "scrub", ng("nvmefs-err"), "-o", "bs=4K,qd=16,retries=0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1, p.stderr
+    lines = p.stdout.splitlines()
+    assert [int(re.search(r"slba=(\d+)", ln).group(1)) for ln in lines] == [2048, 40960]  # type: ignore[union-attr]
+    for line in lines:
+        assert "] Specific NVMe error encountered: Status = 0x" in line
+        assert "(Unrecovered Read Error)" in line and "blk_status=MEDIUM" in line
+
+
+def test_scrub_with_defaults_prints_each_attempt() -> None:
+    p = subprocess.run(
+        [*NVMEFS, "scrub", ng("nvmefs-err")], capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 1, p.stderr
+    slbas = [int(re.search(r"slba=(\d+)", ln).group(1)) for ln in p.stdout.splitlines()]  # type: ignore[union-attr]
+    assert slbas == [2048] * 6 + [40960] * 6  # first try and five retries, like the kernel
+
+
+def mount(mnt: Path, source: str, opts: str) -> None:
+    mnt.mkdir(exist_ok=True)
+    p = subprocess.run(
+        [*NVMEFS, source, str(mnt), "-o", opts], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+
+
+def test_mount_ring_and_tail_f_within_2s(tmp_path: Path) -> None:
+    mnt = tmp_path / "err"
+    mount(mnt, ng("nvmefs-err"), "log=errors,retries=0,interval=1,clock=realtime")
+    try:
+        wait_for(lambda: "slba=40960" in (mnt / BUF).read_text(), 120, "a whole scrub pass")
+        text = (mnt / BUF).read_text()
+        errs = [ln for ln in text.splitlines() if "Specific NVMe error" in ln]
+        assert {re.search(r"slba=(\d+)", ln).group(1) for ln in errs} == {"2048", "40960"}  # type: ignore[union-attr]
+        tail = subprocess.Popen(
+            ["tail", "-f", str(mnt / BUF)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        got: list[tuple[float, bytes]] = []
+
+        def collect() -> None:
+            assert tail.stdout is not None
+            for line in iter(tail.stdout.readline, b""):
+                got.append((time.time(), line))
+
+        threading.Thread(target=collect, daemon=True).start()
+        wait_for(lambda: len(got) >= 12, 60, "new entries in tail -f")
+        tail.terminate()
+        _, err = tail.communicate(timeout=10)
+        assert b"truncated" not in err
+        for arrived, line in got[10:]:
+            made = datetime.fromisoformat(
+                line[1 : line.index(b"]")].decode().replace("Z", "+00:00")
+            )
+            assert arrived - made.timestamp() < 2.0
+    finally:
+        cleanup(mnt)
+
+
+def test_hung_device_is_logged_and_the_ring_stays_readable(tmp_path: Path) -> None:
+    mnt = tmp_path / "slow"
+    mount(mnt, ng("nvmefs-slow"), "workload=randread,qd=4,bs=4K,io_timeout=3,retries=0,log=errors")
+    # 100 bytes/s: a 4 KiB read takes 40 s, far past two 3 s timeouts, so the kernel aborts,
+    # then resets the controller and cancels the passthrough commands (-EINTR).
+    throttle = dict(device="slow", bps=100, bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
+    try:
+        wait_for(lambda: int(stats(mnt)["completions"]) > 50, 60, "I/O before the stall")
+        assert "error" not in qmp("block_set_io_throttle", **throttle)
+        wait_for(lambda: "host-error" in (mnt / BUF).read_text(), 90, "the stall to be logged")
+        text = (mnt / BUF).read_text()
+        assert "EINTR" in text or "timed out" in text or "no completion" in text, text[-1500:]
+        assert is_mounted(mnt) and stats(mnt)["engine_state"] == "ready"
+    finally:
+        qmp("block_set_io_throttle", **{**throttle, "bps": 0})
+    try:
+        before = int(stats(mnt)["completions"])
+        wait_for(lambda: int(stats(mnt)["completions"]) > before + 50, 60, "I/O to resume")
+    finally:
+        cleanup(mnt)
+
+
+def test_hot_unplug_is_logged_and_the_source_reattaches(tmp_path: Path) -> None:
+    mnt = tmp_path / "hot"
+    mount(mnt, ng("nvmefs-err"), "workload=idle,health_interval=1,log=errors")
+    try:
+        assert "error" not in qmp("device_del", id="hot0")
+        wait_for(lambda: "removed" in (mnt / BUF).read_text(), 60, "the removal entry")
+        assert stats(mnt)["engine_state"] == "detached"
+        assert os.system(f"cat {mnt / BUF} > /dev/null") == 0  # still serving
+        assert "error" not in qmp(
+            "device_add", driver="nvme", id="hot0", serial="nvmefs-err", drive="err", bus="rp1"
+        )
+        wait_for(lambda: "reattached" in (mnt / BUF).read_text(), 60, "the reattach entry")
+        wait_for(lambda: stats(mnt)["engine_state"] == "ready", 30, "ready again")
+        polls = int(stats(mnt)["workload_polls"])
+        wait_for(lambda: int(stats(mnt)["workload_polls"]) > polls, 30, "health polls again")
+    finally:
+        cleanup(mnt)
+
+
+pytestmark = pytest.mark.vm
