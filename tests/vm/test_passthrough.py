@@ -82,13 +82,17 @@ async def test_protection_information_guard_app_and_ref_tag_errors() -> None:
         assert guard.status.code == 0x282
         app = await e.submit(w(7, pi(0, 0, 7), PRCHK_APP, cdw14=7, cdw15=0xFFFF0000 | 0x1234))
         assert app.status.code == 0x283
-        ref = await e.submit(w(8, pi(0, 0, 8), PRCHK_REF, cdw14=99))
+        ref = await e.submit(w(8, pi(0, 0, 99), PRCHK_REF, cdw14=8))
         assert ref.status.code == 0x284
+        # Type 1 PI: the expected initial reference tag must be the LBA itself.
+        invalid = await e.submit(w(9, pi(0, 0, 9), PRCHK_REF, cdw14=1234))
+        assert invalid.status.status == 0x4181
         names = [ev.status.name for ev in logged(ring)]
         assert names == [
             "End-to-end Guard Check Error",
             "End-to-end Application Tag Check Error",
             "End-to-end Reference Tag Check Error",
+            "Invalid Protection Information",
         ]
         assert {ev.status.blk_status for ev in logged(ring)} == {"PROTECTION"}
 
