@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The real-NVMe test bed: QEMU's emulated NVMe controllers, driven by the Debian kernel in a VM.
 
-    contrib/qemu/vm.py run [--timeout S] -- COMMAND...   run COMMAND in a fresh VM, exit with its status
-    contrib/qemu/vm.py shell                              an interactive VM with the same devices
+    contrib/qemu/vm.py run [--timeout S] -- COMMAND...  run COMMAND in a fresh VM; its exit status
+    contrib/qemu/vm.py shell                             an interactive VM with the same devices
 
 The VM (virtme-ng, TCG, 2 vCPUs, 1 GiB) shares the host's root filesystem read-only, and this
 checkout read-write at the same path, so the checkout's virtual environment runs in the guest.
