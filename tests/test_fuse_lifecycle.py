@@ -91,6 +91,10 @@ def test_bad_options_and_sources_are_refused_before_mounting(tmp_path: Path) -> 
     _refused(["sim", str(mnt), "-o", "colour=blue"], "unknown option 'colour'")
     _refused(["sim", str(mnt), "-o", "faults=/no/plan.toml"], "/no/plan.toml")
     _refused(["tape0", str(mnt)], "tape0")
+    _refused(["/dev/null", str(mnt)], "/dev/null: not an NVMe device")
+    _refused(["/dev/nvme97n1", str(mnt)], "/dev/nvme97n1: no such device")
+    _refused(["/etc/hostname", str(mnt)], "/etc/hostname: not a device node")
+    _refused(["sim", str(mnt), "-o", "transport=ioctl"], "device sources only")
     _refused(["sim"], "MOUNTPOINT")
     assert not is_mounted(mnt) and not daemon_pids(mnt)
 

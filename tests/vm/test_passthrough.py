@@ -133,3 +133,32 @@ def test_the_guest_kernel_agrees_with_our_decoding() -> None:
     st = Translator().decode(int(m.group(1), 16) << 8 | int(m.group(2), 16))
     assert (st.sct, st.sc) == (2, 0x81)
     assert f"{st.blk_string} error, dev {dev}, sector 2048" in log
+
+
+def test_list_and_source_paths_map_to_generic_nodes() -> None:
+    import json
+    import sys
+
+    from nvmefs.transport import devices
+
+    p = subprocess.run(
+        [sys.executable, "-m", "nvmefs", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    listed = {c["serial"]: c for c in json.loads(p.stdout)}
+    assert set(listed) >= {"nvmefs-err", "nvmefs-pi", "nvmefs-zns", "nvmefs-ro", "nvmefs-slow"}
+    err = listed["nvmefs-err"]
+    ns = err["namespaces"][0]
+    assert (ns["nsid"], ns["size"], ns["lba_size"]) == (1, 64 << 20, 512)
+    assert ns["generic"].startswith("/dev/ng") and err["model"] == "QEMU NVMe Ctrl"
+    # /dev/nvmeXnY maps to its generic node; /dev/nvmeX takes all its namespaces.
+    assert [n.generic for n in devices.resolve(ns["block"]).namespaces] == [ns["generic"]]
+    whole = devices.resolve(f"/dev/{err['name']}")
+    assert [n.nsid for n in whole.namespaces] == [1]
+    with pytest.raises(devices.DeviceError, match="no such device"):
+        devices.resolve(ns["generic"][:-1] + "9")
+    with pytest.raises(devices.DeviceError, match="not an NVMe device"):
+        devices.resolve("/dev/null")
