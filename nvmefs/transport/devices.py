@@ -68,6 +68,8 @@ def controllers(sysfs: Path = SYSFS) -> list[Controller]:
         )
         inst = ctrl_dir.name[4:]
         for ns_dir in sorted(ctrl_dir.glob("nvme*n*")):
+            # nvme<subsys>n<head>, or with native multipath the hidden path
+            # nvme<subsys>c<ctrl>n<head>, whose block node is the head's.
             m = re.fullmatch(r"nvme(\d+)(?:c\d+)?n(\d+)", ns_dir.name)
             if not m:
                 continue
@@ -78,7 +80,7 @@ def controllers(sysfs: Path = SYSFS) -> list[Controller]:
                 NamespaceNode(
                     nsid=nsid,
                     generic=f"/dev/ng{inst}n{m.group(2)}",
-                    block=f"/dev/{ns_dir.name}",
+                    block=f"/dev/nvme{m.group(1)}n{m.group(2)}",
                     size=sectors * 512,
                     lba_size=lba,
                 )
@@ -113,19 +115,21 @@ def resolve(path: str, sysfs: Path = SYSFS) -> DeviceSource:
         raise DeviceError(
             f"{path}: not an NVMe device (expected /dev/ngXnY, /dev/nvmeXnY or /dev/nvmeX)"
         )
-    inst = (m_ctrl or m_blk or m_ng).group(1)  # type: ignore[union-attr]
-    ctrl = next((c for c in controllers(sysfs) if c.name == f"nvme{inst}"), None)
-    if ctrl is None:
-        raise DeviceError(f"{path}: no NVMe controller nvme{inst} in {sysfs}")
+    ctrls = controllers(sysfs)
     if m_ctrl:
+        ctrl = next((c for c in ctrls if c.node == real), None)
+        if ctrl is None:
+            raise DeviceError(f"{path}: no NVMe controller {real[5:]} in {sysfs}")
         namespaces = ctrl.namespaces
         if not namespaces:
             raise DeviceError(f"{path}: controller has no namespaces")
     else:
-        node = (m_blk or m_ng).group(0)  # type: ignore[union-attr]
-        namespaces = [n for n in ctrl.namespaces if node in (n.generic, n.block)]
-        if not namespaces:
-            raise DeviceError(f"{path}: namespace not found under {ctrl.name}")
+        # Look the node up: with native multipath a block node is named after the subsystem
+        # (nvme<subsys>n<head>), which need not be the controller's number.
+        found = [(c, n) for c in ctrls for n in c.namespaces if real in (n.generic, n.block)]
+        if not found:
+            raise DeviceError(f"{path}: no NVMe namespace with this node in {sysfs}")
+        ctrl, namespaces = found[0][0], [found[0][1]]
     for node_path in [ctrl.node] + [n.generic for n in namespaces]:
         try:
             os.close(os.open(node_path, os.O_RDWR))
