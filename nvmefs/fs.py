@@ -112,7 +112,9 @@ class NvmeFS(pyfuse3.Operations):
         fhs = self._newest.get((tid, inode))
         if fhs:
             return self._streams[fhs[-1]][1].size()
-        return self._new_stream(inode).size()  # what an open now would see
+        if inode == STATS:
+            return self._new_stream(inode).size()
+        return self.recorder.fresh_size(json=inode == JSONL)  # what an open now would see
 
     def _new_stream(self, inode: int) -> Stream:
         r = self.recorder

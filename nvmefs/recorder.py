@@ -15,9 +15,12 @@ from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
 from nvmefs.render import CLOCKS, FORMATS, Clock, Renderer
-from nvmefs.ring import DebugRing, Entry
-from nvmefs.views import LogStream, StaticStream
+from nvmefs.ring import DebugRing
+from nvmefs.views import LineCache, LogStream, StaticStream
 from nvmefs.workloads import Progress
+
+# Rendered lines kept per view: all of a default ring, a bounded window of a huge one.
+CACHE_LIMIT = 65536
 
 
 class ControlError(ValueError):
@@ -40,20 +43,36 @@ class Recorder:
         self.engine = engine
         self.progress = progress or Progress()
         self.started_wall = time.time()
+        # Every open renders the whole ring: render each entry once for all of them.
+        limit = min(ring.capacity, CACHE_LIMIT)
+        self._text = LineCache(lambda e: self.renderer.line(e), limit)
+        self._json = LineCache(lambda e: self.renderer.json_line(e), limit)
+        self._generation = 0  # bumped whenever rendered bytes change meaning
+        self._fresh_size: tuple[object, int] = (None, 0)
 
     # -- views ---------------------------------------------------------------------------------
 
-    def _line(self, entry: Entry) -> str:
-        return self.renderer.line(entry)
-
-    def _json(self, entry: Entry) -> str:
-        return self.renderer.json_line(entry)
-
     def text_stream(self) -> LogStream:
-        return LogStream(self.ring, self._line, self.renderer.missed_line)
+        return LogStream(self.ring, self._text, self.renderer.missed_line)
 
     def json_stream(self) -> LogStream:
         return LogStream(self.ring, self._json, self.renderer.missed_json_line)
+
+    def fresh_size(self, json: bool) -> int:
+        """The size a stream opened now would have: what stat() shows a process without the
+        file open. Memoized on the ring's window, so repeated lookups cost nothing."""
+        key = (json, self.ring.first_seq, self.ring.last_seq, self._generation)
+        if self._fresh_size[0] != key:
+            stream = self.json_stream() if json else self.text_stream()
+            self._fresh_size = (key, stream.size())
+        return self._fresh_size[1]
+
+    def _set_renderer(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.renderer, key, value)
+        self._text.clear()
+        self._json.clear()
+        self._generation += 1
 
     def stats_stream(self) -> StaticStream:
         return StaticStream(self.stats_text().encode())
@@ -152,10 +171,10 @@ class Recorder:
         if key == "format":
             if value not in FORMATS:
                 raise ControlError(f"unknown format {value!r}")
-            return lambda: setattr(self.renderer, "fmt", value)
+            return lambda: self._set_renderer(fmt=value)
         if key == "clock":
             if value not in CLOCKS:
                 raise ControlError(f"unknown clock {value!r}")
             clock = Clock(value, self.renderer.clock.hz)
-            return lambda: setattr(self.renderer, "clock", clock)
+            return lambda: self._set_renderer(clock=clock)
         raise ControlError(f"unknown control command {word!r}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from nvmefs.events import HostEvent, NvmeEvent
 from nvmefs.nvme import tables
+from nvmefs.nvme.status import Status
 from nvmefs.ring import Entry
 
 INFO_MAX = 255
@@ -95,19 +96,51 @@ def _opcode_name(opcode: int, admin: bool) -> str:
     return names.get(opcode, "Unknown")
 
 
+# What depends only on the status word (or only on the opcode) is built once, not per line.
+_STATUS_TEXT: dict[tuple[int, str], str] = {}
+_OPCODE_TEXT: dict[tuple[int, bool], str] = {}
+
+
+def _status_text(st: Status) -> str:
+    key = (st.status, st.profile)
+    text = _STATUS_TEXT.get(key)
+    if text is None:
+        head = "NVMe command completed: Status = " if st.ok else SEED_PREFIX
+        parts = [f"{head}0x{st.status:x}", f"({st.name})", f"SCT=0x{st.sct:x} SC=0x{st.sc:02x}"]
+        if st.crd:
+            parts.append(f"CRD={st.crd}")
+        if st.more:
+            parts.append("MORE")
+        if st.dnr:
+            parts.append("DNR")
+        parts.append(
+            f"blk_status={st.blk_status}" + (f" ({st.blk_string})" if st.blk_string else "")
+        )
+        text = _STATUS_TEXT[key] = " ".join(parts)
+    return text
+
+
+def _opcode_text(opcode: int, admin: bool) -> str:
+    text = _OPCODE_TEXT.get((opcode, admin))
+    if text is None:
+        text = _OPCODE_TEXT[(opcode, admin)] = (
+            f"opcode=0x{opcode:02x} ({_opcode_name(opcode, admin)})"
+        )
+    return text
+
+
 def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
     st = ev.status
     if fmt == "seed":
         return f"{SEED_PREFIX}0x{st.status:x}"
-    head = "NVMe command completed: Status = " if st.ok else SEED_PREFIX
-    parts = [f"{head}0x{st.status:x}", f"({st.name})", f"SCT=0x{st.sct:x} SC=0x{st.sc:02x}"]
-    if st.crd:
-        parts.append(f"CRD={st.crd}")
-    if st.more:
-        parts.append("MORE")
-    if st.dnr:
-        parts.append("DNR")
-    parts.append(f"blk_status={st.blk_status}" + (f" ({st.blk_string})" if st.blk_string else ""))
+    if None not in (ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retry):
+        # The common case, a completion with all its context, in one formatting step.
+        text = (
+            f"{_status_text(st)} ctrl={ev.ctrl} nsid={ev.nsid} qid={ev.qid} cid={ev.cid} "
+            f"{_opcode_text(ev.opcode, ev.admin)} slba={ev.slba} nlb={ev.nlb} retry={ev.retry}"  # type: ignore[arg-type]
+        )
+        return text if len(text) <= INFO_MAX and text.isascii() else _cap(text)
+    parts = [_status_text(st)]
     if ev.ctrl is not None:
         parts.append(f"ctrl={ev.ctrl}")
     for key in ("nsid", "qid", "cid"):
@@ -115,13 +148,11 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
         if value is not None:
             parts.append(f"{key}={value}")
     if ev.opcode is not None:
-        parts.append(f"opcode=0x{ev.opcode:02x} ({_opcode_name(ev.opcode, ev.admin)})")
-    if ev.slba is not None:
-        parts.append(f"slba={ev.slba}")
-    if ev.nlb is not None:
-        parts.append(f"nlb={ev.nlb}")
-    if ev.retry is not None:
-        parts.append(f"retry={ev.retry}")
+        parts.append(_opcode_text(ev.opcode, ev.admin))
+    for key in ("slba", "nlb", "retry"):
+        value = getattr(ev, key)
+        if value is not None:
+            parts.append(f"{key}={value}")
     return _cap(" ".join(parts))
 
 

@@ -14,13 +14,40 @@ it grows by exactly the bytes appended after what was already there.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from nvmefs.ring import DebugRing, Entry
 
-LineFn = Callable[[Entry], str]
+LineFn = Callable[[Entry], bytes]
 MissedFn = Callable[[int, int, int], str]
+
+
+class LineCache:
+    """Rendered bytes per entry, shared by every reader of one view.
+
+    Sequence numbers are never reused, so an entry's bytes stay right until the way entries
+    are shown changes (format, clock): then `clear()`. The oldest are evicted past `limit`.
+    """
+
+    __slots__ = ("_lines", "_render", "limit")
+
+    def __init__(self, render: Callable[[Entry], str], limit: int) -> None:
+        self._render = render
+        # OrderedDict: popping the oldest is O(1); `del d[next(iter(d))]` on a dict is not.
+        self._lines: OrderedDict[int, bytes] = OrderedDict()
+        self.limit = limit
+
+    def __call__(self, entry: Entry) -> bytes:
+        line = self._lines.get(entry[0])
+        if line is None:
+            line = self._lines[entry[0]] = self._render(entry).encode()
+            if len(self._lines) > self.limit:
+                self._lines.popitem(last=False)
+        return line
+
+    def clear(self) -> None:
+        self._lines.clear()
 
 
 class _Missed:
@@ -61,10 +88,9 @@ class LogStream:
         while pending and (end is None or len(text) < end):
             item = pending.popleft()
             if isinstance(item, _Missed):
-                line = self._missed(item.count, item.mono_ns, item.wall_ns)
+                text += self._missed(item.count, item.mono_ns, item.wall_ns).encode()
             else:
-                line = self._line(item)
-            text += line.encode()
+                text += self._line(item)
 
     def size(self) -> int:
         self.sync()

@@ -289,10 +289,10 @@ def bench_fuse_cat(r: Results, reps: int, large: int) -> None:
             r.values["fuse_cat_1024_vs_tmpfs"] = statistics.median(fuse) / statistics.median(tmpfs)
             r.values["daemon_rss_mb"] = _rss_mb(int(stats(mnt)["pid"]))
             print(f"  {'daemon_rss_mb':<40} {r.values['daemon_rss_mb']:>14,.1f} MB (full ring)")
-        opts = f"workload=randread,bs=512,qd=64,log=errors,retries=0,capacity={large}"
+        # One pass of 512-byte reads, every one failing once: `large` entries, then idle.
+        opts = f"sim_size={large * 512},bs=512,qd=64,passes=1,log=errors,retries=0,capacity={large}"
         with mounted(opts, ALL_READS_FAIL) as mnt:
-            wait_until(lambda: int(stats(mnt)["ring_appended"]) >= large, 900)
-            subprocess.run(["sh", "-c", f"echo log=0x7ff > {mnt}/control"], check=True)  # stop
+            wait_until(lambda: stats(mnt)["workload"] == "idle", 900)
             data = (mnt / "nvme_circular_buffer").read_bytes()
             (shm / "large").write_bytes(data)
             mb = len(data) / 1e6

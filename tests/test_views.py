@@ -1,0 +1,75 @@
+"""Per-handle streams and the shared rendered-line cache, without FUSE."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+from hypothesis import given, settings
+
+from nvmefs.events import HostEvent, NvmeEvent
+from nvmefs.nvme.status import Translator
+from nvmefs.recorder import ControlError, Recorder
+from nvmefs.render import Clock, Renderer
+from nvmefs.ring import DebugRing
+from nvmefs.views import LineCache
+
+
+def recorder(capacity: int = 8) -> Recorder:
+    return Recorder(DebugRing(capacity), Renderer(Clock("jiffies", 1000)))
+
+
+def test_line_cache_renders_once_and_evicts_the_oldest() -> None:
+    calls: list[int] = []
+    cache = LineCache(lambda e: calls.append(e[0]) or f"line {e[0]}\n", limit=2)
+    for seq in (1, 2, 1, 3, 1):
+        assert cache((seq, 0, 0, None)) == f"line {seq}\n".encode()
+    assert calls == [1, 2, 3, 1]  # 1 rendered again only after eviction
+
+
+def test_format_change_applies_to_new_lines_and_keeps_old_streams_stable() -> None:
+    r = recorder()
+    r.ring.append(NvmeEvent(Translator().decode(0x281), "sim0", 1, 1, 1, 2, False, 0, 1, 0))
+    before = r.text_stream()
+    first = before.read(0, 10_000)
+    r.control("format=seed")
+    assert before.read(0, 10_000) == first  # a stream never changes bytes it handed out
+    after = r.text_stream().read(0, 10_000)
+    assert after.endswith(b"] Specific NVMe error encountered: Status = 0x281\n")
+    assert first != after
+    try:
+        r.control("format=fancy")
+    except ControlError:
+        pass
+    else:
+        raise AssertionError("bad format accepted")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ops=st.lists(st.one_of(st.integers(1, 30), st.just("clear"), st.just("read")), max_size=40),
+    chunk=st.integers(1, 500),
+)
+def test_a_stream_is_append_only_and_accounts_for_every_entry(
+    ops: list[object], chunk: int
+) -> None:
+    r = recorder(capacity=8)
+    n = 0
+    stream = r.text_stream()
+    seen = b""
+    for op in ops:
+        if op == "clear":
+            r.control("clear")
+        elif op == "read":
+            while data := stream.read(len(seen), chunk):
+                seen += data
+        else:
+            for _ in range(op):  # type: ignore[call-overload]
+                n += 1
+                r.ring.append(HostEvent("notice", f"event {n}"))
+    while data := stream.read(len(seen), chunk):
+        seen += data
+    lines = seen.decode().splitlines()
+    got = [int(x.rsplit(" ", 1)[1]) for x in lines if "event" in x]
+    missed = sum(int(x.split("nvmefs: ")[1].split()[0]) for x in lines if "missed" in x)
+    assert got == sorted(got) and len(set(got)) == len(got)
+    assert len(got) + missed == n  # every entry shown once or counted missed, never both
+    assert stream.size() == len(seen)
