@@ -141,16 +141,7 @@ async def _scrub(src: Source, opts: options.Parsed) -> int:
     async with engine.running(), trio.open_nursery() as nursery:
         if sys.stderr.isatty():
             nursery.start_soon(_progress_bar, progress)
-        await workloads.scrub(
-            engine,
-            progress,
-            bs=opts["bs"],
-            qd=opts["qd"],
-            passes=opts["passes"],
-            interval=opts["interval"],
-            rate=opts["rate"],
-            op=opts["op"],
-        )
+        await workloads.run("scrub", engine, progress, opts)
         nursery.cancel_scope.cancel()
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")

@@ -231,28 +231,9 @@ async def _signals() -> None:
 async def _workload(engine: EngineBase, recorder: Recorder, opts: options.Parsed) -> None:
     progress = recorder.progress
     try:
-        kind = opts["workload"]
-        if kind == "scrub":
-            await workloads.scrub(
-                engine,
-                progress,
-                bs=opts["bs"],
-                qd=opts["qd"],
-                passes=opts["passes"],
-                interval=opts["interval"],
-                rate=opts["rate"],
-                op=opts["op"],
-            )
-        elif kind == "randread":
-            await workloads.randread(
-                engine,
-                progress,
-                bs=opts["bs"],
-                qd=opts["qd"],
-                seed=opts["seed"],
-                rate=opts["rate"],
-            )
-        await workloads.idle(engine, progress, interval=opts["health_interval"])
+        if opts["workload"] != "idle":
+            await workloads.run(opts["workload"], engine, progress, opts)
+        await workloads.run("idle", engine, progress, opts)
     except Exception as e:  # a workload bug must not take the ring away from its readers
         log.exception("workload failed")
         progress.state = "failed"

@@ -206,6 +206,35 @@ class EngineBase:
     ) -> list[_Pending]:
         raise NotImplementedError
 
+    async def _admin_cmd(self, cmd: Command) -> bytes:
+        """An admin command of bring-up: any failure is fatal to bring-up."""
+        (r,) = await self.submit_batch([cmd], keep_data=True, retry=False)
+        if isinstance(r, CommandError):
+            raise EngineError(f"{self.ctrl_name}: {_cmd_name(cmd)} failed: {r}")
+        if not r.status.ok:
+            raise EngineError(
+                f"{self.ctrl_name}: {_cmd_name(cmd)} failed with status 0x{r.status.status:x} "
+                f"({r.status.name})"
+            )
+        return r.data or b""
+
+    async def _identify_controller(self) -> None:
+        data = await self._admin_cmd(c.identify(c.CNS_CONTROLLER))
+        ctrl = ffi.from_buffer("struct nvme_id_ctrl *", bytearray(data))
+        self.serial, self.model = ascii_field(ctrl.sn), ascii_field(ctrl.mn)
+        self.firmware = ascii_field(ctrl.fr)
+        self.crdt = (ctrl.crdt1, ctrl.crdt2, ctrl.crdt3)
+        self.elpe = ctrl.elpe
+
+    async def _identify_namespaces(self, nsids: list[int]) -> None:
+        namespaces = []
+        for nsid in nsids:
+            raw = await self._admin_cmd(c.identify(c.CNS_NAMESPACE, nsid))
+            ns = ffi.from_buffer("struct nvme_id_ns *", bytearray(raw))
+            lbaf = ns.lbaf[ns.flbas & 0xF]
+            namespaces.append(Namespace(nsid, ns.nsze, 1 << lbaf.ds))
+        self.namespaces = namespaces
+
     async def submit(self, cmd: Command, *, keep_data: bool = False) -> Completion:
         """Run one command to its final completion (after retries); raises CommandError."""
         (r,) = await self.submit_batch([cmd], keep_data=keep_data)
@@ -395,12 +424,7 @@ class Engine(EngineBase):
         await self._wait_ready(True)
         self._start_reapers([self._admin])
 
-        ident = await self._admin_cmd(c.identify(c.CNS_CONTROLLER))
-        ctrl = ffi.from_buffer("struct nvme_id_ctrl *", bytearray(ident))
-        self.serial, self.model = ascii_field(ctrl.sn), ascii_field(ctrl.mn)
-        self.firmware = ascii_field(ctrl.fr)
-        self.crdt = (ctrl.crdt1, ctrl.crdt2, ctrl.crdt3)
-        self.elpe = ctrl.elpe
+        await self._identify_controller()
         await self._admin_cmd(c.set_features(c.FEAT_NUM_QUEUES, 0))  # one SQ, one CQ
 
         depth = min(self.queue_depth, mqes)
@@ -411,14 +435,7 @@ class Engine(EngineBase):
         self._start_reapers([self._admin, io])
 
         ids = struct.unpack("<1024I", await self._admin_cmd(c.identify(c.CNS_ACTIVE_NS_LIST)))
-        self.namespaces = []
-        for nsid in ids:
-            if nsid == 0:
-                break
-            raw = await self._admin_cmd(c.identify(c.CNS_NAMESPACE, nsid))
-            ns = ffi.from_buffer("struct nvme_id_ns *", bytearray(raw))
-            lbaf = ns.lbaf[ns.flbas & 0xF]
-            self.namespaces.append(Namespace(nsid, ns.nsze, 1 << lbaf.ds))
+        await self._identify_namespaces([nsid for nsid in ids if nsid])
         self.state = "ready"
 
     def _start_reapers(self, queues: list[_Queue]) -> None:
@@ -434,18 +451,6 @@ class Engine(EngineBase):
                         n.start_soon(self._reaper, q)
 
         self._nursery.start_soon(reap_all)
-
-    async def _admin_cmd(self, cmd: Command) -> bytes:
-        """An admin command of bring-up: any failure is fatal to bring-up."""
-        (r,) = await self.submit_batch([cmd], keep_data=True, retry=False)
-        if isinstance(r, CommandError):
-            raise EngineError(f"{self.ctrl_name}: {_cmd_name(cmd)} failed: {r}")
-        if not r.status.ok:
-            raise EngineError(
-                f"{self.ctrl_name}: {_cmd_name(cmd)} failed with status 0x{r.status.status:x} "
-                f"({r.status.name})"
-            )
-        return r.data or b""
 
     # -- submission ----------------------------------------------------------------------------
 

@@ -34,13 +34,11 @@ from nvmefs.engine import (
     CommandTimeout,
     EngineBase,
     EngineError,
-    Namespace,
     _Pending,
     _Waiter,
 )
-from nvmefs.nvme import commands as c
 from nvmefs.nvme.commands import Command
-from nvmefs.nvme.layouts import ascii_field, ffi
+from nvmefs.nvme.layouts import ffi
 from nvmefs.ring import DebugRing
 from nvmefs.transport import devices, uring
 from nvmefs.transport.devices import DeviceSource
@@ -159,29 +157,8 @@ class PassthroughEngine(EngineBase):
             self._ring = None
 
     async def _identify(self) -> None:
-        data = await self._admin(c.identify(c.CNS_CONTROLLER))
-        ctrl = ffi.from_buffer("struct nvme_id_ctrl *", bytearray(data))
-        self.serial, self.model = ascii_field(ctrl.sn), ascii_field(ctrl.mn)
-        self.firmware = ascii_field(ctrl.fr)
-        self.crdt = (ctrl.crdt1, ctrl.crdt2, ctrl.crdt3)
-        self.elpe = ctrl.elpe
-        self.namespaces = []
-        for nsid in self._nsids:
-            raw = await self._admin(c.identify(c.CNS_NAMESPACE, nsid))
-            ns = ffi.from_buffer("struct nvme_id_ns *", bytearray(raw))
-            lbaf = ns.lbaf[ns.flbas & 0xF]
-            self.namespaces.append(Namespace(nsid, ns.nsze, 1 << lbaf.ds))
-
-    async def _admin(self, cmd: Command) -> bytes:
-        (r,) = await self.submit_batch([cmd], keep_data=True, retry=False)
-        if isinstance(r, CommandError):
-            raise EngineError(f"{self.ctrl_name}: admin command {cmd.opcode:#x} failed: {r}")
-        if not r.status.ok:
-            raise EngineError(
-                f"{self.ctrl_name}: admin command {cmd.opcode:#x} failed with "
-                f"status 0x{r.status.status:x} ({r.status.name})"
-            )
-        return r.data or b""
+        await self._identify_controller()
+        await self._identify_namespaces(self._nsids)
 
     # -- submission ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from nvmefs.nvme import commands as c
 from nvmefs.nvme.commands import Command
 from nvmefs.nvme.layouts import ERROR_LOG_ENTRY_SIZE, ffi, u128
 from nvmefs.nvme.status import Translator
+from nvmefs.options import Parsed
 
 
 @dataclass
@@ -219,3 +220,26 @@ async def idle(engine: EngineBase, progress: Progress, *, interval: float) -> No
             engine.ring.append(
                 HostEvent(events.HOST_ERROR, f"health poll failed: {e}", {"ctrl": engine.ctrl_name})
             )
+
+
+async def run(kind: str, engine: EngineBase, progress: Progress, opts: Parsed) -> None:
+    """The workload `kind` with its -o options (the daemon then polls health; scrub CLI stops)."""
+    if kind == "scrub":
+        await scrub(
+            engine,
+            progress,
+            bs=opts["bs"],
+            qd=opts["qd"],
+            passes=opts["passes"],
+            interval=opts["interval"],
+            rate=opts["rate"],
+            op=opts["op"],
+        )
+    elif kind == "randread":
+        await randread(
+            engine, progress, bs=opts["bs"], qd=opts["qd"], seed=opts["seed"], rate=opts["rate"]
+        )
+    elif kind == "idle":
+        await idle(engine, progress, interval=opts["health_interval"])
+    else:
+        raise ValueError(f"unknown workload {kind!r}")
