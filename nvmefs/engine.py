@@ -24,7 +24,7 @@ import contextlib
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,7 +196,6 @@ class EngineBase:
         self.crdt = (0, 0, 0)
         self.elpe = 0
         self.namespaces: list[Namespace] = []
-        self.on_completion: Callable[[Completion, Command], None] | None = None
 
     def running(self) -> AbstractAsyncContextManager[EngineBase]:
         raise NotImplementedError
@@ -309,8 +308,6 @@ class EngineBase:
                     p.attempt,
                 )
             )
-        if self.on_completion is not None:
-            self.on_completion(comp, cmd)
         p.completion = comp
         p.done = True
         p.waiter.done()

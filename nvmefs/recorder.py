@@ -7,7 +7,6 @@ fs.py only maps files to these calls.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from nvmefs.engine import EngineBase
@@ -42,7 +41,6 @@ class Recorder:
         self.source = source
         self.engine = engine
         self.progress = progress or Progress()
-        self.started_wall = time.time()
         # Every open renders the whole ring: render each entry once for all of them.
         limit = min(ring.capacity, CACHE_LIMIT)
         self._text = LineCache(lambda e: self.renderer.line(e), limit)

@@ -46,10 +46,5 @@ class LogPolicy:
     def logs(self, status_word: int) -> bool:
         return bool(self._logged[status_word & SCT_SC_MASK])
 
-    @property
-    def table(self) -> bytes:
-        """The per-SCT/SC answers, for callers that inline the lookup on a hot path."""
-        return self._logged
-
     def __repr__(self) -> str:
         return f"LogPolicy({self.spec!r})"

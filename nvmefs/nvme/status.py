@@ -53,10 +53,6 @@ class Status:
     def ok(self) -> bool:
         return self.status & SCT_SC_MASK == 0
 
-    @property
-    def sct_name(self) -> str:
-        return tables.SCT_NAMES.get(self.sct, "Reserved")
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "status": f"0x{self.status:x}",

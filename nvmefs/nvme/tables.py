@@ -190,14 +190,6 @@ PROFILES = tuple(BLK_STATUS_BY_PROFILE)
 # The seed driver's six "specific" statuses, compared on SCT/SC.
 SEED_MEDIA_STATUSES: frozenset[int] = frozenset({0x280, 0x281, 0x287, 0x286, 0x182, 0x285})
 
-SCT_NAMES: dict[int, str] = {
-    0: "Generic",
-    1: "Command Specific",
-    2: "Media and Data Integrity",
-    3: "Path Related",
-    7: "Vendor Specific",
-}
-
 # Opcode names: the kernel's nvme_ops[] and nvme_admin_ops[] strings.
 IO_OPCODE_NAMES: dict[int, str] = {
     0x00: "Flush",

@@ -83,7 +83,6 @@ class Transport(ABC):
     """A register-level NVMe controller connection."""
 
     name: str = "transport"
-    has_interrupts: bool = True
 
     def __init__(self) -> None:
         self.dma = DmaMemory()
