@@ -381,12 +381,16 @@ class Engine(EngineBase):
                 await self.transport.stop()
                 nursery.cancel_scope.cancel()
 
-    def _shutdown_controller(self) -> None:
+    def _disable(self, error: CommandAborted) -> int:
+        """Stop reaping, clear CC.EN, fail every outstanding command; returns how many."""
         if self._reapers is not None:
             self._reapers.cancel()
         with contextlib.suppress(OSError):  # the device may already be gone
             self.transport.write32(REG_CC, self.transport.read32(REG_CC) & ~CC_EN)
-        self._fail_outstanding(CommandAborted("engine stopped"))
+        return self._fail_outstanding(error)
+
+    def _shutdown_controller(self) -> None:
+        self._disable(CommandAborted("engine stopped"))
 
     async def _wait_ready(self, ready: bool) -> None:
         cap = self.transport.read64(REG_CAP)
@@ -522,7 +526,9 @@ class Engine(EngineBase):
             if buf is not None:
                 self.transport.dma.free(buf)
             buf = q.bufs[cid] = self.transport.dma.alloc(n)
-            q.prp_lists.pop(cid, None)
+            old_list = q.prp_lists.pop(cid, None)  # it points into the buffer just freed
+            if old_list is not None:
+                self.transport.dma.free(old_list)
         if cmd.to_device and cmd.data is not None:
             buf.view[: len(cmd.data)] = cmd.data
         if n <= PAGE:
@@ -624,10 +630,7 @@ class Engine(EngineBase):
     async def _reset(self, reason: str) -> None:
         self.stats.resets += 1
         self.state = "resetting"
-        if self._reapers is not None:
-            self._reapers.cancel()
-        self.transport.write32(REG_CC, self.transport.read32(REG_CC) & ~CC_EN)
-        failed = self._fail_outstanding(CommandAborted("controller reset"))
+        failed = self._disable(CommandAborted("controller reset"))
         self._log_host(events.RESET, f"resetting controller: {reason}", failed=failed)
         try:
             await self._bring_up()

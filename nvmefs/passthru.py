@@ -61,6 +61,9 @@ class HostError(CommandError):
         super().__init__(f"-{name} ({os.strerror(err)})")
 
 
+_Buf = tuple[mmap.mmap, int] | None  # a pooled buffer and its address, or no buffer
+
+
 class _BufferPool:
     """Page-aligned buffers for data transfers, reused by size."""
 
@@ -103,7 +106,6 @@ class PassthroughEngine(EngineBase):
         self._ctrl_fd = -1
         self._ns_fds: dict[int, int] = {}
         self._ring: uring.Uring | None = None
-        _Buf = tuple[mmap.mmap, int] | None
         self._inflight: dict[int, tuple[_Pending, _Buf, _Buf]] = {}
         self._next_tag = 1
         self._space = trio.Event()

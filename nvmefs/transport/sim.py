@@ -412,14 +412,12 @@ class SimController(Transport):
             return SC_SUCCESS, 0
         if opcode == c.NVM_DSM:
             nr = (raw[9] & 0xFF) + 1
-            ranges = self._from_host(raw, nr * 16)
-            for i in range(nr):
-                _attr, count, start = struct.unpack_from("<IIQ", ranges, i * 16)
-                if start + count > ns.nblocks:
-                    return SC_LBA_RANGE, 0
+            raw_ranges = self._from_host(raw, nr * 16)
+            ranges = [struct.unpack_from("<IIQ", raw_ranges, i * 16)[1:] for i in range(nr)]
+            if any(start + count > ns.nblocks for count, start in ranges):
+                return SC_LBA_RANGE, 0
             if raw[10] & 1 << 2:  # AD: deallocate
-                for i in range(nr):
-                    _attr, count, start = struct.unpack_from("<IIQ", ranges, i * 16)
+                for count, start in ranges:
                     ns.deallocate(start, count)
             return SC_SUCCESS, 0
         if opcode not in (c.NVM_READ, c.NVM_WRITE, c.NVM_COMPARE, c.NVM_VERIFY, c.NVM_WRITE_ZEROES):
@@ -572,11 +570,10 @@ class SimController(Transport):
                 self.num_queues_granted = want | want << 16
             return SC_SUCCESS, self.num_queues_granted
         if fid == c.FEAT_ERROR_RECOVERY:
-            targets = (
-                list(self.namespaces.values())
-                if nsid in (0, 0xFFFFFFFF)
-                else ([self.namespaces[nsid]] if nsid in self.namespaces else [])
-            )
+            if nsid in (0, 0xFFFFFFFF):
+                targets = list(self.namespaces.values())
+            else:
+                targets = [self.namespaces[nsid]] if nsid in self.namespaces else []
             if not targets:
                 return SC_INVALID_NS, 0
             if set_:
