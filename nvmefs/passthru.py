@@ -218,13 +218,13 @@ class PassthroughEngine(EngineBase):
         return fd if fd is not None else next(iter(self._ns_fds.values()), -1)
 
     async def _issue(
-        self, items: list[tuple[Command, int]], keep: bool, recover: bool = True
+        self, cmds: list[Command], attempt: int, keep: bool, recover: bool = True
     ) -> list[_Pending]:
         while self.state == "detached":
             await self._attached.wait()
-        waiter = _Waiter(len(items))
-        pendings = [_Pending(cmd, attempt, waiter, keep) for cmd, attempt in items]
-        admin = items[0][0].admin
+        waiter = _Waiter(len(cmds))
+        pendings = [_Pending(cmd, attempt, waiter, keep) for cmd in cmds]
+        admin = cmds[0].admin
         if admin or self.transport == "ioctl" or self._ring is None:
             async with trio.open_nursery() as n:
                 for p in pendings:
@@ -246,7 +246,7 @@ class PassthroughEngine(EngineBase):
             p.t0 = time.monotonic_ns()
         ring.submit()
         # The kernel enforces timeout_ms; this is only a backstop if it never answers.
-        backstop = max(cmd.timeout or self.io_timeout for cmd, _ in items) + 10
+        backstop = max(cmd.timeout or self.io_timeout for cmd in cmds) + 10
         with trio.move_on_after(backstop):
             await waiter.event.wait()
         for p in pendings:

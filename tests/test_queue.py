@@ -6,6 +6,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
+from nvmefs.nvme.commands import CQE_FORMAT
 from nvmefs.nvme.queue import ProtocolError, QueueFull, QueuePair
 
 
@@ -102,3 +103,53 @@ def test_drain_forgets_everything_in_flight() -> None:
     qp.submit("b")
     assert sorted(qp.drain()) == ["a", "b"]
     assert (qp.busy, qp.sq_tail, qp.cq_head, qp.phase, qp.free_slots) == (0, 0, 0, 1, 3)
+
+
+@given(
+    order=st.lists(st.integers(0, 1000), min_size=1, max_size=300),
+    burst=st.integers(1, 8),
+    depth=st.integers(2, 9),
+)
+def test_consume_takes_cq_memory_as_complete_would(
+    order: list[int], burst: int, depth: int
+) -> None:
+    """Two queue pairs see the same completions: one through consume() on CQ memory in bursts,
+    one through complete() per CQE. Their contexts, words and states must agree."""
+    qp, ref = QueuePair(1, depth), QueuePair(1, depth)
+    ctrl = FakeController(qp)
+    cq = memoryview(bytearray(depth * 16))
+    posted: list[tuple[int, int, int]] = []
+    n = 0
+    for pick in order:
+        while qp.can_submit:
+            assert qp.submit(n) == ref.submit(n)
+            ctrl.consume(1)
+            n += 1
+        candidates = sorted(set(qp.inflight) - {cid for cid, _, _ in posted})
+        if candidates:
+            entry = ctrl.post(candidates[pick % len(candidates)])
+            CQE_FORMAT.pack_into(cq, (ctrl.cq_tail - 1) % depth * 16, pick, 0, entry[1], 1,
+                                 entry[0], entry[2])  # fmt: skip
+            posted.append(entry)
+        if len(posted) >= burst or not candidates:
+            done, errors = qp.consume(cq)
+            assert not errors
+            expected = [(ref.complete(*e), e[2] >> 1) for e in posted]
+            assert [(ctx, word) for ctx, word, _ in done] == expected
+            posted.clear()
+            assert (qp.cq_head, qp.phase, qp.sq_head) == (ref.cq_head, ref.phase, ref.sq_head)
+
+
+def test_consume_skips_and_reports_each_bad_cqe() -> None:
+    qp = QueuePair(1, 8)
+    _, a = qp.submit("a")
+    _, b = qp.submit("b")
+    cq = memoryview(bytearray(8 * 16))
+    CQE_FORMAT.pack_into(cq, 0, 0, 0, 2, 1, 7, 1)  # command id 7 was never submitted
+    CQE_FORMAT.pack_into(cq, 16, 0, 0, 6, 1, a, 1)  # SQ head beyond the tail
+    CQE_FORMAT.pack_into(cq, 32, 0, 0, 2, 1, b, 0x281 << 1 | 1)
+    done, errors = qp.consume(cq)
+    assert done == [("b", 0x281, 0)]
+    assert ["not in flight" in str(errors[0]), "beyond tail" in str(errors[1])] == [True, True]
+    assert qp.cq_head == 3 and qp.busy == 1 and qp.inflight == {a: "a"}
+    assert qp.consume(cq) == ([], [])  # the next slot still has phase 0: nothing new

@@ -15,12 +15,13 @@ class PolicyError(ValueError):
 
 
 class LogPolicy:
-    __slots__ = ("_logged", "spec")
+    __slots__ = ("spec", "table")
 
     def __init__(self, spec: str = "media") -> None:
         codes = self._codes(spec)
         self.spec = spec
-        self._logged = bytes(1 if c in codes else 0 for c in range(SCT_SC_MASK + 1))
+        # Indexed by SCT/SC (status word & 0x7ff): nonzero where such completions are logged.
+        self.table = bytes(1 if c in codes else 0 for c in range(SCT_SC_MASK + 1))
 
     @staticmethod
     def _codes(spec: str) -> frozenset[int]:
@@ -44,7 +45,7 @@ class LogPolicy:
         return frozenset(codes)
 
     def logs(self, status_word: int) -> bool:
-        return bool(self._logged[status_word & SCT_SC_MASK])
+        return bool(self.table[status_word & SCT_SC_MASK])
 
     def __repr__(self) -> str:
         return f"LogPolicy({self.spec!r})"

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from nvmefs.nvme.commands import CQE_FORMAT
+
 
 class QueueFull(Exception):
     """No free SQ slot: the caller must wait for completions (back-pressure)."""
@@ -65,12 +67,17 @@ class QueuePair:
         return bool(self.free_slots and self._free)
 
     @property
+    def room(self) -> int:
+        """How many commands submit() takes before the queue is full."""
+        return min((self.sq_head - self.sq_tail - 1) % self.depth, len(self._free))
+
+    @property
     def busy(self) -> int:
         return len(self.inflight)
 
     def submit(self, context: Any) -> tuple[int, int]:
         """Claim a slot and a command id for `context`; returns (sq slot index, cid)."""
-        if not self.can_submit:
+        if not self._free or (self.sq_head - self.sq_tail - 1) % self.depth == 0:
             raise QueueFull(f"queue {self.qid} full ({self.depth - 1} in flight)")
         cid = self._free.popleft()
         self.inflight[cid] = context
@@ -86,26 +93,59 @@ class QueuePair:
         """Account for one new CQE; returns the context given at submit()."""
         if status_field & 1 != self.phase:
             raise ProtocolError(f"queue {self.qid}: CQE at head {self.cq_head} has a stale phase")
-        if not 0 <= sq_head < self.depth:
-            raise ProtocolError(
-                f"queue {self.qid}: SQ head {sq_head} out of range (depth {self.depth})"
-            )
-        # The head may only move forward over slots the host has filled.
-        outstanding = (self.sq_tail - self.sq_head) % self.depth
-        if (sq_head - self.sq_head) % self.depth > outstanding:
-            raise ProtocolError(
-                f"queue {self.qid}: SQ head {sq_head} beyond tail {self.sq_tail}"
-                f" (was {self.sq_head})"
-            )
-        context = self.inflight.pop(cid, _MISSING)
-        if context is _MISSING:
-            raise ProtocolError(
-                f"queue {self.qid}: completion for command id {cid} that is not in flight"
-            )
+        problem = self._violation(cid, sq_head)
+        if problem:
+            raise ProtocolError(problem)
+        context = self.inflight.pop(cid)
         self._free.append(cid)
         self.sq_head = sq_head
         self.advance_cq()
         return context
+
+    def consume(self, cq: memoryview) -> tuple[list[tuple[Any, int, int]], list[ProtocolError]]:
+        """Take every new CQE from the completion queue memory `cq`, as complete() would one by
+        one; returns ([(context, status word, result)], [violations, each CQE skipped])."""
+        done: list[tuple[Any, int, int]] = []
+        errors: list[ProtocolError] = []
+        unpack, depth, inflight, free = (
+            CQE_FORMAT.unpack_from,
+            self.depth,
+            self.inflight,
+            self._free,
+        )
+        head, phase = self.cq_head, self.phase
+        while True:
+            result, _dw1, sq_head, _sqid, cid, field = unpack(cq, head * 16)
+            if field & 1 != phase:
+                break
+            head += 1
+            if head == depth:
+                head, phase = 0, phase ^ 1
+            outstanding = (self.sq_tail - self.sq_head) % depth
+            if sq_head < depth and (sq_head - self.sq_head) % depth <= outstanding:
+                context = inflight.pop(cid, _MISSING)
+                if context is not _MISSING:
+                    free.append(cid)
+                    self.sq_head = sq_head
+                    done.append((context, field >> 1, result))
+                    continue
+            errors.append(ProtocolError(self._violation(cid, sq_head)))
+        self.cq_head, self.phase = head, phase
+        return done, errors
+
+    def _violation(self, cid: int, sq_head: int) -> str:
+        if not 0 <= sq_head < self.depth:
+            return f"queue {self.qid}: SQ head {sq_head} out of range (depth {self.depth})"
+        # The head may only move forward over slots the host has filled.
+        outstanding = (self.sq_tail - self.sq_head) % self.depth
+        if (sq_head - self.sq_head) % self.depth > outstanding:
+            return (
+                f"queue {self.qid}: SQ head {sq_head} beyond tail {self.sq_tail}"
+                f" (was {self.sq_head})"
+            )
+        if cid not in self.inflight:
+            return f"queue {self.qid}: completion for command id {cid} that is not in flight"
+        return ""
 
     def advance_cq(self) -> None:
         """Consume the CQE at the head (also used to skip a CQE that broke the protocol)."""

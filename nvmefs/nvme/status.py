@@ -43,15 +43,12 @@ class Status:
     blk_string: str
     errno: int  # positive errno value; the kernel hands back its negative
     profile: str
+    ok: bool  # SCT/SC zero: a field, not a property, as every completion asks
 
     @property
     def code(self) -> int:
         """SCT/SC only: what the kernel switches on."""
         return self.status & SCT_SC_MASK
-
-    @property
-    def ok(self) -> bool:
-        return self.status & SCT_SC_MASK == 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,13 +84,14 @@ def _build(word: int, profile: str) -> Status:
         blk_string=blk_string,
         errno=err,
         profile=profile,
+        ok=code == 0,
     )
 
 
 class Translator:
     """Decodes status words under one kernel profile; `decode` is a table lookup."""
 
-    __slots__ = ("_table", "profile")
+    __slots__ = ("profile", "table")
 
     def __init__(self, profile: str = tables.DEFAULT_PROFILE) -> None:
         if profile not in tables.BLK_STATUS_BY_PROFILE:
@@ -101,13 +99,14 @@ class Translator:
                 f"unknown profile {profile!r} (choose from {', '.join(tables.PROFILES)})"
             )
         self.profile = profile
-        self._table = _table_for(profile)
+        # Indexed by a word already known to fit in 15 bits, this is decode() without its checks.
+        self.table = _table_for(profile)
 
     def decode(self, word: int) -> Status:
         """15-bit status word -> Status. Raises StatusError outside 0..0x7fff."""
         try:
             if word >= 0:
-                return self._table[word]
+                return self.table[word]
         except IndexError:
             pass
         raise StatusError(f"status {word:#x} does not fit in 15 bits")
@@ -116,7 +115,7 @@ class Translator:
         """Raw 16-bit CQE status field (phase tag in bit 0) -> Status."""
         if not 0 <= field <= 0xFFFF:
             raise StatusError(f"CQE status field 0x{field:x} does not fit in 16 bits")
-        return self._table[field >> 1]
+        return self.table[field >> 1]
 
 
 @cache

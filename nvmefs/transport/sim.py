@@ -65,6 +65,9 @@ MODEL = "nvmefs simulated controller"
 FIRMWARE = "0.1"
 
 
+_ZEROS = memoryview(bytes(CHUNK_BLOCKS * 512))
+
+
 class SparseNamespace:
     """Blocks in memory, allocated in chunks on first write; unwritten blocks read as zeros."""
 
@@ -90,6 +93,15 @@ class SparseNamespace:
 
     def read(self, slba: int, nlb: int, dest: memoryview) -> None:
         bs = self.lba_size
+        chunk, first = divmod(slba, CHUNK_BLOCKS)
+        if first + nlb <= CHUNK_BLOCKS:  # the common case: one chunk, no span list
+            n = nlb * bs
+            data = self._data.get(chunk)
+            if data is None:
+                dest[:n] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+            else:
+                dest[:n] = memoryview(data)[first * bs : first * bs + n]
+            return
         for chunk, first, n, off in self._spans(slba, nlb):
             data = self._data.get(chunk)
             if data is None:
@@ -291,18 +303,19 @@ class SimController(Transport):
         if sq is None or not self.csts & CSTS_RDY:
             return
         sq.tail = value
-        fired: set[int] = set()
+        cq = self.cqs[sq.cqid]
+        unpack, size, execute = SQE.unpack_from, SQE.size, self._execute
+        posted = False
         while sq.head != sq.tail:
-            raw = SQE.unpack_from(sq.view, sq.head * SQE.size)
+            raw = unpack(sq.view, sq.head * size)
             sq.head = (sq.head + 1) % sq.size
             self.commands += 1
-            cq = self.cqs[sq.cqid]
-            status, result = self._execute(sq, raw)
+            status, result = execute(sq, raw)
             if status is not None:
                 self._post(cq, sq, raw[2], status, result)
-                fired.add(cq.vector)
-        for vector in fired:
-            self._fire(vector)
+                posted = True
+        if posted:
+            self._fire(cq.vector)
 
     def _post(self, cq: _SimQueue, sq: _SimQueue, cid: int, status: int, result: int) -> None:
         CQE.pack_into(
@@ -408,6 +421,12 @@ class SimController(Transport):
         ns = self.namespaces.get(nsid)
         if ns is None:
             return SC_INVALID_NS, 0
+        if opcode == c.NVM_READ and not ns.dulbe:  # the hot path, ahead of the general one
+            slba, nlb, prp1 = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1, raw[7]
+            nbytes = nlb * ns.lba_size
+            if slba + nlb <= ns.nblocks and nbytes <= PAGE - prp1 % PAGE:
+                ns.read(slba, nlb, self.dma.view(prp1, nbytes))
+                return SC_SUCCESS, 0
         if opcode == c.NVM_FLUSH:
             return SC_SUCCESS, 0
         if opcode == c.NVM_DSM:
@@ -429,9 +448,13 @@ class SimController(Transport):
         if opcode == c.NVM_READ:
             if ns.dulbe and not ns.all_written(slba, nlb):
                 return SC_UNWRITTEN_BLOCK, 0
-            buf = memoryview(bytearray(nbytes))
-            ns.read(slba, nlb, buf)
-            self._to_host(raw, buf)
+            prp1 = raw[7]
+            if nbytes <= PAGE - prp1 % PAGE:  # one host page: read straight into it
+                ns.read(slba, nlb, self.dma.view(prp1, nbytes))
+            else:
+                buf = memoryview(bytearray(nbytes))
+                ns.read(slba, nlb, buf)
+                self._to_host(raw, buf)
         elif opcode == c.NVM_WRITE:
             ns.write(slba, nlb, self._from_host(raw, nbytes))
         elif opcode == c.NVM_WRITE_ZEROES:
