@@ -15,11 +15,12 @@ from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
 from nvmefs.render import CLOCKS, FORMATS, Clock, Renderer
 from nvmefs.ring import DebugRing
-from nvmefs.views import LineCache, LogStream, StaticStream
+from nvmefs.views import LogStream, Rendered, StaticStream
 from nvmefs.workloads import Progress
 
-# Rendered lines kept per view: all of a default ring, a bounded window of a huge one.
-CACHE_LIMIT = 65536
+# Single rendered lines kept per view (whole chunks are cached apart): the live tail and the
+# edges of gaps, which are all that is rendered line by line.
+LINE_CACHE_LIMIT = 4096
 
 
 class ControlError(ValueError):
@@ -42,9 +43,9 @@ class Recorder:
         self.engine = engine
         self.progress = progress or Progress()
         # Every open renders the whole ring: render each entry once for all of them.
-        limit = min(ring.capacity, CACHE_LIMIT)
-        self._text = LineCache(lambda e: self.renderer.line(e), limit)
-        self._json = LineCache(lambda e: self.renderer.json_line(e), limit)
+        limit = min(ring.capacity, LINE_CACHE_LIMIT)
+        self._text = Rendered(lambda e: self.renderer.line(e), ring.capacity, limit)
+        self._json = Rendered(lambda e: self.renderer.json_line(e), ring.capacity, limit)
         self._generation = 0  # bumped whenever rendered bytes change meaning
         self._fresh_size: tuple[object, int] = (None, 0)
 

@@ -7,20 +7,27 @@ nothing for this reader; entries overwritten *before* this reader pulled them tu
 "N entries missed" line at that point of its stream. Entries are rendered to bytes lazily, in
 order, only as far as a read or a size query needs: offsets already handed out never change.
 
+Rendering is what costs (microseconds a line), so it is shared: sequence numbers are never
+reused and an entry's bytes depend only on the entry, so the bytes of each aligned run of
+`per_chunk` entries (seq k*per_chunk+1 .. (k+1)*per_chunk) are rendered once for every reader of
+a view, and a stream is a list of references to such pieces rather than a copy of the text.
+Entries outside a whole chunk (the live tail, the edges of a gap) go through a per-line cache.
+
 `size()` is what this reader can read right now, which is what GNU tail -f needs from st_size:
 it grows by exactly the bytes appended after what was already there.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from nvmefs.ring import DebugRing, Entry
 
-LineFn = Callable[[Entry], bytes]
 MissedFn = Callable[[int, int, int], str]
+CHUNK = 256
 
 
 class LineCache:
@@ -50,6 +57,41 @@ class LineCache:
         self._lines.clear()
 
 
+class Rendered:
+    """One view's rendering (text or JSON lines) with its shared caches: whole chunks, and
+    single lines for entries outside a whole chunk."""
+
+    __slots__ = ("_chunks", "_render", "chunk_limit", "line", "per_chunk")
+
+    def __init__(
+        self,
+        render: Callable[[Entry], str],
+        capacity: int,
+        line_limit: int,
+        per_chunk: int = CHUNK,
+    ) -> None:
+        self._render = render
+        self.per_chunk = per_chunk
+        self.line = LineCache(render, line_limit)
+        self._chunks: OrderedDict[int, bytes] = OrderedDict()
+        # Enough for every chunk a ring of `capacity` entries spans: older ones are unreachable
+        # for new readers, and a reader still holding them renders them again.
+        self.chunk_limit = capacity // per_chunk + 2
+
+    def chunk(self, k: int, entries: list[Entry]) -> bytes:
+        """The bytes of chunk k, whose `per_chunk` entries are `entries`."""
+        data = self._chunks.get(k)
+        if data is None:
+            data = self._chunks[k] = "".join(map(self._render, entries)).encode()
+            if len(self._chunks) > self.chunk_limit:
+                self._chunks.popitem(last=False)
+        return data
+
+    def clear(self) -> None:
+        self.line.clear()
+        self._chunks.clear()
+
+
 class _Missed:
     __slots__ = ("count", "mono_ns", "wall_ns")
 
@@ -60,16 +102,28 @@ class _Missed:
 
 
 class LogStream:
-    __slots__ = ("_last", "_line", "_missed", "_pending", "_ring", "_text", "read_end")
+    __slots__ = (
+        "_ends",
+        "_last",
+        "_missed",
+        "_pending",
+        "_pieces",
+        "_rendered",
+        "_ring",
+        "_size",
+        "read_end",
+    )
 
-    def __init__(self, ring: DebugRing, line: LineFn, missed: MissedFn) -> None:
+    def __init__(self, ring: DebugRing, rendered: Rendered, missed: MissedFn) -> None:
         self._ring = ring
-        self._line = line
+        self._rendered = rendered
         self._missed = missed
         _, entries = ring.read_after(0)
         self._pending: deque[Entry | _Missed] = deque(entries)
         self._last = ring.last_seq
-        self._text = bytearray()
+        self._pieces: list[bytes] = []  # the stream so far, in order
+        self._ends: list[int] = []  # offset where each piece ends
+        self._size = 0
         self.read_end = 0  # where the last read ended: poll() readiness is "more than this"
 
     def sync(self) -> None:
@@ -83,26 +137,58 @@ class LogStream:
         self._pending.extend(entries)
         self._last = ring.last_seq
 
+    def _add(self, piece: bytes) -> None:
+        if piece:
+            self._size += len(piece)
+            self._pieces.append(piece)
+            self._ends.append(self._size)
+
     def _render_until(self, end: int | None) -> None:
-        text, pending = self._text, self._pending
-        while pending and (end is None or len(text) < end):
-            item = pending.popleft()
+        pending, rendered = self._pending, self._rendered
+        n = rendered.per_chunk
+        while pending and (end is None or self._size < end):
+            item = pending[0]
             if isinstance(item, _Missed):
-                text += self._missed(item.count, item.mono_ns, item.wall_ns).encode()
-            else:
-                text += self._line(item)
+                pending.popleft()
+                self._add(self._missed(item.count, item.mono_ns, item.wall_ns).encode())
+                continue
+            seq = item[0]
+            if (seq - 1) % n == 0 and len(pending) >= n:
+                last = pending[n - 1]
+                if not isinstance(last, _Missed) and last[0] == seq + n - 1:  # no gap
+                    run = [pending.popleft() for _ in range(n)]
+                    self._add(rendered.chunk((seq - 1) // n, run))  # type: ignore[arg-type]
+                    continue
+            # Up to the next chunk boundary, a missed line or the end, one line at a time.
+            lines: list[bytes] = []
+            while pending:
+                item = pending[0]
+                if isinstance(item, _Missed) or (lines and (item[0] - 1) % n == 0):
+                    break
+                lines.append(rendered.line(pending.popleft()))  # type: ignore[arg-type]
+            self._add(b"".join(lines))
 
     def size(self) -> int:
         self.sync()
         self._render_until(None)
-        return len(self._text)
+        return self._size
 
     def read(self, off: int, size: int) -> bytes:
         self.sync()
-        self._render_until(off + size)
-        data = bytes(self._text[off : off + size])
-        self.read_end = off + len(data)
-        return data
+        stop = off + size
+        self._render_until(stop)
+        stop = min(stop, self._size)
+        parts = []
+        i = bisect.bisect_right(self._ends, off)
+        pos = off
+        while pos < stop:
+            piece, end = self._pieces[i], self._ends[i]
+            start = end - len(piece)
+            parts.append(piece[pos - start : stop - start] if pos > start or stop < end else piece)
+            pos = end
+            i += 1
+        self.read_end = max(off, stop)
+        return b"".join(parts)
 
     @property
     def has_unread(self) -> bool:

@@ -10,7 +10,7 @@ from nvmefs.nvme.status import Translator
 from nvmefs.recorder import ControlError, Recorder
 from nvmefs.render import Clock, Renderer
 from nvmefs.ring import DebugRing
-from nvmefs.views import LineCache
+from nvmefs.views import LineCache, LogStream, Rendered
 
 
 def recorder(capacity: int = 8) -> Recorder:
@@ -73,3 +73,69 @@ def test_a_stream_is_append_only_and_accounts_for_every_entry(
     assert got == sorted(got) and len(set(got)) == len(got)
     assert len(got) + missed == n  # every entry shown once or counted missed, never both
     assert stream.size() == len(seen)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 12)),
+            st.tuples(st.just("clear"), st.just(0)),
+            st.tuples(st.just("open"), st.just(0)),
+            st.tuples(st.just("read"), st.integers(0, 10_000)),
+        ),
+        max_size=40,
+    ),
+    per_chunk=st.integers(1, 5),
+    capacity=st.integers(1, 16),
+)
+def test_chunked_streams_read_the_same_at_any_offset_and_render_each_entry_at_most_twice(
+    ops: list[tuple[str, int]], per_chunk: int, capacity: int
+) -> None:
+    """Streams built from shared chunks and single lines must read back as the plain
+    line-by-line text, wherever reads start and end, while other streams share the pieces."""
+    ring = DebugRing(capacity)
+    renders: dict[int, int] = {}
+
+    def render(e: object) -> str:
+        seq = e[0]  # type: ignore[index]
+        renders[seq] = renders.get(seq, 0) + 1
+        return f"entry {seq} " + "x" * (seq % 7) + "\n"
+
+    rendered = Rendered(render, capacity, line_limit=10_000, per_chunk=per_chunk)
+    rendered.chunk_limit = 10_000  # keep everything: any second render is a sharing bug
+
+    def missed(n: int, _m: int, _w: int) -> str:
+        return f"missed {n}\n"
+
+    streams: list[tuple[LogStream, bytearray]] = [(LogStream(ring, rendered, missed), bytearray())]
+    n = 0
+    for op, arg in ops:
+        if op == "append":
+            for _ in range(arg):
+                n += 1
+                ring.append(HostEvent("notice", str(n)))
+        elif op == "clear":
+            ring.clear()
+        elif op == "open":
+            streams.append((LogStream(ring, rendered, missed), bytearray()))
+        else:  # a read of some size at the next offset of one stream, as a reader would
+            stream, seen = streams[arg % len(streams)]
+            seen += stream.read(len(seen), 1 + arg % 97)
+    for i, (stream, seen) in enumerate(streams):
+        full = stream.read(0, 1 << 30)
+        assert full.startswith(bytes(seen))  # what was handed out never changed
+        assert len(full) == stream.size()
+        for off in range(0, len(full), 5):  # every offset and a few sizes read the same bytes
+            assert stream.read(off, 11) == full[off : off + 11]
+        seqs, lost = [], 0
+        for line in full.decode().splitlines():
+            kind, value = line.split()[:2]
+            if kind == "entry":
+                seqs.append(int(value))
+            else:
+                lost += int(value)
+        assert seqs == sorted(set(seqs))
+        if i == 0:  # open before anything was appended: every entry shown or counted missed
+            assert lost + len(seqs) == n
+    assert all(count <= 2 for count in renders.values())
