@@ -43,6 +43,13 @@ FILES = {
 MODES = {ino: mode for ino, mode in FILES.values()}
 NAMES = sorted(FILES)
 
+# The preferred I/O size stat() reports; cat and cp read max(128 KiB, this) per call. Every FUSE
+# request costs ~50 us here, but with direct_io the kernel pins the reader's whole buffer, and a
+# fresh 1 MiB one costs more in page faults than it saves in requests (cat of a full default
+# ring: 1.7 ms at 128 KiB, 2.2 ms at 1 MiB).
+BLKSIZE = 1 << 17
+STATIC_TIMEOUT = 300.0
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -90,12 +97,14 @@ class NvmeFS(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = size
         a.st_uid = a.st_gid = 0
-        a.st_blksize = 4096
+        a.st_blksize = BLKSIZE
         a.st_blocks = (size + 511) // 512
         a.st_atime_ns = a.st_ctime_ns = self.mounted_ns
         a.st_mtime_ns = self._mtime_ns(inode)
-        a.attr_timeout = 0
-        a.entry_timeout = 0
+        # Names and the root never change, so the kernel may keep them (saving a LOOKUP and a
+        # root GETATTR per open); a file's size differs per reader, so it is asked every time.
+        a.attr_timeout = STATIC_TIMEOUT if inode == ROOT else 0
+        a.entry_timeout = STATIC_TIMEOUT
         return a
 
     def _mtime_ns(self, inode: int) -> int:

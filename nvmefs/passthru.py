@@ -164,13 +164,13 @@ class PassthroughEngine(EngineBase):
 
     # -- submission ----------------------------------------------------------------------------
 
-    def _encode(
-        self, cmd: Command, addr: int, meta: tuple[mmap.mmap, int] | None, fmt: struct.Struct
-    ) -> bytearray:
-        """nvme_uring_cmd (72 bytes) or nvme_passthru_cmd64 (80, with the result) for `cmd`."""
+    def _fields(
+        self, cmd: Command, addr: int, meta: tuple[mmap.mmap, int] | None
+    ) -> tuple[int, ...]:
+        """The fields nvme_uring_cmd and nvme_passthru_cmd64 share (the latter adds the result)."""
         timeout = cmd.timeout or (self.admin_timeout if cmd.admin else self.io_timeout)
         maddr, mlen = (meta[1], len(cmd.metadata or b"")) if meta is not None else (0, 0)
-        fields = [
+        return (
             cmd.opcode,
             0,
             0,
@@ -189,12 +189,7 @@ class PassthroughEngine(EngineBase):
             cmd.cdw15,
             int(timeout * 1000),
             0,
-        ]
-        if fmt is PASSTHRU64:
-            fields.append(0)  # result, filled in by the kernel
-        buf = bytearray(fmt.size)
-        fmt.pack_into(buf, 0, *fields)
-        return buf
+        )
 
     def _buffer(self, cmd: Command) -> tuple[mmap.mmap, int] | None:
         if not cmd.data_len:
@@ -241,8 +236,9 @@ class PassthroughEngine(EngineBase):
             self._next_tag += 1
             p.cid = tag
             self._inflight[tag] = (p, buf, meta)
-            cmd = self._encode(p.cmd, buf[1] if buf else 0, meta, uring.URING_CMD)
-            ring.prep_nvme(self._ns_fd(p.cmd.nsid), False, tag, bytes(cmd))
+            ring.prep_nvme(
+                self._ns_fd(p.cmd.nsid), False, tag, self._fields(p.cmd, buf[1] if buf else 0, meta)
+            )
             p.t0 = time.monotonic_ns()
         ring.submit()
         # The kernel enforces timeout_ms; this is only a backstop if it never answers.
@@ -269,7 +265,8 @@ class PassthroughEngine(EngineBase):
         fd = self._ctrl_fd if cmd.admin else self._ns_fd(cmd.nsid)
         request = NVME_IOCTL_ADMIN64_CMD if cmd.admin else NVME_IOCTL_IO64_CMD
         buf, meta = self._buffer(cmd), self._meta(cmd)
-        arg = self._encode(cmd, buf[1] if buf else 0, meta, PASSTHRU64)
+        arg = bytearray(PASSTHRU64.size)
+        PASSTHRU64.pack_into(arg, 0, *self._fields(cmd, buf[1] if buf else 0, meta), 0)
         p.t0 = time.monotonic_ns()
         ret = await trio.to_thread.run_sync(_ioctl, fd, request, arg, limiter=self._threads)
         result = PASSTHRU64.unpack_from(arg)[-1] & 0xFFFFFFFF
@@ -279,12 +276,23 @@ class PassthroughEngine(EngineBase):
         while True:
             await trio.lowlevel.wait_readable(ring.eventfd)
             ring.drain_eventfd()
+            done: list[tuple[_Pending, int, int]] = []
             for tag, res, result in ring.completions():
                 item = self._inflight.pop(tag, None)
                 if item is None:  # answered after our backstop gave up on it
                     continue
                 p, buf, meta = item
-                self._complete(p, res, result & 0xFFFFFFFF, buf, meta)
+                if res >= 0:  # an NVMe status: accounted for together, below
+                    self._keep_data(p, buf)
+                    self._give_back(buf, meta)
+                    done.append((p, res & 0x7FFF, result & 0xFFFFFFFF))
+                else:
+                    if done:  # keep the ring in completion order
+                        self._finish_many(None, done)
+                        done = []
+                    self._complete(p, res, result & 0xFFFFFFFF, buf, meta)
+            if done:
+                self._finish_many(None, done)
             self._space.set()
 
     def _complete(
@@ -297,10 +305,8 @@ class PassthroughEngine(EngineBase):
     ) -> None:
         cmd = p.cmd
         if res >= 0:
-            data = None
-            if p.keep and buf is not None and not cmd.to_device:
-                data = bytes(buf[0][: cmd.data_len])
-            self._finish(p, None, res & 0x7FFF, result, data)
+            self._keep_data(p, buf)
+            self._finish(p, None, res & 0x7FFF, result, p.data)
         else:
             err = HostError(-res)
             self.stats.host_errors += 1
@@ -316,7 +322,15 @@ class PassthroughEngine(EngineBase):
             self._fail(p, err)
             if err.errno == errno_mod.ENODEV:
                 self._gone.set()
-        for item in (buf, meta):
+        self._give_back(buf, meta)
+
+    @staticmethod
+    def _keep_data(p: _Pending, buf: tuple[mmap.mmap, int] | None) -> None:
+        if p.keep and buf is not None and not p.cmd.to_device:
+            p.data = bytes(buf[0][: p.cmd.data_len])
+
+    def _give_back(self, *items: tuple[mmap.mmap, int] | None) -> None:
+        for item in items:
             if item is not None:
                 self._pool.give(item)
 

@@ -78,10 +78,11 @@ class Rendered:
         # for new readers, and a reader still holding them renders them again.
         self.chunk_limit = capacity // per_chunk + 2
 
-    def chunk(self, k: int, entries: list[Entry]) -> bytes:
-        """The bytes of chunk k, whose `per_chunk` entries are `entries`."""
+    def chunk(self, k: int, run: list[Entry], start: int) -> bytes:
+        """The bytes of chunk k, whose entries are run[start : start + per_chunk]."""
         data = self._chunks.get(k)
         if data is None:
+            entries = run[start : start + self.per_chunk]
             data = self._chunks[k] = "".join(map(self._render, entries)).encode()
             if len(self._chunks) > self.chunk_limit:
                 self._chunks.popitem(last=False)
@@ -108,6 +109,7 @@ class LogStream:
         "_missed",
         "_pending",
         "_pieces",
+        "_pos",
         "_rendered",
         "_ring",
         "_size",
@@ -118,13 +120,19 @@ class LogStream:
         self._ring = ring
         self._rendered = rendered
         self._missed = missed
-        _, entries = ring.read_after(0)
-        self._pending: deque[Entry | _Missed] = deque(entries)
-        self._last = ring.last_seq
+        # What is still to render: runs of consecutive entries (as the ring handed them out)
+        # and missed markers; `_pos` is how far into the first run rendering got.
+        self._pending: deque[list[Entry] | _Missed] = deque()
+        self._pos = 0
+        self._last = 0
         self._pieces: list[bytes] = []  # the stream so far, in order
         self._ends: list[int] = []  # offset where each piece ends
         self._size = 0
         self.read_end = 0  # where the last read ended: poll() readiness is "more than this"
+        _, entries = ring.read_after(0)
+        if entries:
+            self._pending.append(entries)
+        self._last = ring.last_seq
 
     def sync(self) -> None:
         """Take every entry appended since the last sync (or a missed line for lost ones)."""
@@ -134,7 +142,8 @@ class LogStream:
         missed, entries = ring.read_after(self._last)
         if missed:
             self._pending.append(_Missed(missed))
-        self._pending.extend(entries)
+        if entries:
+            self._pending.append(entries)
         self._last = ring.last_seq
 
     def _add(self, piece: bytes) -> None:
@@ -147,26 +156,23 @@ class LogStream:
         pending, rendered = self._pending, self._rendered
         n = rendered.per_chunk
         while pending and (end is None or self._size < end):
-            item = pending[0]
-            if isinstance(item, _Missed):
+            run = pending[0]
+            if isinstance(run, _Missed):
                 pending.popleft()
-                self._add(self._missed(item.count, item.mono_ns, item.wall_ns).encode())
+                self._add(self._missed(run.count, run.mono_ns, run.wall_ns).encode())
                 continue
-            seq = item[0]
-            if (seq - 1) % n == 0 and len(pending) >= n:
-                last = pending[n - 1]
-                if not isinstance(last, _Missed) and last[0] == seq + n - 1:  # no gap
-                    run = [pending.popleft() for _ in range(n)]
-                    self._add(rendered.chunk((seq - 1) // n, run))  # type: ignore[arg-type]
-                    continue
-            # Up to the next chunk boundary, a missed line or the end, one line at a time.
-            lines: list[bytes] = []
-            while pending:
-                item = pending[0]
-                if isinstance(item, _Missed) or (lines and (item[0] - 1) % n == 0):
-                    break
-                lines.append(rendered.line(pending.popleft()))  # type: ignore[arg-type]
-            self._add(b"".join(lines))
+            i = self._pos
+            k, into = divmod(run[i][0] - 1, n)
+            if into == 0 and i + n <= len(run):  # a whole chunk: shared bytes
+                self._add(rendered.chunk(k, run, i))
+                j = i + n
+            else:  # up to the next chunk boundary, one line at a time
+                j = min(len(run), i + n - into)
+                self._add(b"".join(map(rendered.line, run[i:j])))
+            if j == len(run):
+                pending.popleft()
+                j = 0
+            self._pos = j
 
     def size(self) -> int:
         self.sync()

@@ -265,3 +265,14 @@ async def test_scrub_rate_cap_and_interval(autojump_clock: trio.testing.MockCloc
         # 2 passes of 16 MiB at 8 MB/s, and 10 s between them.
         assert elapsed == pytest.approx(2 * 16.777216 / 8 + 10, rel=0.05)
         assert progress.bytes_done == 2 * (16 << 20) and progress.state == "done"
+
+
+@pytest.mark.parametrize("qd", [1, 3, 8])
+async def test_randread_runs_exactly_count_commands_over_its_lanes(qd: int) -> None:
+    async with sim_engine(READ_FAIL.format(status=0x4281)) as (e, sim, _ring):
+        before = sim.commands
+        progress = workloads.Progress()
+        await workloads.randread(e, progress, bs=4096, qd=qd, count=21, seed=3)
+        assert progress.commands == 21 and progress.bytes_done == 21 * 4096
+        assert sim.commands - before >= 21  # failed reads are retried on top
+        assert progress.state == "done"

@@ -49,11 +49,12 @@ NVME_URING_CMD_IO = 0xC0484E80
 NVME_URING_CMD_ADMIN = 0xC0484E82
 
 SQE_SIZE, CQE_SIZE = 128, 32
-# opcode, flags, ioprio, fd, cmd_op, pad, addr, len, uring_cmd_flags, user_data
-_SQE_HEAD = struct.Struct("<BBHiIIQIIQ")
-# nvme_uring_cmd: opcode flags rsvd1 nsid cdw2 cdw3 metadata addr metadata_len data_len
-#                 cdw10..cdw15 timeout_ms rsvd2
-URING_CMD = struct.Struct("<BBHIIIQQIIIIIIIIII")
+# A whole 128-byte SQE in one pack (every byte written, so no clearing first):
+#   opcode, flags, ioprio, fd, cmd_op, pad, addr, len, uring_cmd_flags, user_data, 8 zero bytes,
+#   then from byte 48 the nvme_uring_cmd: opcode flags rsvd1 nsid cdw2 cdw3 metadata addr
+#   metadata_len data_len cdw10..cdw15 timeout_ms rsvd2, and 8 bytes of padding.
+_SQE_NVME = struct.Struct("<BBHiIIQIIQ8x" + "BBHIIIQQIIIIIIIIII" + "8x")
+assert _SQE_NVME.size == SQE_SIZE
 _CQE = struct.Struct("<QiIQQ")
 _U32 = struct.Struct("<I")
 
@@ -117,14 +118,11 @@ class Uring:
             os.close(self.fd)
             raise
 
-    def prep_nvme(self, fd: int, admin: bool, user_data: int, cmd: bytes) -> None:
-        """Queue one NVMe command (72 bytes, nvme_uring_cmd) for the next submit()."""
-        off = (self._tail & self._sq_mask) * SQE_SIZE
-        sqes = self._sqes
-        sqes[off : off + SQE_SIZE] = bytes(SQE_SIZE)
-        _SQE_HEAD.pack_into(
-            sqes,
-            off,
+    def prep_nvme(self, fd: int, admin: bool, user_data: int, cmd: tuple[int, ...]) -> None:
+        """Queue one NVMe command for the next submit(); `cmd` is the 18 nvme_uring_cmd fields."""
+        _SQE_NVME.pack_into(
+            self._sqes,
+            (self._tail & self._sq_mask) * SQE_SIZE,
             IORING_OP_URING_CMD,
             0,
             0,
@@ -135,8 +133,8 @@ class Uring:
             0,
             0,
             user_data,
+            *cmd,
         )
-        sqes[off + 48 : off + 48 + len(cmd)] = cmd
         self._tail = (self._tail + 1) & 0xFFFFFFFF
         self._pending += 1
 
