@@ -242,7 +242,7 @@ class PassthroughEngine(EngineBase):
             p.t0 = time.monotonic_ns()
         ring.submit()
         # The kernel enforces timeout_ms; this is only a backstop if it never answers.
-        backstop = max(cmd.timeout or self.io_timeout for cmd in cmds) + 10
+        backstop = max(t or self.io_timeout for t in {cmd.timeout for cmd in cmds}) + 10
         with trio.move_on_after(backstop):
             await waiter.event.wait()
         for p in pendings:

@@ -1,9 +1,10 @@
 """The status translator: a 15-bit NVMe status word -> everything the kernel would say about it.
 
-Theory of operation: the translation runs on every completion, so it must cost one list index.
-Each profile's 32768 possible results are built once, as immutable `Status` objects, and
-`Translator.decode(word)` returns the shared object. Everything below the table build is data
-from `tables.py`; the only logic is the bit layout of the status word:
+Theory of operation: the translation runs on every completion, so it must cost one lookup.
+Each of a profile's 32768 possible results is built once, on first use, as an immutable `Status`
+object, and `Translator.decode(word)` returns the shared object (building all of them up front
+cost every nvmefs command a noticeable start-up delay, for words it never sees). Everything
+below the table build is data from `tables.py`; the only logic is the bit layout of the word:
 
     bit 14 DNR | bit 13 MORE | bits 12:11 CRD | bits 10:8 SCT | bits 7:0 SC
 
@@ -104,12 +105,7 @@ class Translator:
 
     def decode(self, word: int) -> Status:
         """15-bit status word -> Status. Raises StatusError outside 0..0x7fff."""
-        try:
-            if word >= 0:
-                return self.table[word]
-        except IndexError:
-            pass
-        raise StatusError(f"status {word:#x} does not fit in 15 bits")
+        return self.table[word]  # the table refuses words outside 15 bits
 
     def decode_cqe(self, field: int) -> Status:
         """Raw 16-bit CQE status field (phase tag in bit 0) -> Status."""
@@ -118,9 +114,23 @@ class Translator:
         return self.table[field >> 1]
 
 
+class _Table(dict[int, Status]):
+    """Status per word of one profile, each built the first time it is asked for."""
+
+    def __init__(self, profile: str) -> None:
+        super().__init__()
+        self.profile = profile
+
+    def __missing__(self, word: int) -> Status:
+        if not 0 <= word <= STATUS_MASK:
+            raise StatusError(f"status {word:#x} does not fit in 15 bits")
+        status = self[word] = _build(word, self.profile)
+        return status
+
+
 @cache
-def _table_for(profile: str) -> tuple[Status, ...]:
-    return tuple(_build(w, profile) for w in range(STATUS_MASK + 1))
+def _table_for(profile: str) -> _Table:
+    return _Table(profile)
 
 
 def parse_status(text: str, *, cqe: bool = False) -> int:

@@ -56,6 +56,7 @@ SQE_SIZE, CQE_SIZE = 128, 32
 _SQE_NVME = struct.Struct("<BBHiIIQIIQ8x" + "BBHIIIQQIIIIIIIIII" + "8x")
 assert _SQE_NVME.size == SQE_SIZE
 _CQE = struct.Struct("<QiIQQ")
+_ZERO_U, _ZERO_SIZE = ffi.cast("unsigned", 0), ffi.cast("size_t", 0)
 _U32 = struct.Struct("<I")
 
 
@@ -82,6 +83,7 @@ class Uring:
         p = ffi.new("struct io_uring_params *")
         p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQE32
         self.fd = _syscall(SYS_IO_URING_SETUP, ffi.cast("unsigned", entries), p)
+        self._fd_arg = ffi.cast("unsigned", self.fd)  # cast once: submit() runs per batch
         try:
             self.entries = p.sq_entries
             sq_size = p.sq_off.array + p.sq_entries * 4
@@ -149,12 +151,12 @@ class Uring:
             try:
                 done += _syscall(
                     SYS_IO_URING_ENTER,
-                    ffi.cast("unsigned", self.fd),
+                    self._fd_arg,
                     ffi.cast("unsigned", n - done),
-                    ffi.cast("unsigned", 0),
-                    ffi.cast("unsigned", 0),
+                    _ZERO_U,
+                    _ZERO_U,
                     ffi.NULL,
-                    ffi.cast("size_t", 0),
+                    _ZERO_SIZE,
                 )
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
