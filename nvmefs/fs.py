@@ -5,8 +5,9 @@
     stats                       0444  name value lines
     control                     0200  clear, log=..., profile=..., format=..., clock=...
 
-Every file is opened direct_io (reads come to us, never from a stale page cache) and attributes
-are never cached (attr_timeout 0). st_size is per reader: the size of the stream of the newest
+Every file is opened direct_io (reads come to us, never from a stale page cache) and a file's
+attributes are never cached (attr_timeout 0); only names and the root's attributes, which never
+change, are left to the kernel. st_size is per reader: the size of the stream of the newest
 handle the asking thread has open on that file, so GNU tail -f sees exactly the appended bytes.
 """
 
