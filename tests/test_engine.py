@@ -268,7 +268,7 @@ async def test_scrub_rate_cap_and_interval(autojump_clock: trio.testing.MockCloc
 
 
 @pytest.mark.parametrize("qd", [1, 3, 8])
-async def test_randread_runs_exactly_count_commands_over_its_lanes(qd: int) -> None:
+async def test_randread_runs_exactly_count_commands(qd: int) -> None:
     async with sim_engine(READ_FAIL.format(status=0x4281)) as (e, sim, _ring):
         before = sim.commands
         progress = workloads.Progress()
