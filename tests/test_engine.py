@@ -276,3 +276,35 @@ async def test_randread_runs_exactly_count_commands(qd: int) -> None:
         assert progress.commands == 21 and progress.bytes_done == 21 * 4096
         assert sim.commands - before >= 21  # failed reads are retried on top
         assert progress.state == "done"
+
+
+async def test_completions_reaped_by_the_submitter_do_not_wake_the_reaper() -> None:
+    async with sim_engine() as (e, sim, _ring):
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(20):
+            wake = sim._irq[1]  # what the idle I/O reaper is waiting on
+            results = await e.submit_batch([c.read(1, i * 4 + k, 1, 512) for k in range(4)])
+            assert all(not isinstance(r, Exception) and r.status.ok for r in results)
+            assert not wake.is_set()  # held back while the submitter reaped, then not needed
+
+
+async def test_an_interrupt_held_back_fires_on_unmask_while_entries_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = READ_FAIL.format(status=0x4281) + "delay_ms = 1000\n"
+    async with sim_engine(plan) as (e, sim, _ring):
+        done = trio.Event()
+
+        async def reader() -> None:
+            await e.submit(c.read(1, 100, 1, 512))
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.1)  # submitted; the controller holds the completion for 1 s
+            sim.mask_interrupt(1)
+            await trio.sleep(2)  # the completion is posted, its interrupt held back
+            assert not done.is_set()
+            sim.unmask_interrupt(1)  # the entry still waits: the interrupt fires now
+            with trio.fail_after(1):
+                await done.wait()

@@ -112,3 +112,9 @@ class Transport(ABC):
     @abstractmethod
     async def wait_interrupt(self, vector: int) -> None:
         """Return once `vector` has fired since the last return (or a poll interval passed)."""
+
+    def mask_interrupt(self, vector: int) -> None:  # noqa: B027 - optional, like INTMS
+        """Hold `vector` back while the host polls its completion queue itself."""
+
+    def unmask_interrupt(self, vector: int) -> None:  # noqa: B027 - optional, like INTMC
+        """Release `vector`: it fires if its completion queues still hold unconsumed entries."""

@@ -200,6 +200,7 @@ class SimController(Transport):
         self.commands = 0
         self._irq: dict[int, trio.Event] = {}
         self._irq_pending: set[int] = set()
+        self._irq_masked: set[int] = set()
         self._nursery: trio.Nursery | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -280,9 +281,23 @@ class SimController(Transport):
     def _fire(self, vector: int) -> None:
         # Latched until the host waits: an interrupt raised before the reaper runs is not lost.
         self._irq_pending.add(vector)
+        if vector in self._irq_masked:
+            return
         ev = self._irq.get(vector)
         if ev is not None:
             ev.set()
+
+    def mask_interrupt(self, vector: int) -> None:
+        self._irq_masked.add(vector)
+
+    def unmask_interrupt(self, vector: int) -> None:
+        # Level semantics, as INTMC: fire now only if entries are still waiting for the host.
+        self._irq_masked.discard(vector)
+        if vector in self._irq_pending:
+            if any(cq.vector == vector and cq.head != cq.tail for cq in self.cqs.values()):
+                self._fire(vector)
+            else:
+                self._irq_pending.discard(vector)
 
     async def wait_interrupt(self, vector: int) -> None:
         while vector not in self._irq_pending:
