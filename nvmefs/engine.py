@@ -117,7 +117,7 @@ class Stats:
     latency_ns_total: int = 0
     latency_ns_max: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
-    by_opcode: dict[tuple[bool, int], int] = field(default_factory=dict)
+    by_opcode: Counter[tuple[bool, int]] = field(default_factory=Counter)
 
 
 class _Waiter:
@@ -302,20 +302,20 @@ class EngineBase:
         table = self.translator.table
         logged = self.policy.table
         st = self.stats
-        by_opcode = st.by_opcode
         ring_append = self.ring.append
         ctrl = self.ctrl_name
-        words = []
+        words, opcodes = [], []
+        oldest = now
+        t0_sum = 0
         for p, word, result in done:
             cmd = p.cmd
             status = table[word]
             words.append(word)
-            key = (cmd.admin, cmd.opcode)
-            by_opcode[key] = by_opcode.get(key, 0) + 1
-            latency = now - p.t0
-            st.latency_ns_total += latency
-            if latency > st.latency_ns_max:
-                st.latency_ns_max = latency
+            opcodes.append((cmd.admin, cmd.opcode))
+            t0 = p.t0
+            t0_sum += t0
+            if t0 < oldest:
+                oldest = t0
             code = word & 0x7FF
             if code:
                 st.errors += 1
@@ -336,11 +336,18 @@ class EngineBase:
                         p.attempt,
                     )
                 )
-            p.completion = Completion(status, result, qid, p.cid, p.attempt, latency, p.data)
+            p.completion = Completion(status, result, qid, p.cid, p.attempt, now - t0, p.data)
             p.done = True
-            p.waiter.done()
-        st.completions += len(words)
+            w = p.waiter
+            w.remaining -= 1
+            if w.remaining <= 0:
+                w.event.set()
+        n = len(words)
+        st.completions += n
         st.by_status.update(words)
+        st.by_opcode.update(opcodes)
+        st.latency_ns_total += n * now - t0_sum
+        st.latency_ns_max = max(st.latency_ns_max, now - oldest)
 
     def _fail(self, p: _Pending, error: CommandError) -> None:
         if not p.done:
@@ -515,8 +522,8 @@ class Engine(EngineBase):
             n = cmd.data_len
             if not n:
                 prp1, prp2 = cmd.prp1, 0
-            elif n <= PAGE and not cmd.to_device and cid in bufs:  # every buffer is >= 1 page
-                prp1, prp2 = bufs[cid].addr, 0
+            elif n <= PAGE and not cmd.to_device and (buf := bufs.get(cid)) is not None:
+                prp1, prp2 = buf.addr, 0  # every buffer is at least a page
             else:
                 prp1, prp2 = self._prps(q, cid, cmd)
             pack(view, slot * size, cmd.opcode, 0, cid, cmd.nsid, 0, 0, 0, prp1, prp2,

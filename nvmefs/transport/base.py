@@ -52,6 +52,9 @@ class DmaMemory:
         self._next = base
         self._addrs: list[int] = []
         self._views: list[memoryview] = []
+        # The same few (address, length) pairs come back for every command (a command id's
+        # buffer, the queues): their views are kept until any region is freed.
+        self._cache: dict[tuple[int, int], memoryview] = {}
 
     def alloc(self, size: int) -> DmaBuffer:
         size = max(PAGE, -(-size // PAGE) * PAGE)
@@ -67,15 +70,22 @@ class DmaMemory:
         if i < len(self._addrs) and self._addrs[i] == buf.addr:
             del self._addrs[i]
             del self._views[i]
+            self._cache.clear()
 
     def view(self, addr: int, length: int) -> memoryview:
         """The device's view of [addr, addr+length); raises ValueError outside any region."""
+        view = self._cache.get((addr, length))
+        if view is not None:
+            return view
         i = bisect.bisect_right(self._addrs, addr) - 1
         if i >= 0:
             off = addr - self._addrs[i]
             mv = self._views[i]
             if off + length <= len(mv):
-                return mv[off : off + length]
+                if len(self._cache) >= 4096:  # bounded: a stream of odd addresses must not grow it
+                    self._cache.clear()
+                view = self._cache[(addr, length)] = mv[off : off + length]
+                return view
         raise ValueError(f"DMA to unmapped address {addr:#x}+{length}")
 
 

@@ -23,6 +23,7 @@ import trio
 
 from nvmefs.faults import FaultPlan
 from nvmefs.nvme import commands as c
+from nvmefs.nvme.commands import LBA_OPCODES, NVM_READ
 from nvmefs.nvme.layouts import ERROR_LOG_ENTRY_SIZE, ffi, set_u128
 from nvmefs.transport.base import (
     CC_EN,
@@ -346,7 +347,7 @@ class SimController(Transport):
         opcode, _flags, cid, nsid = raw[0], raw[1], raw[2], raw[3]
         admin = sq.qid == 0
         slba = nlb = None
-        if not admin and opcode in c.LBA_OPCODES:
+        if not admin and opcode in LBA_OPCODES:
             slba, nlb = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1
         rule = None
         if not admin and self.faults is not None:
@@ -436,7 +437,7 @@ class SimController(Transport):
         ns = self.namespaces.get(nsid)
         if ns is None:
             return SC_INVALID_NS, 0
-        if opcode == c.NVM_READ and not ns.dulbe:  # the hot path, ahead of the general one
+        if opcode == NVM_READ and not ns.dulbe:  # the hot path, ahead of the general one
             slba, nlb, prp1 = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1, raw[7]
             nbytes = nlb * ns.lba_size
             if slba + nlb <= ns.nblocks and nbytes <= PAGE - prp1 % PAGE:
