@@ -437,12 +437,20 @@ class SimController(Transport):
         ns = self.namespaces.get(nsid)
         if ns is None:
             return SC_INVALID_NS, 0
-        if opcode == NVM_READ and not ns.dulbe:  # the hot path, ahead of the general one
+        if opcode == NVM_READ:  # the hot path, ahead of the other commands
             slba, nlb, prp1 = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1, raw[7]
+            if slba + nlb > ns.nblocks:
+                return SC_LBA_RANGE, 0
+            if ns.dulbe and not ns.all_written(slba, nlb):
+                return SC_UNWRITTEN_BLOCK, 0
             nbytes = nlb * ns.lba_size
-            if slba + nlb <= ns.nblocks and nbytes <= PAGE - prp1 % PAGE:
+            if nbytes <= PAGE - prp1 % PAGE:  # one host page: read straight into it
                 ns.read(slba, nlb, self.dma.view(prp1, nbytes))
-                return SC_SUCCESS, 0
+            else:
+                buf = memoryview(bytearray(nbytes))
+                ns.read(slba, nlb, buf)
+                self._to_host(raw, buf)
+            return SC_SUCCESS, 0
         if opcode == c.NVM_FLUSH:
             return SC_SUCCESS, 0
         if opcode == c.NVM_DSM:
@@ -455,23 +463,13 @@ class SimController(Transport):
                 for count, start in ranges:
                     ns.deallocate(start, count)
             return SC_SUCCESS, 0
-        if opcode not in (c.NVM_READ, c.NVM_WRITE, c.NVM_COMPARE, c.NVM_VERIFY, c.NVM_WRITE_ZEROES):
+        if opcode not in (c.NVM_WRITE, c.NVM_COMPARE, c.NVM_VERIFY, c.NVM_WRITE_ZEROES):
             return SC_INVALID_OPCODE, 0
         slba, nlb = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1
         if slba + nlb > ns.nblocks:
             return SC_LBA_RANGE, 0
         nbytes = nlb * ns.lba_size
-        if opcode == c.NVM_READ:
-            if ns.dulbe and not ns.all_written(slba, nlb):
-                return SC_UNWRITTEN_BLOCK, 0
-            prp1 = raw[7]
-            if nbytes <= PAGE - prp1 % PAGE:  # one host page: read straight into it
-                ns.read(slba, nlb, self.dma.view(prp1, nbytes))
-            else:
-                buf = memoryview(bytearray(nbytes))
-                ns.read(slba, nlb, buf)
-                self._to_host(raw, buf)
-        elif opcode == c.NVM_WRITE:
+        if opcode == c.NVM_WRITE:
             ns.write(slba, nlb, self._from_host(raw, nbytes))
         elif opcode == c.NVM_WRITE_ZEROES:
             ns.write(slba, nlb, bytes(nbytes))
