@@ -338,10 +338,7 @@ class EngineBase:
                 )
             p.completion = Completion(status, result, qid, p.cid, p.attempt, now - t0, p.data)
             p.done = True
-            w = p.waiter
-            w.remaining -= 1
-            if w.remaining <= 0:
-                w.event.set()
+            p.waiter.done()
         n = len(words)
         st.completions += n
         st.by_status.update(words)
@@ -523,6 +520,7 @@ class Engine(EngineBase):
             if not n:
                 prp1, prp2 = cmd.prp1, 0
             elif n <= PAGE and not cmd.to_device and (buf := bufs.get(cid)) is not None:
+                # _prps's common case, inline: the call alone measured ~3% at QD32.
                 prp1, prp2 = buf.addr, 0  # every buffer is at least a page
             else:
                 prp1, prp2 = self._prps(q, cid, cmd)

@@ -64,12 +64,12 @@ class QueuePair:
     def can_submit(self) -> bool:
         """A free SQ slot (the controller consumed enough) and a free command id (enough
         completed): the two free up at different times."""
-        return bool(self.free_slots and self._free)
+        return self.room > 0
 
     @property
     def room(self) -> int:
         """How many commands submit() takes before the queue is full."""
-        return min((self.sq_head - self.sq_tail - 1) % self.depth, len(self._free))
+        return min(self.free_slots, len(self._free))
 
     @property
     def busy(self) -> int:
