@@ -1,3 +1,5 @@
+"""`python -m nvmefs`: the nvmefs command."""
+
 import sys
 
 from nvmefs.cli import main

@@ -11,7 +11,6 @@ Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -19,33 +18,27 @@ from collections.abc import Sequence
 
 import trio
 
-from nvmefs import _trio, options, workloads
-from nvmefs.engine import EngineError
-from nvmefs.events import NvmeEvent
+from nvmefs import daemon, mainloop, options, workloads
+from nvmefs.errors import EngineError, NvmefsError, UsageError
+from nvmefs.linux import devices
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy
-from nvmefs.nvme.status import STATUS_MASK, StatusError, Translator, parse_status
-from nvmefs.render import Clock, Renderer
-from nvmefs.ring import EVENT, SEQ, DebugRing
-from nvmefs.sources import Source, SourceError, build_engine, open_source
-from nvmefs.transport import devices
+from nvmefs.nvme.status import STATUS_MASK, Translator, parse_status
+from nvmefs.options import ArgParser
+from nvmefs.sources import Source, build_engine, open_source
+from nvmefs.store.events import NvmeEvent
+from nvmefs.store.render import Clock, Renderer
+from nvmefs.store.ring import EVENT, SEQ, DebugRing
 from nvmefs.workloads import Progress
 
 PROG = "nvmefs"
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
-    """A one-line message for the user; exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def _decode_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} decode", description="Decode NVMe status words as the kernel would.")
+def _decode_parser() -> ArgParser:
+    p = ArgParser(
+        prog=f"{PROG} decode", description="Decode NVMe status words as the kernel would."
+    )
     p.add_argument("--profile", default=tables.DEFAULT_PROFILE, choices=tables.PROFILES)
     p.add_argument(
         "--cqe",
@@ -60,18 +53,15 @@ def _decode_parser() -> argparse.ArgumentParser:
 def cmd_decode(argv: Sequence[str]) -> int:
     args = _decode_parser().parse_args(argv)
     if args.all and args.status:
-        raise UsageError("decode: give STATUS arguments or --all, not both")
+        raise UsageError("give STATUS arguments or --all, not both")
     if not args.all and not args.status:
-        raise UsageError("decode: no STATUS given (or use --all)")
+        raise UsageError("no STATUS given (or use --all)")
     words: list[tuple[int, int | None]] = []
     if args.all:
         words = [(w, None) for w in range(STATUS_MASK + 1)]
     else:
         for text in args.status:
-            try:
-                value = parse_status(text, cqe=args.cqe)
-            except StatusError as e:
-                raise UsageError(f"decode: {e}") from None
+            value = parse_status(text, cqe=args.cqe)
             words.append((value >> 1, value) if args.cqe else (value, None))
     translator = Translator(args.profile)
     default_policy = LogPolicy()
@@ -101,19 +91,14 @@ def cmd_decode(argv: Sequence[str]) -> int:
 
 
 def cmd_scrub(argv: Sequence[str]) -> int:
-    p = _Parser(prog=f"{PROG} scrub", description="One pass over a source; errors to stdout.")
+    p = ArgParser(prog=f"{PROG} scrub", description="One pass over a source; errors to stdout.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     args = p.parse_args(argv)
+    opts = options.parse(args.options, allow_fuse=False, overrides={"passes": 1})
+    src = open_source(args.source, opts)
     try:
-        opts = options.parse(args.options, allow_fuse=False, overrides={"passes": 1})
-        src = open_source(args.source, opts)
-    except (options.OptionError, SourceError) as e:
-        raise UsageError(f"scrub: {e}") from None
-    try:
-        return _trio.run(_scrub, src, opts)
-    except EngineError as e:
-        raise UsageError(f"scrub: {e}") from None
+        return mainloop.run(_scrub, src, opts)
     except KeyboardInterrupt:
         return 130
 
@@ -161,7 +146,9 @@ async def _progress_bar(progress: Progress) -> None:
 
 
 def cmd_list(argv: Sequence[str]) -> int:
-    p = _Parser(prog=f"{PROG} list", description="NVMe controllers and namespaces nvmefs can use.")
+    p = ArgParser(
+        prog=f"{PROG} list", description="NVMe controllers and namespaces nvmefs can use."
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     ctrls = devices.controllers()
@@ -195,11 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK if argv else EXIT_USAGE
         command = COMMANDS.get(argv[0])
         if command is not None:
-            return command(argv[1:])
-        from nvmefs.daemon import cmd_mount
-
-        return cmd_mount(argv)
-    except UsageError as e:
+            try:
+                return command(argv[1:])
+            except (UsageError, EngineError) as e:
+                raise UsageError(f"{argv[0]}: {e}") from None
+        return daemon.cmd_mount(argv)
+    except NvmefsError as e:  # usage, setup and bring-up errors: one line, never a traceback
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -9,7 +9,6 @@ SIGINT and an external umount end the daemon with the mount gone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
@@ -21,14 +20,17 @@ from collections.abc import Sequence
 import pyfuse3
 import trio
 
-from nvmefs import __version__, _trio, events, options, workloads
-from nvmefs.engine import EngineBase, EngineError
-from nvmefs.events import HostEvent, NvmeEvent
+from nvmefs import __version__, mainloop, options, workloads
+from nvmefs.engine.base import EngineBase
+from nvmefs.errors import EngineError, UsageError
 from nvmefs.fs import NvmeFS
+from nvmefs.options import ArgParser
 from nvmefs.recorder import Recorder
-from nvmefs.render import Clock, Renderer, info
-from nvmefs.ring import EVENT, DebugRing
-from nvmefs.sources import Source, SourceError, build_engine, open_source
+from nvmefs.sources import Source, build_engine, open_source
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.render import Clock, Renderer, info
+from nvmefs.store.ring import EVENT, DebugRing
 
 log = logging.getLogger("nvmefs")
 
@@ -36,14 +38,12 @@ log = logging.getLogger("nvmefs")
 DAEMON_DEFAULTS = {"passes": 0, "interval": 60.0}
 
 
-class MountError(Exception):
-    """One line for the user; exit status 2."""
+class MountError(UsageError):
+    """A mountpoint nvmefs cannot mount on."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    from nvmefs.cli import _Parser
-
-    p = _Parser(prog="nvmefs", description="Mount the NVMe error ring.")
+def _parser() -> ArgParser:
+    p = ArgParser(prog="nvmefs", description="Mount the NVMe error ring.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
@@ -91,15 +91,11 @@ def check_mountpoint(path: str) -> str:
 
 
 def cmd_mount(argv: Sequence[str]) -> int:
-    from nvmefs.cli import UsageError
-
+    """Check everything, fork, and return once the mount is live; UsageError otherwise."""
     args = _parser().parse_args(argv)
-    try:
-        opts = options.parse(args.options, allow_fuse=True, overrides=DAEMON_DEFAULTS)
-        mountpoint = check_mountpoint(args.mountpoint)
-        src = open_source(args.source, opts)
-    except (options.OptionError, SourceError, MountError) as e:
-        raise UsageError(str(e)) from None
+    opts = options.parse(args.options, allow_fuse=True, overrides=DAEMON_DEFAULTS)
+    mountpoint = check_mountpoint(args.mountpoint)
+    src = open_source(args.source, opts)
     fuse_opts = {f"fsname={args.source}", "subtype=nvmefs", "default_permissions", *opts.fuse}
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -179,8 +175,8 @@ def _run(
     if opts["kmsg"]:
         _mirror_to_kmsg(ring)
     try:
-        _trio.run(_serve, recorder, engine, mountpoint, fuse_opts, opts, ready)
-    except (_SetupFailed, EngineError) as e:
+        mainloop.run(_serve, recorder, engine, mountpoint, fuse_opts, opts, ready)
+    except (SetupFailed, EngineError) as e:
         if ready.reported:
             raise
         ready.fail(str(e))
@@ -190,8 +186,8 @@ def _run(
     return 0
 
 
-class _SetupFailed(Exception):
-    pass
+class SetupFailed(UsageError):
+    """The daemon could not mount (libfuse refused)."""
 
 
 async def _serve(
@@ -207,7 +203,7 @@ async def _serve(
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as e:
-            raise _SetupFailed(f"cannot mount {mountpoint}: {e}") from None
+            raise SetupFailed(f"cannot mount {mountpoint}: {e}") from None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_signals)

@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from nvmefs import events
-from nvmefs.events import HostEvent
 from nvmefs.recorder import ControlError, Recorder
-from nvmefs.ring import WALL_NS
-from nvmefs.views import Stream
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent
+from nvmefs.store.ring import WALL_NS
+from nvmefs.store.views import Stream
 
 log = logging.getLogger("nvmefs.fs")
 
@@ -44,10 +44,9 @@ FILES = {
 MODES = {ino: mode for ino, mode in FILES.values()}
 NAMES = sorted(FILES)
 
-# The preferred I/O size stat() reports; cat and cp read max(128 KiB, this) per call. Every FUSE
-# request costs ~50 us here, but with direct_io the kernel pins the reader's whole buffer, and a
-# fresh 1 MiB one costs more in page faults than it saves in requests (cat of a full default
-# ring: 1.7 ms at 128 KiB, 2.2 ms at 1 MiB).
+# The preferred I/O size stat() reports; cat and cp read max(128 KiB, this) per call. Larger
+# saves FUSE requests, but with direct_io the kernel pins the reader's whole buffer, and a fresh
+# large one costs more in page faults than it saves.
 BLKSIZE = 1 << 17
 STATIC_TIMEOUT = 300.0
 
@@ -74,6 +73,10 @@ def guarded(fn: F) -> F:
 
 
 class NvmeFS(pyfuse3.Operations):
+    """The four files over a Recorder. Invariant: every open read handle has its own stream
+    in `_streams`, and `_newest` lists, per (reader, inode), that reader's handles in open
+    order."""
+
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder

@@ -6,17 +6,27 @@ the mount daemon and the README agree on what exists.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
-from nvmefs.render import CLOCKS, FORMATS
+from nvmefs.nvme.policy import LogPolicy
+from nvmefs.store.render import CLOCKS, FORMATS
 
 
-class OptionError(ValueError):
-    pass
+class OptionError(UsageError):
+    """An -o option that does not exist or whose value does not parse."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose complaints are UsageErrors (one line, exit 2), never SystemExit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
 
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)?$", re.IGNORECASE)
@@ -69,14 +79,14 @@ def _onoff(text: str) -> bool:
 
 
 def _log(text: str) -> str:
-    from nvmefs.nvme.policy import LogPolicy
-
-    LogPolicy(text)  # raises PolicyError (a ValueError) with the reason
+    LogPolicy(text)  # raises PolicyError with the reason
     return text
 
 
 @dataclass(frozen=True)
 class Option:
+    """One -o option of ours: how its value parses, its default and its help."""
+
     parse: Callable[[str], Any]
     default: Any
     help: str
@@ -98,6 +108,7 @@ OPTIONS: dict[str, Option] = {
     "bs": Option(size, 128 << 10, "bytes per command (scrub, randread)"),
     "io_timeout": Option(_float_min(0.001), 30.0, "seconds before a command is aborted"),
     "retries": Option(_int_range(0, 100), 5, "retries of a failed command without DNR"),
+    "log_attempts": Option(_onoff, False, "an entry per attempt, as the tracepoint", flag=True),
     # the workload
     "workload": Option(_choice("scrub", "randread", "idle"), "scrub", "what the daemon runs"),
     "op": Option(_choice("read", "verify"), "read", "scrub with Read or Verify"),
@@ -162,6 +173,9 @@ MOUNT_IGNORED = {
 
 @dataclass
 class Parsed:
+    """Parsed -o options: every option's value, the FUSE options to pass on, and which of
+    ours the user gave explicitly."""
+
     values: dict[str, Any]
     fuse: list[str]
     given: set[str]
@@ -197,7 +211,7 @@ def parse(opts: list[str], *, allow_fuse: bool, overrides: dict[str, Any] | None
             text = "on"
         try:
             values[name] = opt.parse(text)
-        except ValueError as e:
+        except (ValueError, UsageError) as e:  # int()/float() raise ValueError, ours UsageError
             raise OptionError(f"option {name}={text}: {e}") from None
         given.add(name)
     return Parsed(values, fuse, given)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nvmefs.engine import EngineBase
+from nvmefs.engine.base import EngineBase
+from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
-from nvmefs.render import CLOCKS, FORMATS, Clock, Renderer
-from nvmefs.ring import DebugRing
-from nvmefs.views import LogStream, Rendered, StaticStream
+from nvmefs.store.render import CLOCKS, FORMATS, Clock, Renderer
+from nvmefs.store.ring import DebugRing
+from nvmefs.store.views import LogStream, Rendered, StaticStream
 from nvmefs.workloads import Progress
 
 # Single rendered lines kept per view (whole chunks are cached apart): the live tail and the
@@ -23,11 +24,13 @@ from nvmefs.workloads import Progress
 LINE_CACHE_LIMIT = 4096
 
 
-class ControlError(ValueError):
-    pass
+class ControlError(UsageError):
+    """A control write that is refused whole (nothing of it applies)."""
 
 
 class Recorder:
+    """The ring, the engine that feeds it and how entries are shown: what the files serve."""
+
     def __init__(
         self,
         ring: DebugRing,
@@ -117,8 +120,8 @@ class Recorder:
             for word, n in sorted(s.by_status.items()):
                 rows.append((f"status_0x{word:x}", n))
             for (admin, opcode), n in sorted(s.by_opcode.items()):
-                names = tables.ADMIN_OPCODE_NAMES if admin else tables.IO_OPCODE_NAMES
-                name = names.get(opcode, f"0x{opcode:02x}").lower().replace(" ", "_")
+                name = tables.opcode_name(opcode, admin, f"0x{opcode:02x}")
+                name = name.lower().replace(" ", "_")
                 rows.append((f"opcode_{'admin_' if admin else ''}{name}", n))
         p = self.progress
         rows += [

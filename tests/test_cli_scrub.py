@@ -24,21 +24,44 @@ def scrub(*opts: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def test_scrub_prints_exactly_the_failing_chunks_and_exits_1(tmp_path: Path) -> None:
+def check_line(line: str, retries: int) -> None:
+    m = re.fullmatch(r"\[(\d+)\] (.*)", line)
+    assert m, line
+    info = m.group(2)
+    assert info.startswith("Specific NVMe error encountered: Status = 0x281 ")
+    assert "slba=2048 " in info and "nlb=256 " in info and info.endswith(f" retries={retries}")
+    assert "(Unrecovered Read Error)" in info and "blk_status=MEDIUM" in info
+
+
+def test_scrub_prints_one_line_per_failed_command_and_exits_1(tmp_path: Path) -> None:
     plan = tmp_path / "plan.toml"
     plan.write_text(PLAN)
     p = scrub(f"sim_size=16M,faults={plan}")
     assert p.returncode == 1, p.stderr
+    # bs 128 KiB = 256 blocks: only the chunk 2048..2303 touches 2048..2055. It is tried 1 + 5
+    # times and, as the kernel's nvme_error_status() sees it, fails once: one line.
+    (line,) = p.stdout.splitlines()
+    check_line(line, 5)
+
+
+def test_scrub_with_log_attempts_prints_every_attempt(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    p = scrub(f"sim_size=16M,faults={plan},log_attempts")
+    assert p.returncode == 1, p.stderr
     lines = p.stdout.splitlines()
-    # bs 128 KiB = 256 blocks: only the chunk 2048..2303 touches 2048..2055; tried 1 + 5 retries.
     assert len(lines) == 6
-    for retry, line in enumerate(lines):
-        m = re.fullmatch(r"\[(\d+)\] (.*)", line)
-        assert m, line
-        info = m.group(2)
-        assert info.startswith("Specific NVMe error encountered: Status = 0x281 ")
-        assert "slba=2048 " in info and "nlb=256 " in info and f"retry={retry}" in info
-        assert "(Unrecovered Read Error)" in info and "blk_status=MEDIUM" in info
+    for retries, line in enumerate(lines):
+        check_line(line, retries)
+
+
+def test_scrub_with_a_dnr_status_prints_one_line_without_retries(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.replace("0x281", "0x4281"))
+    p = scrub(f"sim_size=16M,faults={plan}")
+    assert p.returncode == 1, p.stderr
+    (line,) = p.stdout.splitlines()
+    assert "Status = 0x4281 " in line and " DNR " in line and line.endswith(" retries=0")
 
 
 def test_scrub_with_small_chunks_reports_each_chunk_touching_the_lbas(tmp_path: Path) -> None:
@@ -128,5 +151,5 @@ def test_progress_goes_to_stderr_only_when_it_is_a_terminal(tmp_path: Path) -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1
     assert b"scrub pass 1 nsid 1:" in term and b"%" in term
-    assert out.read_text().count("Specific NVMe error encountered") == 6
+    assert out.read_text().count("Specific NVMe error encountered") == 1  # one failed command
     assert "scrub pass" not in out.read_text()

@@ -242,11 +242,12 @@ async def test_a_handler_bug_answers_eio_and_the_mount_stays_up(tmp_path: Path) 
 
     from nvmefs.fs import NvmeFS
     from nvmefs.recorder import Recorder
-    from nvmefs.render import Clock, Renderer
-    from nvmefs.ring import DebugRing
+    from nvmefs.store.events import HostEvent
+    from nvmefs.store.render import Clock, Renderer
+    from nvmefs.store.ring import DebugRing
 
     ring = DebugRing(8)
-    ring.append(__import__("nvmefs.events", fromlist=["x"]).HostEvent("notice", "hello"))
+    ring.append(HostEvent("notice", "hello"))
     recorder = Recorder(ring, Renderer(Clock("jiffies", 1000)))
 
     def broken() -> object:

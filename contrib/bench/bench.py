@@ -31,13 +31,13 @@ import trio
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from nvmefs.engine import Engine  # noqa: E402
-from nvmefs.events import NvmeEvent  # noqa: E402
+from nvmefs.engine.register import Engine  # noqa: E402
 from nvmefs.nvme import commands as c  # noqa: E402
 from nvmefs.nvme.policy import LogPolicy  # noqa: E402
 from nvmefs.nvme.status import Translator  # noqa: E402
-from nvmefs.ring import DebugRing  # noqa: E402
-from nvmefs.transport.sim import SimController  # noqa: E402
+from nvmefs.sim.controller import SimController  # noqa: E402
+from nvmefs.store.events import NvmeEvent  # noqa: E402
+from nvmefs.store.ring import DebugRing  # noqa: E402
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
 ALL_READS_FAIL = '[[fault]]\nopcode = "read"\nstatus = 0x4281\n'
@@ -180,10 +180,10 @@ async def _sim_only_rate(qd: int, seconds: float) -> float:
     engine = Engine(sim, DebugRing(16), queue_depth=depth)
     async with engine.running():
         # Bring-up is the engine's; after it, this loop alone drives the queue pair.
-        assert engine._reapers is not None and engine._io is not None
-        engine._reapers.cancel()
+        assert engine.io_queue is not None
+        engine.stop_reaping()
         await trio.sleep(0)
-        q = engine._io
+        q = engine.io_queue
         sqe, cqe = c.SQE_FORMAT, c.CQE_FORMAT
         buf = sim.dma.alloc(4096)
         n, t0 = 0, time.perf_counter()

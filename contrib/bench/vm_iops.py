@@ -21,10 +21,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nvmefs import workloads
+from nvmefs.engine.passthrough import PassthroughEngine
+from nvmefs.linux import devices
 from nvmefs.nvme.policy import LogPolicy
-from nvmefs.passthru import PassthroughEngine
-from nvmefs.ring import DebugRing
-from nvmefs.transport import devices
+from nvmefs.store.ring import DebugRing
 
 SERIAL = "nvmefs-slow"
 

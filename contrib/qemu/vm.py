@@ -17,7 +17,7 @@ Its controllers, found in the guest by serial number (/sys/class/nvme/*/serial):
 
 QMP: a guest can ask the host to run a QMP command (block_set_io_throttle, device_del, ...) by
 writing {"execute": ...} to WORK/qmp/req-N.json; the reply lands in WORK/qmp/rep-N.json.
-(tests/vm/qmp.py wraps this.) WORK is contrib/qemu/work, at the same path in the guest.
+(tests/vm/guest.py's qmp() wraps this.) WORK is contrib/qemu/work, at the same path in the guest.
 """
 
 from __future__ import annotations

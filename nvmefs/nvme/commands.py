@@ -47,10 +47,16 @@ LBA_OPCODES = frozenset({NVM_WRITE, NVM_READ, NVM_COMPARE, NVM_WRITE_ZEROES, NVM
 # The SQE as struct.pack sees it: opcode, flags, cid, nsid, cdw2, cdw3, mptr, prp1, prp2, cdw10-15.
 SQE_FORMAT = struct.Struct("<BBHIIIQQQIIIIII")
 CQE_FORMAT = struct.Struct("<IIHHHH")  # result, dw1, sq_head, sq_id, command_id, status
+# Indexes of SQE_FORMAT's unpacked fields.
+SQE_OPCODE, SQE_FLAGS, SQE_CID, SQE_NSID, SQE_MPTR, SQE_PRP1, SQE_PRP2 = 0, 1, 2, 3, 6, 7, 8
+SQE_CDW10, SQE_CDW11, SQE_CDW12, SQE_CDW13, SQE_CDW14, SQE_CDW15 = range(9, 15)
 
 
 @dataclass(slots=True)
 class Command:
+    """An NVMe command as nvmefs sends it: the SQE fields but command id and PRPs, and what
+    the host needs to know about its data transfer."""
+
     opcode: int
     nsid: int = 0
     cdw10: int = 0

@@ -6,15 +6,18 @@ CRD/MORE/DNR never change the answer (the seed compared on the masked code as we
 
 from __future__ import annotations
 
+from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import SCT_SC_MASK, StatusError, parse_status
 
 
-class PolicyError(ValueError):
-    pass
+class PolicyError(UsageError):
+    """A log policy that names no statuses."""
 
 
 class LogPolicy:
+    """Which status codes become ring entries; `table[code]` is nonzero for those."""
+
     __slots__ = ("spec", "table")
 
     def __init__(self, spec: str = "media") -> None:

@@ -20,18 +20,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from nvmefs.errors import ProtocolError, QueueFull
 from nvmefs.nvme.commands import CQE_FORMAT
 
-
-class QueueFull(Exception):
-    """No free SQ slot: the caller must wait for completions (back-pressure)."""
-
-
-class ProtocolError(Exception):
-    """The controller broke the protocol: unknown/duplicate cid, SQ head out of range..."""
+__all__ = ["ProtocolError", "QueueFull", "QueuePair"]
 
 
 class QueuePair:
+    """The host's side of one SQ/CQ pair: slots, command ids, phase. See the module docstring."""
+
     __slots__ = (
         "_free",
         "cq_head",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 
 STATUS_MASK = 0x7FFF
@@ -25,14 +26,24 @@ SCT_SC_MASK = 0x7FF
 CRD_MASK = 0x1800
 MORE = 0x2000
 DNR = 0x4000
+SCT_SHIFT = 8
+CRD_SHIFT = 11
+# Status code types
+SCT_GENERIC, SCT_COMMAND, SCT_MEDIA, SCT_PATH, SCT_VENDOR = 0, 1, 2, 3, 7
 
 
-class StatusError(ValueError):
+def sct_of(word: int) -> int:
+    return (word >> SCT_SHIFT) & 0x7
+
+
+class StatusError(UsageError):
     """A status value that is not a valid status word (or CQE status field)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Status:
+    """Everything the kernel would say about one 15-bit status word under one profile."""
+
     status: int  # the 15-bit word as given, DNR/MORE/CRD included
     sct: int
     sc: int
@@ -75,9 +86,9 @@ def _build(word: int, profile: str) -> Status:
     blk_string, err = tables.BLK_STATUS_INFO[blk]
     return Status(
         status=word,
-        sct=(word >> 8) & 0x7,
+        sct=sct_of(word),
         sc=word & 0xFF,
-        crd=(word & CRD_MASK) >> 11,
+        crd=(word & CRD_MASK) >> CRD_SHIFT,
         more=bool(word & MORE),
         dnr=bool(word & DNR),
         name=name,

@@ -187,6 +187,24 @@ NAME_OVERRIDES_BY_PROFILE: dict[str, dict[int, str]] = {
 DEFAULT_PROFILE = "linux-7.1"
 PROFILES = tuple(BLK_STATUS_BY_PROFILE)
 
+# Status codes (SCT/SC) that code refers to by name; their strings are in STATUS_NAMES.
+SC_SUCCESS = 0x000
+SC_INVALID_OPCODE = 0x001
+SC_INVALID_FIELD = 0x002
+SC_DATA_TRANSFER_ERROR = 0x004
+SC_INTERNAL = 0x006
+SC_ABORT_REQ = 0x007
+SC_INVALID_NS = 0x00B
+SC_LBA_RANGE = 0x080
+SC_CQ_INVALID = 0x100
+SC_QID_INVALID = 0x101
+SC_QUEUE_SIZE = 0x102
+SC_INVALID_QUEUE_DELETION = 0x10C
+SC_WRITE_FAULT = 0x280
+SC_READ_ERROR = 0x281
+SC_COMPARE_FAILED = 0x285
+SC_UNWRITTEN_BLOCK = 0x287
+
 # The seed driver's six "specific" statuses, compared on SCT/SC.
 SEED_MEDIA_STATUSES: frozenset[int] = frozenset({0x280, 0x281, 0x287, 0x286, 0x182, 0x285})
 
@@ -239,6 +257,12 @@ ADMIN_OPCODE_NAMES: dict[int, str] = {
     0x84: "Sanitize NVM",
     0x86: "Get LBA Status",
 }
+
+
+def opcode_name(opcode: int, admin: bool, unknown: str = "Unknown") -> str:
+    """The kernel's name of an opcode (nvme_admin_ops[] or nvme_ops[])."""
+    return (ADMIN_OPCODE_NAMES if admin else IO_OPCODE_NAMES).get(opcode, unknown)
+
 
 # Short names for fault plans and options (read|write|...): the NVM opcode they stand for.
 IO_OPCODE_ALIASES: dict[str, int] = {

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from nvmefs.engine.passthrough import PassthroughEngine
+from nvmefs.linux import devices
 from nvmefs.nvme.policy import LogPolicy
-from nvmefs.passthru import PassthroughEngine
-from nvmefs.ring import DebugRing
-from nvmefs.transport import devices
+from nvmefs.store.ring import DebugRing
 
 WORK = Path(__file__).resolve().parents[2] / "contrib" / "qemu" / "work"
 _ids = itertools.count(int(time.time() * 1000) % 1_000_000)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -34,13 +33,29 @@ def test_scrub_prints_the_injected_media_errors_and_exits_1() -> None:
         assert "(Unrecovered Read Error)" in line and "blk_status=MEDIUM" in line
 
 
-def test_scrub_with_defaults_prints_each_attempt() -> None:
+def test_scrub_with_defaults_prints_one_line_per_failed_command() -> None:
     p = subprocess.run(
         [*NVMEFS, "scrub", ng("nvmefs-err")], capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 1, p.stderr
-    slbas = [int(re.search(r"slba=(\d+)", ln).group(1)) for ln in p.stdout.splitlines()]  # type: ignore[union-attr]
-    assert slbas == [2048] * 6 + [40960] * 6  # first try and five retries, like the kernel
+    lines = p.stdout.splitlines()
+    # First try and five retries each, like the kernel, and one line each, like the patch.
+    assert [int(re.search(r"slba=(\d+)", ln).group(1)) for ln in lines] == [2048, 40960]  # type: ignore[union-attr]
+    assert all(ln.endswith(" retries=5") for ln in lines), lines
+
+
+def test_scrub_with_log_attempts_prints_each_attempt() -> None:
+    p = subprocess.run(
+        [*NVMEFS, "scrub", ng("nvmefs-err"), "-o", "log_attempts"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1, p.stderr
+    found = [re.search(r"slba=(\d+) .*retries=(\d)$", ln) for ln in p.stdout.splitlines()]
+    assert [(int(m.group(1)), int(m.group(2))) for m in found if m] == [
+        (lba, n) for lba in (2048, 40960) for n in range(6)
+    ]
 
 
 def mount(mnt: Path, source: str, opts: str) -> None:
@@ -105,21 +120,35 @@ def test_hung_device_is_logged_and_the_ring_stays_readable(tmp_path: Path) -> No
         cleanup(mnt)
 
 
-def test_hot_unplug_is_logged_and_the_source_reattaches(tmp_path: Path) -> None:
+def test_hot_unplug_pauses_the_scrub_and_it_resumes_where_it_stopped(tmp_path: Path) -> None:
     mnt = tmp_path / "hot"
-    mount(mnt, ng("nvmefs-err"), "workload=idle,health_interval=1,log=errors")
+    # A paced scrub (64 MiB at 1 MB/s) is still running when the controller goes away.
+    opts = "workload=scrub,passes=1,bs=64K,qd=2,rate=1,retries=0,log=errors,health_interval=1"
+    mount(mnt, ng("nvmefs-err"), opts)
     try:
+        wait_for(lambda: int(stats(mnt)["workload_lba"]) > 4096, 60, "the scrub under way")
         assert "error" not in qmp("device_del", id="hot0")
         wait_for(lambda: "removed" in (mnt / BUF).read_text(), 60, "the removal entry")
         assert stats(mnt)["engine_state"] == "detached"
-        assert os.system(f"cat {mnt / BUF} > /dev/null") == 0  # still serving
+        stopped = int(stats(mnt)["workload_lba"])
+        time.sleep(3)
+        # While detached the workload waits: no progress, and nothing written to the ring.
+        assert int(stats(mnt)["workload_lba"]) == stopped
+        assert (mnt / BUF).read_text().splitlines()[-1].endswith("waiting for it to come back")
         assert "error" not in qmp(
             "device_add", driver="nvme", id="hot0", serial="nvmefs-err", drive="err", bus="rp1"
         )
         wait_for(lambda: "reattached" in (mnt / BUF).read_text(), 60, "the reattach entry")
         wait_for(lambda: stats(mnt)["engine_state"] == "ready", 30, "ready again")
-        polls = int(stats(mnt)["workload_polls"])
-        wait_for(lambda: int(stats(mnt)["workload_polls"]) > polls, 30, "health polls again")
+        wait_for(lambda: int(stats(mnt)["workload_lba"]) > stopped, 60, "the scrub to resume")
+        lines = (mnt / BUF).read_text().splitlines()
+        removed = next(i for i, ln in enumerate(lines) if "removed; waiting" in ln)
+        # Between removal and reattach the ring gained only the removal notice.
+        assert "reattached as" in lines[removed + 1], lines[removed:]
+        s = stats(mnt)
+        # No command was lost to the removal: the ones in flight were sent again.
+        assert s["host_errors"] == "0" and "host-error" not in "\n".join(lines)
+        assert int(s["workload_lba"]) >= stopped
     finally:
         cleanup(mnt)
 

@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from nvmefs.engine import CommandError
-from nvmefs.events import HostEvent, NvmeEvent
+from nvmefs.errors import CommandError
 from nvmefs.nvme import commands as c
 from nvmefs.nvme.status import Translator
-from nvmefs.ring import EVENT, DebugRing
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.ring import EVENT, DebugRing
 from tests.vm.guest import controller, dmesg, engine_on
 
 PRACT, PRCHK_GUARD, PRCHK_APP, PRCHK_REF = 1 << 29, 1 << 28, 1 << 27, 1 << 26
@@ -139,7 +139,7 @@ def test_list_and_source_paths_map_to_generic_nodes() -> None:
     import json
     import sys
 
-    from nvmefs.transport import devices
+    from nvmefs.linux import devices
 
     p = subprocess.run(
         [sys.executable, "-m", "nvmefs", "list", "--json"],

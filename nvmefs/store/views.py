@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from nvmefs.ring import DebugRing, Entry
+from nvmefs.store.ring import DebugRing, Entry
 
 MissedFn = Callable[[int, int, int], str]
 CHUNK = 256
@@ -103,6 +103,9 @@ class _Missed:
 
 
 class LogStream:
+    """One reader's stable byte stream over the ring (see the module docstring): offsets
+    already handed out never change meaning."""
+
     __slots__ = (
         "_ends",
         "_last",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from nvmefs.events import HostEvent, NvmeEvent
 from nvmefs.nvme.status import Translator
 from nvmefs.recorder import ControlError, Recorder
-from nvmefs.render import Clock, Renderer
-from nvmefs.ring import DebugRing
-from nvmefs.views import LineCache, LogStream, Rendered
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.render import Clock, Renderer
+from nvmefs.store.ring import DebugRing
+from nvmefs.store.views import LineCache, LogStream, Rendered
 
 
 def recorder(capacity: int = 8) -> Recorder:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from nvmefs.events import HostEvent, NvmeEvent
 from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
-from nvmefs.render import INFO_MAX, Clock, Renderer, initial_jiffies, kernel_hz
-from nvmefs.ring import DebugRing
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.render import INFO_MAX, Clock, Renderer, initial_jiffies, kernel_hz
+from nvmefs.store.ring import DebugRing
 
 SEED_SIX = {0x280, 0x281, 0x287, 0x286, 0x182, 0x285}
 
@@ -73,7 +73,7 @@ def test_error_line_starts_with_the_seed_words_then_context() -> None:
         opcode=0x02,
         slba=2048,
         nlb=8,
-        retry=0,
+        retries=0,
     )
     r = Renderer(Clock("jiffies", hz=1000))
     line = r.line(_entry(ev))
@@ -93,7 +93,7 @@ def test_error_line_starts_with_the_seed_words_then_context() -> None:
         "opcode=0x02 (Read)",
         "slba=2048",
         "nlb=8",
-        "retry=0",
+        "retries=0",
     ):
         assert part in info
     assert "MORE" not in info and "CRD" not in info
@@ -125,13 +125,13 @@ def test_json_record_carries_every_field_and_both_timestamps() -> None:
         opcode=0x09,
         slba=None,
         nlb=None,
-        retry=2,
+        retries=2,
     )
     rec = json.loads(Renderer(Clock("jiffies", hz=1000)).json_line(_entry(ev)))
     assert rec["seq"] == 1 and rec["kind"] == "nvme"
     assert rec["status"] == "0x183" and rec["sct"] == 1 and rec["sc"] == 0x83
     assert rec["blk_status"] == "NOTSUPP" and rec["profile"] == "linux-5.14"
-    assert rec["opcode_name"] == "Dataset Management" and rec["retry"] == 2
+    assert rec["opcode_name"] == "Dataset Management" and rec["retries"] == 2
     assert rec["monotonic_ns"] > 0 and rec["wall_ns"] > 0 and rec["wall"].endswith("Z")
     assert rec["info"].startswith("Specific NVMe error encountered: Status = 0x183 ")
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nvmefs.ring import EVENT, SEQ, DebugRing
+from nvmefs.store.ring import EVENT, SEQ, DebugRing
 
 
 class RingModel(RuleBasedStateMachine):

@@ -27,6 +27,8 @@ DEFAULT_CAPACITY = 1024
 
 
 class DebugRing:
+    """The ring of entries; see the module docstring for its invariant."""
+
     __slots__ = (
         "_buf",
         "_listeners",

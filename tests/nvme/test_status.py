@@ -8,8 +8,8 @@ import pytest
 
 from nvmefs.nvme.status import StatusError, Translator, parse_status
 
-# nvme_error_status() as shared/notes/nvme-facts.md tabulates it, written out independently of
-# nvmefs.nvme.tables so that a slip in one is caught by the other.
+# nvme_error_status() as drivers/nvme/host/core.c switches on status & 0x7ff (5.14 and 7.1),
+# written out independently of nvmefs.nvme.tables so that a slip in one is caught by the other.
 KERNEL_BLK = {
     "linux-5.14": {
         "OK": [0x000],

@@ -1,13 +1,13 @@
-"""What the engine needs from a register-level transport (the simulated controller, VFIO).
+"""What the register-level engine needs from a controller connection (the simulated one).
 
 The interface is the PCIe view of an NVMe controller and nothing more:
-- registers: 32/64-bit reads and writes at BAR0 offsets (CAP, CC, CSTS, AQA, ASQ, ACQ);
+- registers: 32/64-bit reads and writes at BAR0 offsets (nvme.registers names them);
 - doorbells: SQ tail and CQ head writes, by doorbell index (2*qid, 2*qid+1);
 - host memory the controller reaches by bus address (queues, data buffers, PRP lists);
-- a way to wait for an interrupt vector; a transport without interrupts polls.
+- a way to wait for an interrupt vector.
 
-Kernel passthrough (io_uring, ioctl) has no registers: the kernel owns the NVMe queues. It plugs in
-one level up, as another queue backend of the engine.
+Kernel passthrough has no registers: the kernel owns the NVMe queues, so that engine
+(engine.passthrough) does not use this interface.
 """
 
 from __future__ import annotations
@@ -18,25 +18,13 @@ from dataclasses import dataclass
 
 import trio
 
-PAGE = 4096
-
-# Controller registers (BAR0 offsets)
-REG_CAP = 0x00
-REG_VS = 0x08
-REG_CC = 0x14
-REG_CSTS = 0x1C
-REG_AQA = 0x24
-REG_ASQ = 0x28
-REG_ACQ = 0x30
-DOORBELL_BASE = 0x1000
-
-CC_EN = 1
-CSTS_RDY = 1
-CSTS_CFS = 2
+from nvmefs.nvme.prp import PAGE, PrpError
 
 
 @dataclass(slots=True)
 class DmaBuffer:
+    """A region of host memory at bus address `addr`, at least a page, page aligned."""
+
     addr: int
     view: memoryview
 
@@ -73,7 +61,7 @@ class DmaMemory:
             self._cache.clear()
 
     def view(self, addr: int, length: int) -> memoryview:
-        """The device's view of [addr, addr+length); raises ValueError outside any region."""
+        """The device's view of [addr, addr+length); raises PrpError outside any region."""
         view = self._cache.get((addr, length))
         if view is not None:
             return view
@@ -86,11 +74,11 @@ class DmaMemory:
                     self._cache.clear()
                 view = self._cache[(addr, length)] = mv[off : off + length]
                 return view
-        raise ValueError(f"DMA to unmapped address {addr:#x}+{length}")
+        raise PrpError(f"DMA to unmapped address {addr:#x}+{length}")
 
 
 class Transport(ABC):
-    """A register-level NVMe controller connection."""
+    """A register-level NVMe controller connection, with the host memory it can reach."""
 
     name: str = "transport"
 

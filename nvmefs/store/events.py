@@ -21,7 +21,7 @@ class NvmeEvent:
     admin: bool = False
     slba: int | None = None
     nlb: int | None = None  # number of logical blocks (1-based, unlike the 0-based NLB field)
-    retry: int | None = None
+    retries: int | None = None  # earlier attempts of this command (the kernel's nvme_req->retries)
 
     kind = "nvme"
 
@@ -37,6 +37,8 @@ NOTICE = "notice"  # controller error-log entries, SMART critical warnings, devi
 
 @dataclass(slots=True)
 class HostEvent:
+    """Something the host saw or did, with no NVMe status: `kind` is one of the kinds above."""
+
     kind: str
     message: str
     fields: dict[str, Any] = field(default_factory=dict)

@@ -12,18 +12,22 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nvmefs.errors import UsageError
+
 SYSFS = Path("/sys/class/nvme")
 _CTRL = re.compile(r"^/dev/nvme(\d+)$")
 _BLK = re.compile(r"^/dev/nvme(\d+)n(\d+)$")
 _NG = re.compile(r"^/dev/ng(\d+)n(\d+)$")
 
 
-class DeviceError(ValueError):
-    pass
+class DeviceError(UsageError):
+    """A SOURCE path that names no usable NVMe device."""
 
 
 @dataclass
 class NamespaceNode:
+    """A namespace's nodes and geometry as sysfs shows them."""
+
     nsid: int
     generic: str  # /dev/ngXnY
     block: str  # /dev/nvmeXnY
@@ -33,6 +37,8 @@ class NamespaceNode:
 
 @dataclass
 class Controller:
+    """A controller as sysfs shows it, with its namespaces."""
+
     name: str  # nvme0
     serial: str
     model: str
@@ -51,6 +57,11 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+def controller_serial(name: str, sysfs: Path = SYSFS) -> str:
+    """The serial number of controller `name` (nvme0), or "" if there is no such controller."""
+    return _read(sysfs / name / "serial")
 
 
 def controllers(sysfs: Path = SYSFS) -> list[Controller]:

@@ -14,18 +14,25 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 
 BUILTIN = ("demo",)
 _KEYS = {"opcode", "lba", "status", "nsid", "probability", "count", "delay_ms", "hang"}
 
 
-class FaultPlanError(ValueError):
-    pass
+class FaultPlanError(UsageError):
+    """A fault plan refused before anything starts; the message names its file, rule and field."""
 
 
 @dataclass(slots=True)
 class FaultRule:
+    """One `[[fault]]` rule of a plan, checked when parsed: what it matches and what it does.
+
+    Invariant: `status` fits in 15 bits, `0 <= probability <= 1`, `lba` is an inclusive
+    (first, last) with first <= last, and once `count` is non-zero `fired` never exceeds it.
+    """
+
     index: int  # 1-based, as the error messages count
     opcode: int | None  # None: any
     lba: tuple[int, int] | None
@@ -53,6 +60,11 @@ class FaultRule:
 
 @dataclass(slots=True)
 class FaultPlan:
+    """A parsed fault plan: its rules in file order, each already checked.
+
+    Invariant: `pick` returns the first rule that matches and fires, and counts that firing.
+    """
+
     source: str
     rules: list[FaultRule] = field(default_factory=list)
 

@@ -79,6 +79,10 @@ def supported() -> bool:
 
 
 class Uring:
+    """An io_uring with 128-byte SQEs and 32-byte CQEs for NVMe passthrough, its completions
+    signalled on `eventfd`. Invariant: `_tail` is where the next prepared SQE goes, and
+    `_pending` SQEs have been prepared since the last submit()."""
+
     def __init__(self, entries: int) -> None:
         p = ffi.new("struct io_uring_params *")
         p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQE32

@@ -14,10 +14,10 @@ import json
 import os
 from typing import Any
 
-from nvmefs.events import HostEvent, NvmeEvent
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Status
-from nvmefs.ring import Entry
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.ring import Entry
 
 INFO_MAX = 255
 FORMATS = ("full", "seed")
@@ -91,11 +91,6 @@ def _cap(info: str) -> str:
     return raw[:INFO_MAX].decode("utf-8", "ignore")
 
 
-def _opcode_name(opcode: int, admin: bool) -> str:
-    names = tables.ADMIN_OPCODE_NAMES if admin else tables.IO_OPCODE_NAMES
-    return names.get(opcode, "Unknown")
-
-
 # What depends only on the status word (or only on the opcode) is built once, not per line.
 _STATUS_TEXT: dict[tuple[int, str], str] = {}
 _OPCODE_TEXT: dict[tuple[int, bool], str] = {}
@@ -124,7 +119,7 @@ def _opcode_text(opcode: int, admin: bool) -> str:
     text = _OPCODE_TEXT.get((opcode, admin))
     if text is None:
         text = _OPCODE_TEXT[(opcode, admin)] = (
-            f"opcode=0x{opcode:02x} ({_opcode_name(opcode, admin)})"
+            f"opcode=0x{opcode:02x} ({tables.opcode_name(opcode, admin)})"
         )
     return text
 
@@ -133,11 +128,11 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
     st = ev.status
     if fmt == "seed":
         return f"{SEED_PREFIX}0x{st.status:x}"
-    if None not in (ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retry):
+    if None not in (ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retries):
         # The common case, a completion with all its context, in one formatting step.
         text = (
             f"{_status_text(st)} ctrl={ev.ctrl} nsid={ev.nsid} qid={ev.qid} cid={ev.cid} "
-            f"{_opcode_text(ev.opcode, ev.admin)} slba={ev.slba} nlb={ev.nlb} retry={ev.retry}"  # type: ignore[arg-type]
+            f"{_opcode_text(ev.opcode, ev.admin)} slba={ev.slba} nlb={ev.nlb} retries={ev.retries}"  # type: ignore[arg-type]
         )
         return text if len(text) <= INFO_MAX and text.isascii() else _cap(text)
     parts = [_status_text(st)]
@@ -149,7 +144,7 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
             parts.append(f"{key}={value}")
     if ev.opcode is not None:
         parts.append(_opcode_text(ev.opcode, ev.admin))
-    for key in ("slba", "nlb", "retry"):
+    for key in ("slba", "nlb", "retries"):
         value = getattr(ev, key)
         if value is not None:
             parts.append(f"{key}={value}")
@@ -208,12 +203,12 @@ class Renderer:
                 cid=event.cid,
                 opcode=event.opcode,
                 opcode_name=(
-                    None if event.opcode is None else _opcode_name(event.opcode, event.admin)
+                    None if event.opcode is None else tables.opcode_name(event.opcode, event.admin)
                 ),
                 admin=event.admin,
                 slba=event.slba,
                 nlb=event.nlb,
-                retry=event.retry,
+                retries=event.retries,
             )
         elif isinstance(event, HostEvent):
             rec["message"] = event.message

@@ -9,13 +9,15 @@ import pytest
 import trio
 import trio.testing
 
-from nvmefs import events, workloads
-from nvmefs.engine import CommandAborted, Engine
-from nvmefs.events import HostEvent, NvmeEvent
+from nvmefs import workloads
+from nvmefs.engine.register import Engine
+from nvmefs.errors import CommandAborted
 from nvmefs.nvme import commands as c
-from nvmefs.ring import EVENT
-from nvmefs.transport.sim import SERIAL
-from tests.conftest import sim_engine
+from nvmefs.sim.controller import SERIAL
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.ring import EVENT
+from tests.helpers import sim_engine
 
 READ_FAIL = """
 [[fault]]
@@ -80,18 +82,30 @@ async def test_dnr_suppresses_retries() -> None:
     async with sim_engine(READ_FAIL.format(status=0x4281)) as (e, _sim, ring):
         comp = await e.submit(c.read(1, 96, 8, 512))
         assert comp.status.status == 0x4281 and comp.attempt == 0
-        assert [(ev.status.status, ev.retry, ev.slba) for ev in nvme_entries(ring)] == [
+        assert [(ev.status.status, ev.retries, ev.slba) for ev in nvme_entries(ring)] == [
             (0x4281, 0, 96)
         ]
         assert e.stats.retries == 0
 
 
-async def test_five_retries_without_dnr_each_attempt_logged_and_counted() -> None:
+async def test_five_retries_without_dnr_give_one_entry_at_the_final_completion() -> None:
     async with sim_engine(READ_FAIL.format(status=0x281)) as (e, _sim, ring):
         comp = await e.submit(c.read(1, 100, 1, 512))
         assert comp.status.status == 0x281 and comp.attempt == 5
-        assert [ev.retry for ev in nvme_entries(ring)] == [0, 1, 2, 3, 4, 5]
+        assert [(ev.status.status, ev.retries) for ev in nvme_entries(ring)] == [(0x281, 5)]
+        # The counters still see every attempt.
         assert e.stats.retries == 5 and e.stats.by_status[0x281] == 6
+        assert e.stats.completions == e.stats.errors + sum(
+            n for w, n in e.stats.by_status.items() if not w & 0x7FF
+        )
+
+
+async def test_log_attempts_logs_every_attempt_as_the_tracepoint() -> None:
+    async with sim_engine(READ_FAIL.format(status=0x281), log_attempts=True) as (e, _sim, ring):
+        comp = await e.submit(c.read(1, 100, 1, 512))
+        assert comp.status.status == 0x281 and comp.attempt == 5
+        assert [ev.retries for ev in nvme_entries(ring)] == [0, 1, 2, 3, 4, 5]
+        assert e.stats.logged == 6
 
 
 async def test_retry_succeeds_when_the_fault_stops() -> None:
@@ -99,7 +113,11 @@ async def test_retry_succeeds_when_the_fault_stops() -> None:
     async with sim_engine(plan) as (e, _sim, ring):
         comp = await e.submit(c.read(1, 100, 1, 512))
         assert comp.status.ok and comp.attempt == 2
-        assert [ev.retry for ev in nvme_entries(ring)] == [0, 1]
+        # The command ended well: nothing to log under log=errors, as the patch would not.
+        assert nvme_entries(ring) == [] and e.stats.retries == 2
+    async with sim_engine(plan, log_attempts=True) as (e, _sim, ring):
+        await e.submit(c.read(1, 100, 1, 512))
+        assert [ev.retries for ev in nvme_entries(ring)] == [0, 1]
 
 
 async def test_crd_delays_are_honoured(autojump_clock: trio.testing.MockClock) -> None:
@@ -124,7 +142,7 @@ async def test_hung_command_times_out_into_abort_and_engine_recovers(
         assert comp.status.ok and comp.attempt == 1
         assert len(host_entries(ring, events.TIMEOUT)) == 1
         assert len(host_entries(ring, events.ABORT)) == 1
-        assert [ev.status.status for ev in nvme_entries(ring)] == [0x0007]
+        assert nvme_entries(ring) == []  # the abort's 0x0007 was not final: the retry was
         assert e.stats.timeouts == 1 and e.stats.aborts == 1 and e.stats.resets == 0
         assert not sim.held
 
@@ -226,8 +244,8 @@ async def test_idle_health_poll_turns_new_controller_errors_into_entries(
 
 
 def test_engine_construction_does_no_io() -> None:
-    from nvmefs.ring import DebugRing
-    from nvmefs.transport.sim import SimController
+    from nvmefs.sim.controller import SimController
+    from nvmefs.store.ring import DebugRing
 
     sim = SimController()
     Engine(sim, DebugRing())

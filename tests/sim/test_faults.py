@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nvmefs import faults
-from nvmefs.faults import FaultPlanError
+from nvmefs.errors import UsageError
+from nvmefs.sim import faults
+from nvmefs.sim.faults import FaultPlanError
 
 
 def test_demo_plan_loads_and_matches_by_opcode_and_lba_overlap() -> None:
@@ -73,3 +74,9 @@ def test_malformed_plans_name_file_rule_and_field(tmp_path: Path, text: str, nee
 def test_missing_plan_file() -> None:
     with pytest.raises(FaultPlanError, match="No such file"):
         faults.load("/nonexistent/plan.toml")
+
+
+def test_plan_errors_are_usage_errors() -> None:
+    # The command line prints a UsageError as one line, without a traceback.
+    with pytest.raises(UsageError):
+        faults.parse("[[fault]]\nstatus = -1\n", "t")

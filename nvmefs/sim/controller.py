@@ -21,43 +21,72 @@ from dataclasses import dataclass, field
 
 import trio
 
-from nvmefs.faults import FaultPlan
+from nvmefs.engine.transport import Transport
+from nvmefs.errors import UsageError
 from nvmefs.nvme import commands as c
-from nvmefs.nvme.commands import LBA_OPCODES, NVM_READ
+from nvmefs.nvme import prp
+from nvmefs.nvme.commands import (
+    LBA_OPCODES,
+    NVM_READ,
+    SQE_CDW10,
+    SQE_CDW11,
+    SQE_CDW12,
+    SQE_CDW13,
+    SQE_CID,
+    SQE_NSID,
+    SQE_OPCODE,
+    SQE_PRP1,
+    SQE_PRP2,
+)
 from nvmefs.nvme.layouts import ERROR_LOG_ENTRY_SIZE, ffi, set_u128
-from nvmefs.transport.base import (
+from nvmefs.nvme.prp import PAGE, PrpError
+from nvmefs.nvme.registers import (
+    ACQ,
+    AQA,
+    ASQ,
+    CAP,
+    CC,
     CC_EN,
+    CQE_SHIFT,
+    CSTS,
+    CSTS_CFS,
     CSTS_RDY,
     DOORBELL_BASE,
-    PAGE,
-    REG_ACQ,
-    REG_AQA,
-    REG_ASQ,
-    REG_CAP,
-    REG_CC,
-    REG_CSTS,
-    REG_VS,
-    Transport,
+    SQE_SHIFT,
+    VERSION_1_4,
+    VS,
+    aqa_sizes,
+    cap,
+    doorbell_offset,
 )
+from nvmefs.nvme.status import DNR, SCT_MEDIA, SCT_SC_MASK, sct_of
+from nvmefs.nvme.tables import (
+    SC_ABORT_REQ,
+    SC_COMPARE_FAILED,
+    SC_CQ_INVALID,
+    SC_DATA_TRANSFER_ERROR,
+    SC_INVALID_FIELD,
+    SC_INVALID_NS,
+    SC_INVALID_OPCODE,
+    SC_INVALID_QUEUE_DELETION,
+    SC_LBA_RANGE,
+    SC_QID_INVALID,
+    SC_QUEUE_SIZE,
+    SC_SUCCESS,
+    SC_UNWRITTEN_BLOCK,
+)
+from nvmefs.sim.faults import FaultPlan
 
 SQE = c.SQE_FORMAT
 CQE = c.CQE_FORMAT
 
-# Statuses the controller produces by itself (DNR set where QEMU sets it).
-SC_SUCCESS = 0x0
-SC_INVALID_OPCODE = 0x4001
-SC_INVALID_FIELD = 0x4002
-SC_ABORT_REQ = 0x0007
-SC_INVALID_NS = 0x400B
-SC_LBA_RANGE = 0x4080
-SC_CQ_INVALID = 0x4100
-SC_QID_INVALID = 0x4101
-SC_QUEUE_SIZE = 0x4102
-SC_INVALID_QUEUE_DELETION = 0x410C
-SC_COMPARE_FAILED = 0x0285
-SC_UNWRITTEN_BLOCK = 0x4287
+# The statuses the controller produces by itself are SC_* codes from nvme.tables, with DNR set
+# where QEMU sets it: on every one but Command Abort Requested and Compare Failure.
 
 MQES = 1023  # CAP.MQES: largest queue is 1024 entries
+READY_TIMEOUT_UNITS = 2  # CAP.TO: 1 s, in 500 ms units
+CAP_VALUE = cap(MQES, READY_TIMEOUT_UNITS)  # with CQR (contiguous queues) and CSS: NVM
+DOORBELL_STRIDE = doorbell_offset(1) - doorbell_offset(0)
 ELPE = 63  # error log holds 64 entries
 MAX_QUEUES = 16
 CHUNK_BLOCKS = 256
@@ -70,7 +99,11 @@ _ZEROS = memoryview(bytes(CHUNK_BLOCKS * 512))
 
 
 class SparseNamespace:
-    """Blocks in memory, allocated in chunks on first write; unwritten blocks read as zeros."""
+    """One namespace's blocks in memory, allocated in chunks of CHUNK_BLOCKS on first write.
+
+    Invariant: a chunk is in `_data` exactly when it is in `_written` (its per-block written
+    flags); blocks of an absent chunk, or deallocated ones, read as zeros.
+    """
 
     def __init__(self, nsid: int, nblocks: int, lba_size: int) -> None:
         self.nsid = nsid
@@ -137,6 +170,8 @@ class SparseNamespace:
 
 @dataclass(slots=True)
 class _SimQueue:
+    """One submission or completion queue as the controller tracks it; `view` is its memory."""
+
     qid: int
     addr: int
     size: int
@@ -161,6 +196,14 @@ class _Held:
 
 
 class SimController(Transport):
+    """An in-process NVMe controller behind the register-level Transport interface.
+
+    Invariant: commands are consumed only while CSTS.RDY is set, that is from an enable (CC.EN
+    0 -> 1) that found the admin queues in host memory until the next disable; every consumed
+    command is completed exactly once, unless the fault plan held it (`held`) and a reset or the
+    deletion of its SQ dropped it first.
+    """
+
     name = "sim"
 
     def __init__(
@@ -174,11 +217,11 @@ class SimController(Transport):
     ) -> None:
         super().__init__()
         if lba_size not in (512, 1024, 2048, 4096):
-            raise ValueError(f"sim_lba {lba_size}: expected 512, 1024, 2048 or 4096")
+            raise UsageError(f"sim_lba {lba_size}: expected 512, 1024, 2048 or 4096")
         if size < lba_size or size % lba_size:
-            raise ValueError(f"sim_size {size}: must be a positive multiple of sim_lba {lba_size}")
+            raise UsageError(f"sim_size {size}: must be a positive multiple of sim_lba {lba_size}")
         if not 1 <= namespaces <= 16:
-            raise ValueError(f"sim_ns {namespaces}: expected 1..16")
+            raise UsageError(f"sim_ns {namespaces}: expected 1..16")
         self.namespaces = {
             n: SparseNamespace(n, size // lba_size, lba_size) for n in range(1, namespaces + 1)
         }
@@ -215,53 +258,51 @@ class SimController(Transport):
     # -- registers ------------------------------------------------------------------------------
 
     def read32(self, offset: int) -> int:
-        if offset == REG_VS:
-            return 0x00010400  # NVMe 1.4
-        if offset == REG_CC:
+        if offset == VS:
+            return VERSION_1_4
+        if offset == CC:
             return self.cc
-        if offset == REG_CSTS:
+        if offset == CSTS:
             return self.csts
-        if offset == REG_AQA:
+        if offset == AQA:
             return self.aqa
         return self.read64(offset) & 0xFFFFFFFF
 
     def read64(self, offset: int) -> int:
-        if offset == REG_CAP:
-            # MQES, CQR (contiguous queues required), TO = 1 s (2 x 500 ms), CSS: NVM.
-            return MQES | 1 << 16 | 2 << 24 | 1 << 37
-        if offset == REG_ASQ:
+        if offset == CAP:
+            return CAP_VALUE
+        if offset == ASQ:
             return self.asq
-        if offset == REG_ACQ:
+        if offset == ACQ:
             return self.acq
         return 0
 
     def write32(self, offset: int, value: int) -> None:
-        if offset == REG_CC:
+        if offset == CC:
             was = self.cc & CC_EN
             self.cc = value
             if value & CC_EN and not was:
                 self._enable()
             elif was and not value & CC_EN:
                 self._disable()
-        elif offset == REG_AQA:
+        elif offset == AQA:
             self.aqa = value
         elif offset >= DOORBELL_BASE:
-            self.doorbell((offset - DOORBELL_BASE) // 4, value)
+            self.doorbell((offset - DOORBELL_BASE) // DOORBELL_STRIDE, value)
 
     def write64(self, offset: int, value: int) -> None:
-        if offset == REG_ASQ:
+        if offset == ASQ:
             self.asq = value
-        elif offset == REG_ACQ:
+        elif offset == ACQ:
             self.acq = value
 
     def _enable(self) -> None:
-        asqs = (self.aqa & 0xFFF) + 1
-        acqs = ((self.aqa >> 16) & 0xFFF) + 1
+        asqs, acqs = aqa_sizes(self.aqa)
         try:
             self.cqs[0] = self._queue(0, self.acq, acqs, CQE.size)
             self.sqs[0] = self._queue(0, self.asq, asqs, SQE.size)
-        except ValueError:
-            self.csts = 2  # CFS: controller fatal status
+        except PrpError:  # admin queues in no host memory
+            self.csts = CSTS_CFS
             return
         self.csts = CSTS_RDY
 
@@ -309,7 +350,7 @@ class SimController(Transport):
     # -- doorbells and command processing -------------------------------------------------------
 
     def doorbell(self, index: int, value: int) -> None:
-        qid, is_cq = divmod(index, 2)
+        qid, is_cq = divmod(index, 2)  # registers.sq_doorbell / cq_doorbell
         if is_cq:
             cq = self.cqs.get(qid)
             if cq is not None:
@@ -328,7 +369,7 @@ class SimController(Transport):
             self.commands += 1
             status, result = execute(sq, raw)
             if status is not None:
-                self._post(cq, sq, raw[2], status, result)
+                self._post(cq, sq, raw[SQE_CID], status, result)
                 posted = True
         if posted:
             self._fire(cq.vector)
@@ -344,11 +385,11 @@ class SimController(Transport):
 
     def _execute(self, sq: _SimQueue, raw: tuple[int, ...]) -> tuple[int | None, int]:
         """Run one command; (None, 0) when its completion is held back by a fault rule."""
-        opcode, _flags, cid, nsid = raw[0], raw[1], raw[2], raw[3]
+        opcode, cid, nsid = raw[SQE_OPCODE], raw[SQE_CID], raw[SQE_NSID]
         admin = sq.qid == 0
         slba = nlb = None
         if not admin and opcode in LBA_OPCODES:
-            slba, nlb = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1
+            slba, nlb = raw[SQE_CDW10] | raw[SQE_CDW11] << 32, (raw[SQE_CDW12] & 0xFFFF) + 1
         rule = None
         if not admin and self.faults is not None:
             rule = self.faults.pick(opcode, nsid, slba, nlb, self.rng)
@@ -357,11 +398,11 @@ class SimController(Transport):
         else:
             try:
                 status, result = (self._admin if admin else self._io)(sq, raw)
-            except ValueError:  # a PRP pointing nowhere
-                status, result = 0x4004, 0  # Data Transfer Error
+            except PrpError:  # a PRP misaligned or pointing nowhere
+                status, result = DNR | SC_DATA_TRANSFER_ERROR, 0
             if rule is not None:
                 status = rule.status
-        if status & 0x7FF:
+        if status & SCT_SC_MASK:
             self._log_error(sq.qid, cid, status, opcode, nsid, slba)
         if rule is not None and (rule.hang or rule.delay_ms):
             held = _Held(sq.qid, cid, opcode, nsid, slba, status)
@@ -398,51 +439,39 @@ class SimController(Transport):
         entry.nsid = nsid
         entry.opcode = opcode
         self.error_log.appendleft(bytes(ffi.buffer(entry)))
-        if status >> 8 & 7 == 2:  # SCT 2: media and data integrity errors
+        if sct_of(status) == SCT_MEDIA:
             self.media_errors += 1
 
     # -- data transfer --------------------------------------------------------------------------
 
-    def _prp_pages(self, prp1: int, prp2: int, length: int) -> list[memoryview]:
-        """The host memory a command's PRPs describe, as views in transfer order."""
-        first = min(length, PAGE - prp1 % PAGE)
-        views = [self.dma.view(prp1, first)]
-        left = length - first
-        if left <= 0:
-            return views
-        if left <= PAGE:
-            views.append(self.dma.view(prp2, left))
-            return views
-        npages = -(-left // PAGE)
-        entries = struct.unpack_from(f"<{npages}Q", self.dma.view(prp2, npages * 8))
-        for addr in entries:
-            n = min(PAGE, left)
-            views.append(self.dma.view(addr, n))
-            left -= n
-        return views
-
     def _to_host(self, raw: tuple[int, ...], data: bytes | memoryview) -> None:
+        """Copy `data` into the host memory the command's PRPs describe; raises PrpError."""
+        view = self.dma.view
         off = 0
-        for view in self._prp_pages(raw[7], raw[8], len(data)):
-            view[:] = data[off : off + len(view)]
-            off += len(view)
+        for addr, n in prp.walk(raw[SQE_PRP1], raw[SQE_PRP2], len(data), view):
+            view(addr, n)[:] = data[off : off + n]
+            off += n
 
     def _from_host(self, raw: tuple[int, ...], length: int) -> bytes:
-        return b"".join(bytes(v) for v in self._prp_pages(raw[7], raw[8], length))
+        """The `length` bytes of host memory the command's PRPs describe; raises PrpError."""
+        view = self.dma.view
+        segments = prp.walk(raw[SQE_PRP1], raw[SQE_PRP2], length, view)
+        return b"".join([view(addr, n) for addr, n in segments])
 
     # -- NVM command set ------------------------------------------------------------------------
 
     def _io(self, sq: _SimQueue, raw: tuple[int, ...]) -> tuple[int, int]:
-        opcode, nsid = raw[0], raw[3]
+        opcode, nsid = raw[SQE_OPCODE], raw[SQE_NSID]
         ns = self.namespaces.get(nsid)
         if ns is None:
-            return SC_INVALID_NS, 0
+            return DNR | SC_INVALID_NS, 0
         if opcode == NVM_READ:  # the hot path, ahead of the other commands
-            slba, nlb, prp1 = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1, raw[7]
+            slba = raw[SQE_CDW10] | raw[SQE_CDW11] << 32
+            nlb, prp1 = (raw[SQE_CDW12] & 0xFFFF) + 1, raw[SQE_PRP1]
             if slba + nlb > ns.nblocks:
-                return SC_LBA_RANGE, 0
+                return DNR | SC_LBA_RANGE, 0
             if ns.dulbe and not ns.all_written(slba, nlb):
-                return SC_UNWRITTEN_BLOCK, 0
+                return DNR | SC_UNWRITTEN_BLOCK, 0
             nbytes = nlb * ns.lba_size
             if nbytes <= PAGE - prp1 % PAGE:  # one host page: read straight into it
                 ns.read(slba, nlb, self.dma.view(prp1, nbytes))
@@ -454,20 +483,20 @@ class SimController(Transport):
         if opcode == c.NVM_FLUSH:
             return SC_SUCCESS, 0
         if opcode == c.NVM_DSM:
-            nr = (raw[9] & 0xFF) + 1
+            nr = (raw[SQE_CDW10] & 0xFF) + 1
             raw_ranges = self._from_host(raw, nr * 16)
             ranges = [struct.unpack_from("<IIQ", raw_ranges, i * 16)[1:] for i in range(nr)]
             if any(start + count > ns.nblocks for count, start in ranges):
-                return SC_LBA_RANGE, 0
-            if raw[10] & 1 << 2:  # AD: deallocate
+                return DNR | SC_LBA_RANGE, 0
+            if raw[SQE_CDW11] & 1 << 2:  # AD: deallocate
                 for count, start in ranges:
                     ns.deallocate(start, count)
             return SC_SUCCESS, 0
         if opcode not in (c.NVM_WRITE, c.NVM_COMPARE, c.NVM_VERIFY, c.NVM_WRITE_ZEROES):
-            return SC_INVALID_OPCODE, 0
-        slba, nlb = raw[9] | raw[10] << 32, (raw[11] & 0xFFFF) + 1
+            return DNR | SC_INVALID_OPCODE, 0
+        slba, nlb = raw[SQE_CDW10] | raw[SQE_CDW11] << 32, (raw[SQE_CDW12] & 0xFFFF) + 1
         if slba + nlb > ns.nblocks:
-            return SC_LBA_RANGE, 0
+            return DNR | SC_LBA_RANGE, 0
         nbytes = nlb * ns.lba_size
         if opcode == c.NVM_WRITE:
             ns.write(slba, nlb, self._from_host(raw, nbytes))
@@ -479,50 +508,51 @@ class SimController(Transport):
             if stored != self._from_host(raw, nbytes):
                 return SC_COMPARE_FAILED, 0
         elif opcode == c.NVM_VERIFY and ns.dulbe and not ns.all_written(slba, nlb):
-            return SC_UNWRITTEN_BLOCK, 0
+            return DNR | SC_UNWRITTEN_BLOCK, 0
         return SC_SUCCESS, 0
 
     # -- admin command set ----------------------------------------------------------------------
 
     def _admin(self, sq: _SimQueue, raw: tuple[int, ...]) -> tuple[int, int]:
-        opcode, nsid, cdw10, cdw11 = raw[0], raw[3], raw[9], raw[10]
+        opcode, nsid = raw[SQE_OPCODE], raw[SQE_NSID]
+        cdw10, cdw11 = raw[SQE_CDW10], raw[SQE_CDW11]
         if opcode == c.ADMIN_IDENTIFY:
             return self._identify(raw, cdw10 & 0xFF, nsid)
         if opcode == c.ADMIN_CREATE_CQ:
             qid, qsize = cdw10 & 0xFFFF, (cdw10 >> 16) + 1
             if not 1 <= qid < MAX_QUEUES or qid in self.cqs:
-                return SC_QID_INVALID, 0
+                return DNR | SC_QID_INVALID, 0
             if not 2 <= qsize <= MQES + 1:
-                return SC_QUEUE_SIZE, 0
-            cq = self._queue(qid, raw[7], qsize, CQE.size)
+                return DNR | SC_QUEUE_SIZE, 0
+            cq = self._queue(qid, raw[SQE_PRP1], qsize, CQE.size)
             cq.vector = cdw11 >> 16
             self.cqs[qid] = cq
             return SC_SUCCESS, 0
         if opcode == c.ADMIN_CREATE_SQ:
             qid, qsize, cqid = cdw10 & 0xFFFF, (cdw10 >> 16) + 1, cdw11 >> 16
             if not 1 <= qid < MAX_QUEUES or qid in self.sqs:
-                return SC_QID_INVALID, 0
+                return DNR | SC_QID_INVALID, 0
             if cqid not in self.cqs or cqid == 0:
-                return SC_CQ_INVALID, 0
+                return DNR | SC_CQ_INVALID, 0
             if not 2 <= qsize <= MQES + 1:
-                return SC_QUEUE_SIZE, 0
-            q = self._queue(qid, raw[7], qsize, SQE.size)
+                return DNR | SC_QUEUE_SIZE, 0
+            q = self._queue(qid, raw[SQE_PRP1], qsize, SQE.size)
             q.cqid = cqid
             self.sqs[qid] = q
             return SC_SUCCESS, 0
         if opcode == c.ADMIN_DELETE_SQ:
             qid = cdw10 & 0xFFFF
             if qid == 0 or qid not in self.sqs:
-                return SC_QID_INVALID, 0
+                return DNR | SC_QID_INVALID, 0
             del self.sqs[qid]
             self.held = [h for h in self.held if h.sqid != qid]
             return SC_SUCCESS, 0
         if opcode == c.ADMIN_DELETE_CQ:
             qid = cdw10 & 0xFFFF
             if qid == 0 or qid not in self.cqs:
-                return SC_QID_INVALID, 0
+                return DNR | SC_QID_INVALID, 0
             if any(s.cqid == qid for s in self.sqs.values()):
-                return SC_INVALID_QUEUE_DELETION, 0
+                return DNR | SC_INVALID_QUEUE_DELETION, 0
             del self.cqs[qid]
             return SC_SUCCESS, 0
         if opcode == c.ADMIN_GET_LOG_PAGE:
@@ -537,7 +567,7 @@ class SimController(Transport):
                     self._complete_held(held, SC_ABORT_REQ)
                     return SC_SUCCESS, 0  # dword 0 bit 0 clear: the command was aborted
             return SC_SUCCESS, 1  # not aborted
-        return SC_INVALID_OPCODE, 0
+        return DNR | SC_INVALID_OPCODE, 0
 
     def _identify(self, raw: tuple[int, ...], cns: int, nsid: int) -> tuple[int, int]:
         if cns == c.CNS_CONTROLLER:
@@ -547,12 +577,13 @@ class SimController(Transport):
             ffi.memmove(ctrl.mn, MODEL.ljust(40).encode(), 40)
             ffi.memmove(ctrl.fr, FIRMWARE.ljust(8).encode(), 8)
             ctrl.mdts = 7  # 2^7 pages: 512 KiB transfers
-            ctrl.ver = 0x00010400
+            ctrl.ver = VERSION_1_4
             ctrl.crdt1, ctrl.crdt2, ctrl.crdt3 = 1, 5, 10  # 100 ms units
             ctrl.acl = 3
             ctrl.elpe = ELPE
             ctrl.lpa = 0
-            ctrl.sqes, ctrl.cqes = 0x66, 0x44
+            # Required (low nibble) and largest (high nibble) entry sizes, as powers of two.
+            ctrl.sqes, ctrl.cqes = SQE_SHIFT << 4 | SQE_SHIFT, CQE_SHIFT << 4 | CQE_SHIFT
             ctrl.nn = len(self.namespaces)
             ctrl.oncs = 0b1101  # Compare, DSM, Write Zeroes
             self._to_host(raw, ffi.buffer(ctrl))
@@ -560,7 +591,7 @@ class SimController(Transport):
         if cns == c.CNS_NAMESPACE:
             ns = self.namespaces.get(nsid)
             if ns is None:
-                return SC_INVALID_NS, 0
+                return DNR | SC_INVALID_NS, 0
             idns = ffi.new("struct nvme_id_ns *")
             idns.nsze = idns.ncap = ns.nblocks
             idns.nuse = ns.nblocks
@@ -575,13 +606,13 @@ class SimController(Transport):
             ids = sorted(n for n in self.namespaces if n > nsid)
             self._to_host(raw, struct.pack(f"<{len(ids)}I", *ids).ljust(4096, b"\0"))
             return SC_SUCCESS, 0
-        return SC_INVALID_FIELD, 0
+        return DNR | SC_INVALID_FIELD, 0
 
     def _get_log_page(self, raw: tuple[int, ...]) -> tuple[int, int]:
-        cdw10, cdw11 = raw[9], raw[10]
+        cdw10, cdw11 = raw[SQE_CDW10], raw[SQE_CDW11]
         lid = cdw10 & 0xFF
         nbytes = ((cdw10 >> 16 | (cdw11 & 0xFFFF) << 16) + 1) * 4
-        offset = raw[11] | raw[12] << 32
+        offset = raw[SQE_CDW12] | raw[SQE_CDW13] << 32
         if lid == c.LOG_ERROR:
             page = b"".join(self.error_log).ljust((ELPE + 1) * ERROR_LOG_ENTRY_SIZE, b"\0")
         elif lid == c.LOG_SMART:
@@ -594,9 +625,9 @@ class SimController(Transport):
             set_u128(smart.power_cycles, 1)
             page = bytes(ffi.buffer(smart))
         else:
-            return SC_INVALID_FIELD, 0
+            return DNR | SC_INVALID_FIELD, 0
         if offset % 4 or offset >= len(page):
-            return SC_INVALID_FIELD, 0
+            return DNR | SC_INVALID_FIELD, 0
         self._to_host(raw, page[offset : offset + nbytes].ljust(nbytes, b"\0"))
         return SC_SUCCESS, 0
 
@@ -612,9 +643,9 @@ class SimController(Transport):
             else:
                 targets = [self.namespaces[nsid]] if nsid in self.namespaces else []
             if not targets:
-                return SC_INVALID_NS, 0
+                return DNR | SC_INVALID_NS, 0
             if set_:
                 for ns in targets:
                     ns.dulbe = bool(cdw11 & c.DULBE)
             return SC_SUCCESS, c.DULBE if targets[0].dulbe else 0
-        return SC_INVALID_FIELD, 0
+        return DNR | SC_INVALID_FIELD, 0

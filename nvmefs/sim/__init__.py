@@ -1,0 +1,1 @@
+"""The simulated NVMe controller and its fault plans: the embedded default source."""
