@@ -3,6 +3,7 @@
     nvmefs decode [--profile P] [--cqe] STATUS...   decode status words as JSON lines
     nvmefs decode --all                              every 15-bit status word
     nvmefs scrub SOURCE [-o OPTIONS]                 one pass over a source, errors to stdout
+    nvmefs watch SOURCE [-o OPTIONS]                 logged entries to stdout until stopped
     nvmefs list [--json]                             NVMe controllers and namespaces
     nvmefs SOURCE MOUNTPOINT [-o OPTIONS] [-f]       mount (mount.fuse calling convention)
 
@@ -11,8 +12,10 @@ Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +28,7 @@ from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import STATUS_MASK, Translator, parse_status
 from nvmefs.options import ArgParser
-from nvmefs.sources import Source, build_engine, open_source
+from nvmefs.sources import Source, build_engine, open_source, running
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.render import Clock, Renderer
 from nvmefs.store.ring import EVENT, SEQ, DebugRing
@@ -97,40 +100,80 @@ def cmd_scrub(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     opts = options.parse(args.options, allow_fuse=False, overrides={"passes": 1})
     src = open_source(args.source, opts)
+    if src.kernel is not None:
+        raise UsageError("the kernel source sends no I/O: scrub sim or a device")
     try:
         return mainloop.run(_scrub, src, opts)
     except KeyboardInterrupt:
         return 130
 
 
-async def _scrub(src: Source, opts: options.Parsed) -> int:
-    ring = DebugRing(opts["capacity"])
-    renderer = Renderer(Clock(opts["clock"]), opts["format"])
-    found = 0
-    printed = 0
+class Printer:
+    """Writes every entry appended to a ring to stdout as it comes; counts the errors."""
 
-    def emit() -> None:
-        nonlocal found, printed
-        _missed, entries = ring.read_after(printed)
+    def __init__(self, ring: DebugRing, renderer: Renderer) -> None:
+        self.ring = ring
+        self.renderer = renderer
+        self.found = 0  # entries that are not a success: errors and host events
+        self.printed = 0  # sequence number of the last entry written
+        ring.subscribe(self.emit)
+
+    def emit(self) -> None:
+        _missed, entries = self.ring.read_after(self.printed)
         for entry in entries:
             event = entry[EVENT]
             if not isinstance(event, NvmeEvent) or not event.status.ok:
-                found += 1
-            sys.stdout.write(renderer.line(entry))
-            printed = entry[SEQ]
+                self.found += 1
+            sys.stdout.write(self.renderer.line(entry))
+            self.printed = entry[SEQ]
         sys.stdout.flush()
 
-    ring.subscribe(emit)
+
+async def _scrub(src: Source, opts: options.Parsed) -> int:
+    ring = DebugRing(opts["capacity"])
+    printer = Printer(ring, Renderer(Clock(opts["clock"]), opts["format"]))
     engine = build_engine(src, opts, ring)
     progress = Progress()
-    async with engine.running(), trio.open_nursery() as nursery:
+    async with running(src, engine, opts), trio.open_nursery() as nursery:
         if sys.stderr.isatty():
             nursery.start_soon(_progress_bar, progress)
         await workloads.run("scrub", engine, progress, opts)
         nursery.cancel_scope.cancel()
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
-    return EXIT_FOUND if found else EXIT_OK
+    return EXIT_FOUND if printer.found else EXIT_OK
+
+
+def cmd_watch(argv: Sequence[str]) -> int:
+    p = ArgParser(
+        prog=f"{PROG} watch", description="Logged entries to stdout as they happen, until stopped."
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    args = p.parse_args(argv)
+    opts = options.parse(args.options, allow_fuse=False, overrides=daemon.DAEMON_DEFAULTS)
+    src = open_source(args.source, opts)
+    with contextlib.suppress(KeyboardInterrupt):  # a signal the trio loop did not see yet
+        mainloop.run(_watch, src, opts)
+    return EXIT_OK
+
+
+async def _watch(src: Source, opts: options.Parsed) -> None:
+    ring = DebugRing(opts["capacity"])
+    Printer(ring, Renderer(Clock(opts["clock"]), opts["format"]))
+    engine = build_engine(src, opts, ring)
+    progress = Progress()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with running(src, engine, opts), trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            if opts["workload"] != "idle":
+                await workloads.run(opts["workload"], engine, progress, opts)
+            await workloads.run("idle", engine, progress, opts)
 
 
 async def _progress_bar(progress: Progress) -> None:
@@ -171,7 +214,7 @@ def cmd_list(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"decode": cmd_decode, "scrub": cmd_scrub, "list": cmd_list}
+COMMANDS = {"decode": cmd_decode, "scrub": cmd_scrub, "watch": cmd_watch, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,11 +22,11 @@ import trio
 
 from nvmefs import __version__, mainloop, options, workloads
 from nvmefs.engine.base import EngineBase
-from nvmefs.errors import EngineError, UsageError
+from nvmefs.errors import NvmefsError, UsageError
 from nvmefs.fs import NvmeFS
 from nvmefs.options import ArgParser
 from nvmefs.recorder import Recorder
-from nvmefs.sources import Source, build_engine, open_source
+from nvmefs.sources import Source, build_engine, open_source, running
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.render import Clock, Renderer, info
@@ -175,8 +175,8 @@ def _run(
     if opts["kmsg"]:
         _mirror_to_kmsg(ring)
     try:
-        mainloop.run(_serve, recorder, engine, mountpoint, fuse_opts, opts, ready)
-    except (SetupFailed, EngineError) as e:
+        mainloop.run(_serve, recorder, src, engine, mountpoint, fuse_opts, opts, ready)
+    except NvmefsError as e:  # setup refused or the controller did not come up
         if ready.reported:
             raise
         ready.fail(str(e))
@@ -192,13 +192,14 @@ class SetupFailed(UsageError):
 
 async def _serve(
     recorder: Recorder,
+    src: Source,
     engine: EngineBase,
     mountpoint: str,
     fuse_opts: set[str],
     opts: options.Parsed,
     ready: _Ready,
 ) -> None:
-    async with engine.running():
+    async with running(src, engine, opts):
         fs = NvmeFS(recorder)
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)

@@ -103,6 +103,9 @@ OPTIONS: dict[str, Option] = {
     "sim_abort": Option(_onoff, True, "whether the simulated controller honours Abort"),
     # device sources
     "transport": Option(_choice("auto", "uring", "ioctl"), "auto", "passthrough: uring or ioctl"),
+    # the kernel source
+    "trace_buffer_kb": Option(_int_range(4), None, "kernel: per-CPU trace buffer of the instance"),
+    "kernel": Option(_onoff, False, "device sources: other processes' errors too", flag=True),
     # the engine
     "qd": Option(_int_range(1, 1023), 8, "commands in flight"),
     "bs": Option(size, 128 << 10, "bytes per command (scrub, randread)"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from nvmefs.engine import kernel
 from nvmefs.engine.base import EngineBase
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.engine.register import Engine
@@ -18,6 +21,10 @@ from nvmefs.sim.controller import SimController
 from nvmefs.store.ring import DebugRing
 
 SIM_OPTIONS = ("sim_size", "sim_lba", "sim_ns", "faults", "sim_abort")
+# Options of sources that send commands, meaningless for the kernel source.
+DEVICE_OPTIONS = (
+    "transport", "qd", "bs", "op", "passes", "interval", "rate", "io_timeout", "retries"
+)  # fmt: skip
 
 
 class SourceError(UsageError):
@@ -31,13 +38,26 @@ class Source:
     name: str
     sim: Transport | None = None
     device: devices.DeviceSource | None = None
+    kernel: kernel.KernelSpec | None = None
     transport: str = "sim"
 
 
 def open_source(source: str, opts: Parsed) -> Source:
+    """Check SOURCE and the options that depend on it; nothing starts here."""
+    if source == "kernel" or source.startswith("kernel:"):
+        for name in (*SIM_OPTIONS, *DEVICE_OPTIONS, "kernel"):
+            if name in opts.given:
+                raise SourceError(f"option {name} does not apply to the kernel source")
+        if opts["workload"] != "idle" and "workload" in opts.given:
+            raise SourceError("the kernel source sends no I/O: workload must be idle")
+        opts.values["workload"] = "idle"
+        return Source("kernel", kernel=kernel.check(source))
+    if "trace_buffer_kb" in opts.given and not opts["kernel"]:
+        raise SourceError("option trace_buffer_kb is for the kernel source (or -o kernel) only")
     if source == "sim":
-        if "transport" in opts.given:
-            raise SourceError("option transport is for device sources only")
+        for name in ("transport", "kernel"):
+            if name in opts.given:
+                raise SourceError(f"option {name} is for device sources only")
         plan = faults.load(opts["faults"]) if opts["faults"] else None
         sim = SimController(
             size=opts["sim_size"],
@@ -52,12 +72,17 @@ def open_source(source: str, opts: Parsed) -> Source:
         if name in opts.given:
             raise SourceError(f"option {name} is for SOURCE sim only")
     if not source.startswith("/"):
-        raise SourceError(f"{source}: unknown source (expected sim or an NVMe device path)")
+        raise SourceError(
+            f"{source}: unknown source (expected sim, kernel, kernel:nvmeX, kernel:/dev/nvmeXnY"
+            " or an NVMe device path)"
+        )
     device = devices.resolve(source)
     transport = opts["transport"]
     if transport == "auto":
         transport = "uring" if uring.supported() else "ioctl"
-    return Source(device.controller.name, device=device, transport=transport)
+    # -o kernel: the same controller's errors of other processes too, from the tracepoints.
+    spec = kernel.check(f"kernel:{device.controller.name}") if opts["kernel"] else None
+    return Source(device.controller.name, device=device, transport=transport, kernel=spec)
 
 
 def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> EngineBase:
@@ -72,5 +97,33 @@ def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> EngineBase:
     }
     if src.sim is not None:
         return Engine(src.sim, ring, **kw)
-    assert src.device is not None
-    return PassthroughEngine(src.device, ring, transport=src.transport, **kw)
+    if src.device is not None:
+        return PassthroughEngine(src.device, ring, transport=src.transport, **kw)
+    assert src.kernel is not None
+    return kernel_engine(src.kernel, opts, ring)
+
+
+def kernel_engine(spec: kernel.KernelSpec, opts: Parsed, ring: DebugRing) -> kernel.KernelEngine:
+    return kernel.KernelEngine(
+        spec,
+        ring,
+        buffer_kb=opts["trace_buffer_kb"],
+        translator=Translator(opts["profile"]),
+        policy=LogPolicy(opts["log"]),
+        log_attempts=opts["log_attempts"],
+    )
+
+
+@asynccontextmanager
+async def running(src: Source, engine: EngineBase, opts: Parsed) -> AsyncIterator[None]:
+    """Run a source's engine; with `-o kernel` on a device source, the kernel source of its
+    controller beside it, which leaves the engine's own commands to the engine."""
+    async with engine.running():
+        if src.device is None or src.kernel is None:
+            yield
+            return
+        companion = kernel_engine(src.kernel, opts, engine.ring)
+        companion.recognise_own = True
+        engine.on_error = companion.own
+        async with companion.running():
+            yield

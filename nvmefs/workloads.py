@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 import trio
 
 from nvmefs.engine.base import Completion, EngineBase, Namespace
-from nvmefs.errors import CommandError, UsageError
+from nvmefs.engine.kernel import KernelEngine
+from nvmefs.engine.passthrough import PassthroughEngine
+from nvmefs.errors import CommandError, EngineError, UsageError
+from nvmefs.linux import devices
 from nvmefs.nvme import commands as c
 from nvmefs.nvme.commands import Command
 from nvmefs.nvme.layouts import ERROR_LOG_ENTRY_SIZE, ffi, u128
@@ -219,6 +222,31 @@ async def idle(engine: EngineBase, progress: Progress, *, interval: float) -> No
             )
 
 
+async def kernel_health(engine: KernelEngine, progress: Progress, *, interval: float) -> None:
+    """Health polling of every controller the kernel source watches, through admin
+    passthrough (ioctl), each as the idle workload polls one."""
+    progress.workload, progress.state = "idle", "running"
+    names = set(engine.spec.watched())
+
+    async def poll(ctrl: devices.Controller) -> None:
+        source = devices.DeviceSource(ctrl.node, ctrl, [])
+        poller = PassthroughEngine(source, engine.ring, transport="ioctl",
+                                   translator=engine.translator, policy=engine.policy,
+                                   ctrl_name=ctrl.name)  # fmt: skip
+        try:
+            async with poller.running():
+                await idle(poller, progress, interval=interval)
+        except (EngineError, CommandError) as e:
+            engine.ring.append(
+                HostEvent(events.HOST_ERROR, f"health polling stopped: {e}", {"ctrl": ctrl.name})
+            )
+
+    async with trio.open_nursery() as nursery:
+        for ctrl in devices.controllers():
+            if ctrl.name in names:
+                nursery.start_soon(poll, ctrl)
+
+
 async def run(kind: str, engine: EngineBase, progress: Progress, opts: Parsed) -> None:
     """The workload `kind` with its -o options (the daemon then polls health; scrub CLI stops)."""
     if kind == "scrub":
@@ -236,6 +264,8 @@ async def run(kind: str, engine: EngineBase, progress: Progress, opts: Parsed) -
         await randread(
             engine, progress, bs=opts["bs"], qd=opts["qd"], seed=opts["seed"], rate=opts["rate"]
         )
+    elif kind == "idle" and isinstance(engine, KernelEngine):
+        await kernel_health(engine, progress, interval=opts["health_interval"])
     elif kind == "idle":
         await idle(engine, progress, interval=opts["health_interval"])
     else:

@@ -53,6 +53,8 @@ TARGETS = {  # key: (comparison, bound, what)
     "daemon_rss_mb": ("<=", 80, "MB"),
     "vm_uring_vs_fio_qd1": (">=", 0.9, "x fio"),
     "vm_uring_vs_fio_qd32": (">=", 0.8, "x fio"),
+    "vm_kernel_source_overhead_qd1": (">=", 0.97, "x untraced"),
+    "vm_kernel_source_overhead_qd32": (">=", 0.97, "x untraced"),
 }
 
 

@@ -5,14 +5,22 @@ Run it through the test bed, so every figure comes from the same VM boot and the
     contrib/qemu/vm.py run -- .venv/bin/python contrib/bench/vm_iops.py [--seconds 10] [--json F]
 The device is the plain `nvmefs-slow` controller (a raw file, no injected errors). Prints a table
 and the ratios nvmefs/fio; the ceiling is QEMU's CPU emulation, so only ratios mean much.
+
+The kernel source's cost: fio 4 KiB random reads through the block layer on the same device,
+without and with a `nvmefs kernel` mount (default policy, and log=all), alternating runs so that
+drift hits both; and the daemon's CPU seconds per 1000 error events (direct reads of a bad LBA
+of `nvmefs-err`, six trace events each).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,14 +62,15 @@ async def nvmefs_iops(path: str, transport: str, qd: int, seconds: float) -> flo
         return (engine.stats.completions - before) / (time.monotonic() - t0)
 
 
-def fio_iops(path: str, qd: int, seconds: float) -> float:
+def fio_iops(path: str, qd: int, seconds: float, engine: str = "io_uring_cmd") -> float:
+    extra = ["--cmd_type=nvme"] if engine == "io_uring_cmd" else ["--direct=1"]
     out = subprocess.run(
         [
             "fio",
             "--name=r",
             f"--filename={path}",
-            "--ioengine=io_uring_cmd",
-            "--cmd_type=nvme",
+            f"--ioengine={engine}",
+            *extra,
             "--rw=randread",
             "--bs=4k",
             f"--iodepth={qd}",
@@ -75,6 +84,62 @@ def fio_iops(path: str, qd: int, seconds: float) -> float:
         check=True,
     )
     return float(json.loads(out.stdout)["jobs"][0]["read"]["iops"])
+
+
+NVMEFS = [sys.executable, "-m", "nvmefs"]
+
+
+def controller(serial: str) -> devices.Controller:
+    return next(c for c in devices.controllers() if c.serial == serial)
+
+
+def kernel_mount(opts: str) -> Path:
+    mnt = Path(tempfile.mkdtemp(prefix="nvmefs-bench-"))
+    subprocess.run([*NVMEFS, "kernel", str(mnt), "-o", opts], check=True)
+    return mnt
+
+
+def daemon_cpu_s(mnt: Path) -> float:
+    pid = int(dict(ln.split(" ", 1) for ln in (mnt / "stats").read_text().splitlines())["pid"])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def kernel_source_cost(seconds: float, res: dict[str, float]) -> None:
+    block = controller(SERIAL).namespaces[0].block
+    for qd in (1, 32):
+        plain: list[float] = []
+        traced: dict[str, list[float]] = {"media": [], "all": []}
+        for _ in range(2):
+            plain.append(fio_iops(block, qd, seconds, "io_uring"))
+            for log in traced:
+                mnt = kernel_mount(f"log={log}")
+                try:
+                    traced[log].append(fio_iops(block, qd, seconds, "io_uring"))
+                finally:
+                    subprocess.run(["umount", str(mnt)], check=True)
+        plain.append(fio_iops(block, qd, seconds, "io_uring"))
+        base = statistics.median(plain)
+        res[f"vm_fio_block_iops_qd{qd}"] = base
+        res[f"vm_kernel_source_overhead_qd{qd}"] = statistics.median(traced["media"]) / base
+        res[f"vm_kernel_source_log_all_overhead_qd{qd}"] = statistics.median(traced["all"]) / base
+    # CPU per error event: direct reads of a bad LBA, each six nvme_complete_rq and a block event.
+    bad = controller("nvmefs-err").namespaces[0].block
+    mnt = kernel_mount("log=media")
+    try:
+        cpu0 = daemon_cpu_s(mnt)
+        n = 100
+        for _ in range(n):
+            subprocess.run(["dd", f"if={bad}", "of=/dev/null", "bs=512", "skip=2048", "count=1",
+                            "iflag=direct", "status=none"], capture_output=True)  # fmt: skip
+        time.sleep(2)
+        st = dict(ln.split(" ", 1) for ln in (mnt / "stats").read_text().splitlines())
+        events = int(st["completions"]) + int(st["logged"])  # attempts, and one block event each
+        res["vm_kernel_source_cpu_s_per_1000_error_events"] = (
+            (daemon_cpu_s(mnt) - cpu0) / events * 1000
+        )
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def main() -> int:
@@ -101,6 +166,8 @@ def main() -> int:
                 res[f"vm_{t}_iops_qd{qd}"] / res[f"vm_fio_uring_cmd_iops_qd{qd}"]
             )
     print(" ".join(f"{k}={v:.2f}" for k, v in res.items() if "_vs_" in k))
+    kernel_source_cost(args.seconds / 2, res)
+    print(" ".join(f"{k}={v:.3f}" for k, v in res.items() if "kernel_source" in k))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

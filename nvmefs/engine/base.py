@@ -218,6 +218,9 @@ class EngineBase:
         self.max_retries = max_retries
         self.queue_depth = queue_depth
         self.log_attempts = log_attempts
+        # Told the status word of every attempt that failed (the kernel source uses it to know
+        # this engine's own passthrough commands when it sees them in the tracepoints).
+        self.on_error: Callable[[int], None] | None = None
         self.stats = Stats()
         self.state = EngineState.STOPPED
         self.detaches = 0  # how often the controller went away
@@ -405,6 +408,8 @@ class EngineBase:
                 if code:
                     st.errors += 1
                 p.waiter.clean = False
+                if self.on_error is not None:
+                    self.on_error(word)
                 p.decision = decide(word, p.attempt, max_retries, fail_fast=not p.retry, crdt=crdt)
                 final = p.decision.final
             if logged[code] and (final or every):

@@ -101,6 +101,42 @@ def controllers(sysfs: Path = SYSFS) -> list[Controller]:
     return out
 
 
+@dataclass(frozen=True)
+class Disk:
+    """A block disk as sysfs shows it: its name, dev_t, namespace id and LBA size."""
+
+    name: str
+    dev: int  # the kernel's internal dev_t (major << 20 | minor), as trace events carry it
+    nsid: int | None
+    lba_size: int
+
+
+SYS_BLOCK = Path("/sys/block")
+MINORBITS = 20
+
+
+def kernel_dev(major: int, minor: int) -> int:
+    """The kernel's internal dev_t, as trace events carry it (not the userspace encoding)."""
+    return major << MINORBITS | minor
+
+
+def disks(sys_block: Path = SYS_BLOCK) -> dict[str, Disk]:
+    """Every NVMe block disk by name (nvme0n1), with what an entry needs to say about it."""
+    out = {}
+    for d in sys_block.glob("nvme*"):
+        major, _, minor = _read(d / "dev").partition(":")
+        if not (major.isdigit() and minor.isdigit()):
+            continue
+        nsid = _read(d / "nsid")
+        out[d.name] = Disk(
+            name=d.name,
+            dev=kernel_dev(int(major), int(minor)),
+            nsid=int(nsid) if nsid.isdigit() else None,
+            lba_size=int(_read(d / "queue" / "logical_block_size") or 512),
+        )
+    return out
+
+
 @dataclass
 class DeviceSource:
     """What a device SOURCE names: a controller and the namespaces to use."""

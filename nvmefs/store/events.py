@@ -22,6 +22,8 @@ class NvmeEvent:
     slba: int | None = None
     nlb: int | None = None  # number of logical blocks (1-based, unlike the 0-based NLB field)
     retries: int | None = None  # earlier attempts of this command (the kernel's nvme_req->retries)
+    disk: str | None = None  # the block disk (kernel source)
+    op: str | None = None  # what the request was when the opcode is unknown (kernel source)
 
     kind = "nvme"
 
@@ -33,6 +35,7 @@ TIMEOUT = "timeout"
 ABORT = "abort"
 RESET = "reset"
 NOTICE = "notice"  # controller error-log entries, SMART critical warnings, device attach/detach
+LOST = "lost"  # trace events the kernel dropped before nvmefs read them (kernel source)
 
 
 @dataclass(slots=True)

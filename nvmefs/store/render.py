@@ -20,7 +20,7 @@ from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.ring import Entry
 
 INFO_MAX = 255
-FORMATS = ("full", "seed")
+FORMATS = ("full", "seed", "json")  # json: the text file shows JSON lines too
 CLOCKS = ("jiffies", "uptime", "realtime")
 SEED_PREFIX = "Specific NVMe error encountered: Status = "
 
@@ -136,14 +136,14 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
         )
         return text if len(text) <= INFO_MAX and text.isascii() else _cap(text)
     parts = [_status_text(st)]
-    if ev.ctrl is not None:
-        parts.append(f"ctrl={ev.ctrl}")
-    for key in ("nsid", "qid", "cid"):
+    for key in ("ctrl", "disk", "nsid", "qid", "cid"):
         value = getattr(ev, key)
         if value is not None:
             parts.append(f"{key}={value}")
     if ev.opcode is not None:
         parts.append(_opcode_text(ev.opcode, ev.admin))
+    elif ev.op is not None:
+        parts.append(f"op={ev.op}")
     for key in ("slba", "nlb", "retries"):
         value = getattr(ev, key)
         if value is not None:
@@ -172,10 +172,14 @@ class Renderer:
         self.fmt = fmt
 
     def line(self, entry: Entry) -> str:
+        if self.fmt == "json":
+            return self.json_line(entry)
         _seq, mono_ns, wall_ns, event = entry
         return f"[{self.clock.ticks(mono_ns, wall_ns)}] {info(event, self.fmt)}\n"
 
     def missed_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
+        if self.fmt == "json":
+            return self.missed_json_line(missed, mono_ns, wall_ns)
         noun = "entry" if missed == 1 else "entries"
         return (
             f"[{self.clock.ticks(mono_ns, wall_ns)}] nvmefs: {missed} {noun} missed "
@@ -206,6 +210,8 @@ class Renderer:
                     None if event.opcode is None else tables.opcode_name(event.opcode, event.admin)
                 ),
                 admin=event.admin,
+                disk=event.disk,
+                op=event.op,
                 slba=event.slba,
                 nlb=event.nlb,
                 retries=event.retries,

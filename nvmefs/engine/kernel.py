@@ -1,0 +1,451 @@
+"""The `kernel` source: every NVMe error of the machine, from the kernel's own tracepoints.
+
+Theory of operation
+- A private tracefs instance enables `nvme:nvme_complete_rq` (filtered `status != 0` unless the
+  log policy wants successes too) and `block:block_rq_complete` filtered `error != 0`. One trio
+  task per CPU waits on that CPU's trace_pipe_raw (buffer_percent 0: woken by any data) and
+  decodes its pages with offsets from each event's format file.
+- nvme_complete_rq fires for every attempt of a request; the block event fires once, at the
+  request's final completion, right after the last nvme_complete_rq and on the same CPU (same
+  call chain: nvme_complete_rq -> nvme_end_req -> blk_mq_end_request). So `Pairing` keeps each
+  CPU's last attempt: the block event that follows makes it final (one entry, as the patch
+  logged); any other event on that CPU, or a grace period, means it was retried.
+- Lost events are counted exactly from the instance's per-CPU stats and logged; controllers
+  appearing or disappearing are logged; the instance is removed at exit (and one left by a killed
+  daemon at the next start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from nvmefs.engine.base import EngineBase, EngineState, Pending
+from nvmefs.errors import EngineError, UsageError
+from nvmefs.linux import devices, tracefs
+from nvmefs.linux.devices import Disk
+from nvmefs.nvme.commands import Command
+from nvmefs.nvme.policy import LogPolicy
+from nvmefs.nvme.status import SCT_SC_MASK
+from nvmefs.store import events
+from nvmefs.store.events import NvmeEvent
+from nvmefs.store.ring import DebugRing
+
+S = EngineState
+NVME_FIELDS = ("disk", "ctrl_id", "qid", "cid", "retries", "flags", "status")
+BLOCK_FIELDS = ("dev", "sector", "nr_sector", "error", "rwbs")
+USER_CMD = 0x2  # NVME_REQ_USERCMD: a passthrough command from userspace
+NO_SECTOR = (1 << 64) - 1  # block events of passthrough requests carry sector -1
+PAGE = 4096
+GRACE_S = 1.0  # an attempt with no block event after this long was retried
+OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
+HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
+HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
+SLOW_TICKS = 4  # lost-event counts and the controller set every SLOW_TICKS rounds (1 s)
+OPS = {"R": "read", "W": "write", "D": "discard", "N": "other", "F": "flush"}
+
+
+def operation(rwbs: str, qid: int, flags: int) -> str:
+    """What the request was: admin (qid 0), passthrough (a user command), or from rwbs."""
+    if qid == 0:
+        return "admin"
+    if flags & USER_CMD:
+        return "passthrough"
+    ops = rwbs.lstrip("F") or "F"  # a leading F on a data op is a preflush
+    if ops.startswith("DE"):
+        return "secure-erase"
+    return OPS.get(ops[0], "other")
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One nvme_complete_rq record: one attempt of a request."""
+
+    cpu: int
+    ctrl_id: int
+    disk: str
+    qid: int
+    cid: int
+    retries: int
+    flags: int
+    status: int
+    seen: float  # monotonic seconds
+
+
+@dataclass(slots=True)
+class BlockEnd:
+    """One block_rq_complete record with an error: a request's final completion."""
+
+    dev: int
+    sector: int
+    nr_sector: int
+    error: int
+    rwbs: str
+
+
+class Pairing:
+    """Each CPU's last attempt, made final by the block event that follows it on that CPU.
+
+    Invariant: at most one pending attempt per CPU; every attempt given to `attempt()` comes
+    back exactly once, from `block()` (final) or as superseded/expired (it was retried)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, Attempt] = {}
+
+    def attempt(self, a: Attempt) -> Attempt | None:
+        """Note `a`; returns the attempt it supersedes on its CPU (that one was retried)."""
+        old = self.pending.get(a.cpu)
+        self.pending[a.cpu] = a
+        return old
+
+    def block(self, cpu: int) -> Attempt | None:
+        """A block event on `cpu`: the attempt it ends, if one is pending there."""
+        return self.pending.pop(cpu, None)
+
+    def other(self, cpu: int) -> Attempt | None:
+        """Any other event on `cpu`: the pending attempt there was not final."""
+        return self.pending.pop(cpu, None)
+
+    def expire(self, now: float, grace: float = GRACE_S) -> list[Attempt]:
+        old = [a for a in self.pending.values() if now - a.seen >= grace]
+        for a in old:
+            del self.pending[a.cpu]
+        return old
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a `kernel` SOURCE watches: every controller, one (nvmeX) or one namespace."""
+
+    text: str
+    ctrl: str | None = None  # nvmeX
+    disk: str | None = None  # nvmeXnY
+
+    @classmethod
+    def parse(cls, source: str) -> KernelSpec:
+        if source == "kernel":
+            return cls(source)
+        rest = source.removeprefix("kernel:")
+        if rest.startswith("/dev/"):
+            name = os.path.basename(os.path.realpath(rest))
+            if name not in devices.disks():
+                raise UsageError(f"{source}: no NVMe namespace {rest}")
+            return cls(source, disk=name)
+        if rest.startswith("nvme") and rest[4:].isdigit():
+            if not (devices.SYSFS / rest).exists():
+                raise UsageError(f"{source}: no NVMe controller {rest}")
+            return cls(source, ctrl=rest)
+        raise UsageError(f"{source}: expected kernel, kernel:nvmeX or kernel:/dev/nvmeXnY")
+
+    def nvme_filter(self, policy: LogPolicy) -> str:
+        parts = [] if policy.table[0] else ["status != 0"]
+        if self.ctrl is not None:
+            parts.append(f"ctrl_id == {int(self.ctrl[4:])}")
+        if self.disk is not None:
+            parts.append(f'disk == "{self.disk}"')
+        return " && ".join(parts)
+
+    def watched(self) -> list[str]:
+        if self.ctrl is not None:
+            return [self.ctrl]
+        if self.disk is not None:
+            return [c.name for c in devices.controllers() if any(
+                n.block.endswith("/" + self.disk) for n in c.namespaces)]  # fmt: skip
+        return [c.name for c in devices.controllers()]
+
+
+def check(source: str) -> KernelSpec:
+    """Everything that can be refused before anything starts; the spec if all is well."""
+    if os.geteuid() != 0:
+        raise UsageError(f"{source}: the kernel source needs root (it reads tracefs)")
+    root = tracefs.find(mount=True)
+    for system, event in (("nvme", "nvme_complete_rq"), ("block", "block_rq_complete")):
+        if not (root / "events" / system / event).is_dir():
+            raise UsageError(f"{source}: this kernel has no {system}:{event} trace event")
+    return KernelSpec.parse(source)
+
+
+class KernelEngine(EngineBase):
+    """An engine whose completions are the kernel's: it sends nothing, it reads tracepoints.
+
+    Invariant: while running, its tracefs instance exists and is read on every CPU; after
+    `running()` it exists no more."""
+
+    def __init__(
+        self,
+        spec: KernelSpec,
+        ring: DebugRing,
+        *,
+        buffer_kb: int | None = None,
+        disks: Callable[[], dict[str, Disk]] = devices.disks,
+        **kw: Any,
+    ) -> None:
+        kw.setdefault("ctrl_name", "kernel")
+        super().__init__(ring, **kw)
+        self.spec = spec
+        self.buffer_kb = buffer_kb
+        self.disks = disks  # the block disks by name, read again when an unknown one shows up
+        self.pairing = Pairing()
+        self.instance: tracefs.Instance | None = None
+        self.lost_events = 0
+        self._disks: dict[str, Disk] = {}
+        self._by_dev: dict[int, Disk] = {}
+        self._lost: dict[int, int] = {}
+        self._ctrls: dict[str, str] = {}
+        # With `own()`: statuses of this process's passthrough attempts, and passthrough
+        # errors from the tracepoints waiting to be matched against them.
+        self.recognise_own = False
+        self._own: list[tuple[int, float]] = []
+        self._held: list[tuple[Attempt, BlockEnd | None]] = []
+
+    # The log policy decides the kernel filter too: log=all needs the successes.
+    @property
+    def policy(self) -> LogPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: LogPolicy) -> None:
+        self._policy = policy
+        if getattr(self, "instance", None) is not None:
+            assert self.instance is not None
+            self.instance.set_filter("nvme", "nvme_complete_rq", self.spec.nvme_filter(policy))
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[KernelEngine]:
+        self._change_state(S.STARTING)
+        root = tracefs.find(mount=True)
+        stale = tracefs.Instance.remove_stale(root)
+        inst = tracefs.Instance(root)
+        inst.create(self.buffer_kb)
+        fds: list[int] = []
+        try:
+            self.instance = inst
+            self.use_formats(
+                inst.format("nvme", "nvme_complete_rq"), inst.format("block", "block_rq_complete")
+            )
+            inst.enable("nvme", "nvme_complete_rq", self.spec.nvme_filter(self.policy))
+            inst.enable("block", "block_rq_complete", "error != 0")
+            cpus = inst.cpus()
+            fds = [inst.open_raw(cpu) for cpu in cpus]
+            self._lost = {cpu: inst.lost(cpu) for cpu in cpus}
+            self._refresh_disks()
+            self._ctrls = self._controllers()
+            watched = self.spec.watched()
+            self._log_host(
+                events.START,
+                f"watching {', '.join(watched) or 'no controller yet'} through {inst.path}"
+                f" on Linux {os.uname().release}"
+                + (f"; removed stale instances {', '.join(stale)}" if stale else ""),
+            )
+            async with trio.open_nursery() as nursery:
+                for cpu, fd in zip(cpus, fds, strict=True):
+                    nursery.start_soon(self._read_cpu, cpu, fd)
+                nursery.start_soon(self._housekeeping)
+                self._change_state(S.READY)
+                try:
+                    yield self
+                finally:
+                    self._change_state(S.STOPPED)
+                    nursery.cancel_scope.cancel()
+        except OSError as e:
+            raise EngineError(f"tracefs: {e.strerror or e}") from None
+        finally:
+            self._change_state(S.STOPPED)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            inst.remove()
+            self.instance = None
+
+    def use_formats(self, nvme: tracefs.EventFormat, block: tracefs.EventFormat) -> None:
+        """The formats of the two events, as this kernel's format files give them."""
+        nvme.require(*NVME_FIELDS)
+        block.require(*BLOCK_FIELDS)
+        self._nvme, self._block = nvme, block
+
+    async def _issue(
+        self, cmds: list[Command], attempts: Sequence[int], keep: bool, retry: bool = True
+    ) -> list[Pending]:
+        raise EngineError("the kernel source sends no commands")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def _read_cpu(self, cpu: int, fd: int) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            while True:
+                try:
+                    page = os.read(fd, PAGE)
+                except BlockingIOError:
+                    break
+                if not page:
+                    break
+                self.page(cpu, page)
+
+    def page(self, cpu: int, page: bytes) -> None:
+        """Take one trace_pipe_raw page of `cpu`."""
+        lost, records = tracefs.parse_page(page)
+        if lost:
+            self._check_lost()
+        nvme_id, block_id = self._nvme.id, self._block.id
+        now = time.monotonic()
+        for rec in records:
+            kind = tracefs.record_type(rec)
+            if kind == nvme_id:
+                f = self._nvme.decode(rec, NVME_FIELDS)
+                a = Attempt(cpu, int(f["ctrl_id"]), str(f["disk"]), int(f["qid"]), int(f["cid"]),
+                            int(f["retries"]), int(f["flags"]), int(f["status"]), now)  # fmt: skip
+                self._count(a)
+                if a.status == 0:  # a success is final at once (and only seen under log=all)
+                    self._superseded(self.pairing.other(cpu))
+                    self._emit(a, None)
+                    continue
+                self._superseded(self.pairing.attempt(a))
+            elif kind == block_id:
+                a2 = self.pairing.block(cpu)
+                if a2 is not None:
+                    f = self._block.decode(rec, BLOCK_FIELDS)
+                    b = BlockEnd(int(f["dev"]), int(f["sector"]), int(f["nr_sector"]),
+                                 int(f["error"]), str(f["rwbs"]))  # fmt: skip
+                    self._emit(a2, b)
+
+    def _count(self, a: Attempt) -> None:
+        st = self.stats
+        st.completions += 1
+        st.by_status[a.status] += 1
+        if a.status & SCT_SC_MASK:
+            st.errors += 1
+
+    def _superseded(self, a: Attempt | None) -> None:
+        """An attempt that was retried: counted, and logged only with log_attempts."""
+        if a is None:
+            return
+        self.stats.retries += 1
+        if self.log_attempts:
+            self._emit(a, None)
+
+    def own(self, status: int) -> None:
+        """A passthrough attempt of this process failed with `status`: when the tracepoints
+        show it, it is not logged again."""
+        self._own.append((status, time.monotonic()))
+        self._release_held(time.monotonic())
+
+    def _claimed(self, a: Attempt, now: float) -> bool:
+        for i, (status, t) in enumerate(self._own):
+            if status == a.status and abs(a.seen - t) <= OWN_WINDOW_S:
+                del self._own[i]
+                return True
+        return False
+
+    def _release_held(self, now: float) -> None:
+        self._own = [(s, t) for s, t in self._own if now - t <= OWN_WINDOW_S]
+        keep = []
+        for a, b in self._held:
+            if self._claimed(a, now):
+                continue
+            if now - a.seen >= HOLD_S:
+                self._log_entry(a, b)
+            else:
+                keep.append((a, b))
+        self._held = keep
+
+    def _emit(self, a: Attempt, b: BlockEnd | None) -> None:
+        """The ring entry of an attempt (with the block event of its final completion); a
+        passthrough one waits to be told whether it was this process's own."""
+        if self.recognise_own and a.flags & USER_CMD:
+            self._held.append((a, b))
+            self._release_held(time.monotonic())
+            return
+        self._log_entry(a, b)
+
+    def _log_entry(self, a: Attempt, b: BlockEnd | None) -> None:
+        code = a.status & SCT_SC_MASK
+        if not self.policy.table[code]:
+            return
+        disk = self._disk(a.disk, b.dev if b is not None else None)
+        slba = nlb = None
+        if b is not None and b.sector != NO_SECTOR and disk is not None:
+            slba = b.sector * 512 // disk.lba_size
+            nlb = b.nr_sector * 512 // disk.lba_size or None
+        self.stats.logged += 1
+        self.ring.append(
+            NvmeEvent(
+                self.translator.table[a.status],
+                ctrl=f"nvme{a.ctrl_id}",
+                nsid=disk.nsid if disk is not None and a.qid else None,
+                qid=a.qid,
+                cid=a.cid,
+                admin=a.qid == 0,
+                slba=slba,
+                nlb=nlb,
+                retries=a.retries,
+                disk=disk.name if disk is not None and a.qid else None,
+                op=operation(b.rwbs if b is not None else "", a.qid, a.flags),
+            )
+        )
+
+    def _disk(self, name: str, dev: int | None) -> Disk | None:
+        disk = self._disks.get(name) if name else self._by_dev.get(dev or -1)
+        if disk is None and (name or dev):
+            self._refresh_disks()  # a namespace that appeared since (dev_t changes per boot)
+            disk = self._disks.get(name) if name else self._by_dev.get(dev or -1)
+        return disk
+
+    def _refresh_disks(self) -> None:
+        self._disks = self.disks()
+        self._by_dev = {d.dev: d for d in self._disks.values()}
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        tick = 0
+        while True:
+            await trio.sleep(HOUSEKEEPING_S)
+            now = time.monotonic()
+            for a in self.pairing.expire(now):
+                self._superseded(a)
+            if self._held:
+                self._release_held(now)
+            tick += 1
+            if tick % SLOW_TICKS == 0:
+                self._check_lost()
+                self._check_controllers()
+
+    def _check_lost(self) -> None:
+        if self.instance is None:
+            return
+        for cpu, before in self._lost.items():
+            now = self.instance.lost(cpu)
+            if now > before:
+                self._lost[cpu] = now
+                self.lost_events += now - before
+                self._log_host(
+                    events.LOST,
+                    f"{now - before} trace events lost on cpu {cpu}: the instance's buffer was"
+                    " full; errors among them are not in the ring",
+                    cpu=cpu,
+                    lost=now - before,
+                )
+
+    @staticmethod
+    def _controllers() -> dict[str, str]:
+        return {c.name: c.serial for c in devices.controllers()}
+
+    def _check_controllers(self) -> None:
+        now = self._controllers()
+        for name in sorted(now.keys() - self._ctrls.keys()):
+            self._log_host(events.NOTICE, f"controller {name} (serial {now[name]}) appeared")
+        for name in sorted(self._ctrls.keys() - now.keys()):
+            self._log_host(
+                events.NOTICE, f"controller {name} (serial {self._ctrls[name]}) disappeared"
+            )
+        if now.keys() != self._ctrls.keys():
+            self._refresh_disks()
+        self._ctrls = now

@@ -1,0 +1,289 @@
+"""The `kernel` source in the VM: other processes' NVMe errors, from the guest's tracepoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import BUF, cleanup, daemon_pids, is_mounted, stats, wait_for
+from tests.vm.guest import controller, dmesg
+
+NVMEFS = [sys.executable, "-m", "nvmefs"]
+TRACING = Path("/sys/kernel/tracing")
+JSONL = BUF + ".jsonl"
+
+
+def err_nodes() -> tuple[str, str, str]:
+    """(controller node, block node, disk name) of the controller with injected errors."""
+    ctrl = controller("nvmefs-err")
+    block = ctrl.namespaces[0].block
+    return ctrl.node, block, block.rsplit("/", 1)[1]
+
+
+def instances() -> list[str]:
+    return sorted(p.name for p in (TRACING / "instances").glob("nvmefs-*"))
+
+
+@contextmanager
+def kernel_mount(tmp_path: Path, opts: str = "log=errors", name: str = "k") -> Iterator[Path]:
+    mnt = tmp_path / name
+    mnt.mkdir()
+    p = subprocess.run([*NVMEFS, "kernel", str(mnt), "-o", opts], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    try:
+        yield mnt
+    finally:
+        # As a user ends it: umount, and the daemon removes its instance on its way out.
+        if daemon_pids(mnt):
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+            wait_for(lambda: not daemon_pids(mnt), 10, "the daemon to exit")
+        cleanup(mnt)
+
+
+def records(mnt: Path) -> list[dict[str, object]]:
+    return [json.loads(ln) for ln in (mnt / JSONL).read_text().splitlines()]
+
+
+def nvme_records(mnt: Path) -> list[dict[str, object]]:
+    return [r for r in records(mnt) if r["kind"] == "nvme"]
+
+
+def dd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["dd", *args, "status=none"], capture_output=True, text=True)
+
+
+def read_lba(block: str, lba: int) -> None:
+    p = dd(f"if={block}", "of=/dev/null", "bs=512", f"skip={lba}", "count=1", "iflag=direct")
+    assert p.returncode != 0 and "No data available" in p.stderr, p.stderr
+
+
+def test_other_processes_errors_one_entry_per_failed_request(tmp_path: Path) -> None:
+    ctrl, block, disk = err_nodes()
+    with kernel_mount(tmp_path) as mnt:
+        for _ in range(3):
+            read_lba(block, 2048)
+        wait_for(lambda: len(nvme_records(mnt)) >= 3, 10, "three entries")
+        time.sleep(1.5)  # anything more would have arrived by now
+        recs = nvme_records(mnt)
+        # Six attempts each (the kernel retried five times), one entry each: as the patch.
+        assert [(r["status"], r["slba"], r["nlb"], r["retries"], r["op"]) for r in recs] == [
+            ("0x281", 2048, 1, 5, "read")
+        ] * 3
+        assert {(r["ctrl"], r["disk"], r["nsid"]) for r in recs} == {(ctrl[5:], disk, 1)}
+
+        p = dd("if=/dev/zero", f"of={block}", "bs=512", "seek=8192", "count=1", "oflag=direct")
+        assert p.returncode != 0
+        wait_for(lambda: any(r["status"] == "0x280" for r in nvme_records(mnt)), 10, "0x280")
+        (w,) = [r for r in nvme_records(mnt) if r["status"] == "0x280"]
+        assert (w["slba"], w["op"], w["retries"], w["name"]) == (8192, "write", 5, "Write Fault")
+
+        # Each entry decodes as `nvmefs decode` decodes its status.
+        for r in nvme_records(mnt):
+            out = subprocess.run([*NVMEFS, "decode", str(r["status"])], capture_output=True)
+            d = json.loads(out.stdout)
+            for key in ("status", "sct", "sc", "crd", "more", "dnr", "name", "blk_status"):
+                assert r[key] == d[key], (key, r, d)
+
+
+def test_a_buffered_read_gives_an_entry_per_block_error_the_kernel_reports(
+    tmp_path: Path,
+) -> None:
+    _, block, disk = err_nodes()
+    with kernel_mount(tmp_path, "log=media") as mnt:
+        subprocess.run(["blockdev", "--flushbufs", block], check=True)
+        before = dmesg().count(f"critical medium error, dev {disk}, sector 2048")
+        p = dd(f"if={block}", "of=/dev/null", "bs=4096", "skip=256", "count=1")
+        assert p.returncode != 0
+        time.sleep(2)
+        reported = dmesg().count(f"critical medium error, dev {disk}, sector 2048") - before
+        recs = [r for r in nvme_records(mnt) if r["slba"] == 2048]
+        assert reported >= 1 and len(recs) == reported, (reported, recs)
+
+
+def test_passthrough_and_admin_errors_are_marked(tmp_path: Path) -> None:
+    ctrl, block, _ = err_nodes()
+    with kernel_mount(tmp_path) as mnt:
+        p = subprocess.run(
+            ["nvme", "read", block, "-s", "2048", "-c", "0", "-z", "512"],
+            capture_output=True,
+            text=True,
+        )
+        assert "0x281" in p.stdout + p.stderr
+        wait_for(lambda: any(r["op"] == "passthrough" for r in nvme_records(mnt)), 10, "pt")
+        p = subprocess.run(
+            ["nvme", "get-log", ctrl, "--log-id=0xc0", "--log-len=512"],
+            capture_output=True,
+            text=True,
+        )
+        assert "0x4002" in p.stdout + p.stderr
+        wait_for(lambda: any(r["op"] == "admin" for r in nvme_records(mnt)), 10, "admin")
+        recs = nvme_records(mnt)
+        (pt,) = [r for r in recs if r["op"] == "passthrough"]
+        assert (pt["status"], pt["retries"], pt["qid"] != 0) == ("0x281", 0, True)
+        (adm,) = [r for r in recs if r["op"] == "admin"]
+        assert (adm["status"], adm["qid"], adm["ctrl"]) == ("0x4002", 0, ctrl[5:])
+
+
+def test_tail_f_and_watch_see_an_error_within_2_s(tmp_path: Path) -> None:
+    _, block, _ = err_nodes()
+    watch = subprocess.Popen(
+        [*NVMEFS, "watch", "kernel", "-o", "format=json,clock=realtime"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with kernel_mount(tmp_path, "log=media,clock=realtime") as mnt:
+        tail = subprocess.Popen(["tail", "-f", str(mnt / BUF)], stdout=subprocess.PIPE, text=True)
+        got: list[tuple[float, str]] = []
+
+        def collect() -> None:
+            assert tail.stdout is not None
+            for line in iter(tail.stdout.readline, ""):
+                got.append((time.time(), line))
+
+        threading.Thread(target=collect, daemon=True).start()
+        time.sleep(2)  # tail and watch are up
+        t0 = time.time()
+        read_lba(block, 40960)
+        wait_for(lambda: any("slba=40960" in ln for _, ln in got), 10, "tail -f to show it")
+        seen = next(t for t, ln in got if "slba=40960" in ln)
+        assert seen - t0 < 2.0
+        tail.terminate()
+    watch.send_signal(signal.SIGTERM)
+    out, _ = watch.communicate(timeout=20)
+    assert watch.returncode == 0
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    assert any(r.get("slba") == 40960 and r["status"] == "0x281" for r in lines), out[-2000:]
+
+
+def test_two_mounts_both_see_every_error_and_leave_no_instance(tmp_path: Path) -> None:
+    _, block, _ = err_nodes()
+    with kernel_mount(tmp_path, name="a") as a, kernel_mount(tmp_path, name="b") as b:
+        assert len(instances()) == 2
+        read_lba(block, 2048)
+        for m in (a, b):
+            wait_for(lambda m=m: len(nvme_records(m)) == 1, 10, "the entry in both")  # type: ignore[misc]
+        # SIGKILL one: its instance stays behind until the next start removes it.
+        (pid,) = daemon_pids(b)
+        killed = [i for i in instances() if i.startswith(f"nvmefs-{pid}-")]
+        subprocess.run(["kill", "-9", str(pid)])
+        wait_for(lambda: not daemon_pids(b), 10, "the daemon to die")
+        cleanup(b)
+        assert killed and killed[0] in instances()
+        with kernel_mount(tmp_path, name="c") as c:
+            assert killed[0] not in instances() and len(instances()) == 2
+            text = (c / BUF).read_text()
+            assert f"removed stale instances {killed[0]}" in text
+    assert instances() == [] and not is_mounted(a)
+
+
+def test_lost_events_are_counted_exactly(tmp_path: Path) -> None:
+    block = controller("nvmefs-slow").namespaces[0].block  # no injected errors: fio runs clean
+    with kernel_mount(tmp_path, "log=all,trace_buffer_kb=4") as mnt:
+        (inst,) = instances()
+        fio = subprocess.run(
+            ["fio", "--name=lose", f"--filename={block}", "--rw=randread", "--bs=4k",
+             "--direct=1", "--ioengine=io_uring", "--iodepth=32", "--runtime=4", "--time_based",
+             "--size=16M", "--output-format=terse"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert fio.returncode == 0, fio.stderr
+        time.sleep(2.5)  # two housekeeping rounds
+        lost_entries = [r for r in records(mnt) if r["kind"] == "lost"]
+        counted = 0
+        for cpu_dir in (TRACING / "instances" / inst / "per_cpu").glob("cpu*"):
+            for line in (cpu_dir / "stats").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("overrun", "dropped events"):
+                    counted += int(value)
+        assert counted > 0, "the tiny buffer lost nothing: the test proves nothing"
+        assert sum(int(r["lost"]) for r in lost_entries) == counted  # type: ignore[call-overload]
+        assert int(stats(mnt)["completions"]) > 0
+
+
+def test_refusals_one_line_exit_2_nothing_left(tmp_path: Path) -> None:
+    mnt = tmp_path / "r"
+    mnt.mkdir()
+    for source, why in [
+        ("kernel:nvme99", "no NVMe controller nvme99"),
+        ("kernel:/dev/nvme99n1", "no NVMe namespace"),
+        ("kernel:sda", "expected kernel, kernel:nvmeX"),
+    ]:
+        p = subprocess.run([*NVMEFS, source, str(mnt)], capture_output=True, text=True)
+        assert p.returncode == 2 and why in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    p = subprocess.run([*NVMEFS, "kernel", str(mnt), "-o", "workload=scrub"], capture_output=True,
+                       text=True)  # fmt: skip
+    assert p.returncode == 2 and "workload must be idle" in p.stderr
+    p = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NVMEFS, "watch", "kernel"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "needs root" in p.stderr, p.stderr
+    assert not is_mounted(mnt) and instances() == []
+
+
+def test_an_unmounted_tracefs_is_mounted_for_the_user(tmp_path: Path) -> None:
+    # debugfs would bring tracefs back under /sys/kernel/debug/tracing by itself: away with both.
+    subprocess.run(["umount", "/sys/kernel/debug"], capture_output=True)
+    subprocess.run(["umount", str(TRACING)], check=True)
+    try:
+        assert not (TRACING / "instances").exists()
+        with kernel_mount(tmp_path) as mnt:
+            assert (TRACING / "instances").is_dir()
+            assert f"through {TRACING}/instances/nvmefs-" in (mnt / BUF).read_text()
+    finally:
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
+
+
+def test_fstab_mount_polls_the_health_of_every_controller(tmp_path: Path) -> None:
+    mnt = tmp_path / "fstab"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"kernel {mnt} fuse.nvmefs allow_other,health_interval=1 0 0\n")
+    p = subprocess.run(["mount", "-T", str(fstab), str(mnt)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    try:
+        assert "watching nvme" in (mnt / BUF).read_text()
+        wait_for(lambda: int(stats(mnt)["workload_polls"]) >= 10, 30, "health polls")
+        assert "health polling stopped" not in (mnt / BUF).read_text()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        wait_for(lambda: not daemon_pids(mnt), 10, "the daemon to exit")
+        cleanup(mnt)
+    assert instances() == []
+
+
+def test_a_device_source_with_kernel_adds_other_processes_errors_once(tmp_path: Path) -> None:
+    ctrl = controller("nvmefs-err")
+    mnt = tmp_path / "dev"
+    mnt.mkdir()
+    opts = "kernel,workload=scrub,passes=1,retries=0,log=errors"
+    p = subprocess.run([*NVMEFS, ctrl.namespaces[0].generic, str(mnt), "-o", opts],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    try:
+        wait_for(lambda: stats(mnt)["workload"] == "idle", 120, "the scrub pass")
+        read_lba(ctrl.namespaces[0].block, 2048)  # another process
+        wait_for(lambda: any(r["op"] == "read" for r in nvme_records(mnt)), 10, "its entry")
+        time.sleep(1.5)
+        recs = nvme_records(mnt)
+        ours = [r["slba"] for r in recs if r["opcode"] == 2]
+        theirs = [(r["slba"], r["retries"]) for r in recs if r["op"] is not None]
+        assert ours == [2048, 40960]  # the scrub's own errors, once each
+        assert theirs == [(2048, 5)], recs  # the other process's, from the tracepoints
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        wait_for(lambda: not daemon_pids(mnt), 10, "the daemon to exit")
+        cleanup(mnt)
+
+
+pytestmark = pytest.mark.vm
