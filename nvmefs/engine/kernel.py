@@ -44,6 +44,7 @@ BLOCK_FIELDS = ("dev", "sector", "nr_sector", "error", "rwbs")
 USER_CMD = 0x2  # NVME_REQ_USERCMD: a passthrough command from userspace
 NO_SECTOR = (1 << 64) - 1  # block events of passthrough requests carry sector -1
 PAGE = 4096
+PAGES_PER_TURN = 16
 GRACE_S = 1.0  # an attempt with no block event after this long was retried
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
@@ -280,7 +281,9 @@ class KernelEngine(EngineBase):
     async def _read_cpu(self, cpu: int, fd: int) -> None:
         while True:
             await trio.lowlevel.wait_readable(fd)
-            while True:
+            # A bounded number of pages per turn: under a flood the FUSE requests, the other
+            # CPUs and the housekeeping must still get theirs.
+            for _ in range(PAGES_PER_TURN):
                 try:
                     page = os.read(fd, PAGE)
                 except BlockingIOError:
@@ -288,6 +291,7 @@ class KernelEngine(EngineBase):
                 if not page:
                     break
                 self.page(cpu, page)
+            await trio.lowlevel.checkpoint()
 
     def page(self, cpu: int, page: bytes) -> None:
         """Take one trace_pipe_raw page of `cpu`."""

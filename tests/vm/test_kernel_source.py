@@ -187,7 +187,8 @@ def test_two_mounts_both_see_every_error_and_leave_no_instance(tmp_path: Path) -
 
 def test_lost_events_are_counted_exactly(tmp_path: Path) -> None:
     block = controller("nvmefs-slow").namespaces[0].block  # no injected errors: fio runs clean
-    with kernel_mount(tmp_path, "log=all,trace_buffer_kb=4") as mnt:
+    # A ring big enough to keep every entry of the flood, so that no `lost` entry is dropped.
+    with kernel_mount(tmp_path, "log=all,trace_buffer_kb=4,capacity=200000") as mnt:
         (inst,) = instances()
         fio = subprocess.run(
             ["fio", "--name=lose", f"--filename={block}", "--rw=randread", "--bs=4k",
@@ -245,7 +246,7 @@ def test_an_unmounted_tracefs_is_mounted_for_the_user(tmp_path: Path) -> None:
 
 
 def test_fstab_mount_polls_the_health_of_every_controller(tmp_path: Path) -> None:
-    mnt = tmp_path / "fstab"
+    mnt = tmp_path / "mnt"
     mnt.mkdir()
     fstab = tmp_path / "fstab"
     fstab.write_text(f"kernel {mnt} fuse.nvmefs allow_other,health_interval=1 0 0\n")
