@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -109,24 +111,50 @@ def cmd_scrub(argv: Sequence[str]) -> int:
 
 
 class Printer:
-    """Writes every entry appended to a ring to stdout as it comes; counts the errors."""
+    """Writes every entry appended to a ring to stdout as it comes; counts the errors.
+
+    Invariant: `found` counts every entry that is not a success, written or not. When stdout
+    fails, writing stops (`failed` says why, "" for a reader that left: EPIPE) and `on_fail`
+    is called once; counting goes on."""
 
     def __init__(self, ring: DebugRing, renderer: Renderer) -> None:
         self.ring = ring
         self.renderer = renderer
         self.found = 0  # entries that are not a success: errors and host events
-        self.printed = 0  # sequence number of the last entry written
+        self.printed = 0  # sequence number of the last entry handled
+        self.failed: str | None = None
+        self.on_fail: Callable[[], None] | None = None
         ring.subscribe(self.emit)
 
     def emit(self) -> None:
         _missed, entries = self.ring.read_after(self.printed)
+        out = []
         for entry in entries:
             event = entry[EVENT]
             if not isinstance(event, NvmeEvent) or not event.status.ok:
                 self.found += 1
-            sys.stdout.write(self.renderer.line(entry))
+            if self.failed is None:
+                out.append(self.renderer.line(entry))
             self.printed = entry[SEQ]
-        sys.stdout.flush()
+        if out:
+            self._write("".join(out))
+
+    def _write(self, text: str) -> None:
+        try:
+            if sys.stdout is None:  # started with stdout closed
+                raise OSError(errno.EBADF, "closed")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as e:
+            self.failed = "" if e.errno == errno.EPIPE else f"stdout: {e.strerror or e}"
+            # Nothing more goes out, not even the interpreter's flush at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            if self.on_fail is not None:
+                self.on_fail()
+                self.on_fail = None
 
 
 async def _scrub(src: Source, opts: options.Parsed) -> int:
@@ -135,12 +163,16 @@ async def _scrub(src: Source, opts: options.Parsed) -> int:
     engine = build_engine(src, opts, ring)
     progress = Progress()
     async with running(src, engine, opts), trio.open_nursery() as nursery:
+        # Output fails only on writing an entry, so something was found: the status is known.
+        printer.on_fail = nursery.cancel_scope.cancel
         if sys.stderr.isatty():
             nursery.start_soon(_progress_bar, progress)
         await workloads.run("scrub", engine, progress, opts)
         nursery.cancel_scope.cancel()
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
+    if printer.failed:
+        print(f"{PROG}: scrub: {printer.failed}", file=sys.stderr)
     return EXIT_FOUND if printer.found else EXIT_OK
 
 
@@ -153,18 +185,24 @@ def cmd_watch(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     opts = options.parse(args.options, allow_fuse=False, overrides=daemon.DAEMON_DEFAULTS)
     src = open_source(args.source, opts)
+    failed = None
     with contextlib.suppress(KeyboardInterrupt):  # a signal the trio loop did not see yet
-        mainloop.run(_watch, src, opts)
+        failed = mainloop.run(_watch, src, opts)
+    if failed:
+        print(f"{PROG}: watch: {failed}", file=sys.stderr)
+        return EXIT_FOUND
     return EXIT_OK
 
 
-async def _watch(src: Source, opts: options.Parsed) -> None:
+async def _watch(src: Source, opts: options.Parsed) -> str | None:
+    """Run until a signal (or until stdout fails: returns why, "" for EPIPE)."""
     ring = DebugRing(opts["capacity"])
-    Printer(ring, Renderer(Clock(opts["clock"]), opts["format"]))
+    printer = Printer(ring, Renderer(Clock(opts["clock"]), opts["format"]))
     engine = build_engine(src, opts, ring)
     progress = Progress()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with running(src, engine, opts), trio.open_nursery() as nursery:
+            printer.on_fail = nursery.cancel_scope.cancel  # nobody to watch for any more
 
             async def stop_on_signal() -> None:
                 async for _ in signals:
@@ -174,6 +212,7 @@ async def _watch(src: Source, opts: options.Parsed) -> None:
             if opts["workload"] != "idle":
                 await workloads.run(opts["workload"], engine, progress, opts)
             await workloads.run("idle", engine, progress, opts)
+    return printer.failed
 
 
 async def _progress_bar(progress: Progress) -> None:

@@ -17,10 +17,12 @@ from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import Translator
 from nvmefs.options import Parsed
 from nvmefs.sim import faults
-from nvmefs.sim.controller import SimController
+from nvmefs.sim.controller import MAX_TRANSFER, SimController
 from nvmefs.store.ring import DebugRing
 
 SIM_OPTIONS = ("sim_size", "sim_lba", "sim_ns", "faults", "sim_abort")
+MAX_NLB = 0x10000  # blocks in one command (NLB is 16 bits, 0-based)
+MAX_NLB_BYTES = MAX_NLB * 512
 # Options of sources that send commands, meaningless for the kernel source.
 DEVICE_OPTIONS = (
     "transport", "qd", "bs", "op", "passes", "interval", "rate", "io_timeout", "retries"
@@ -67,6 +69,9 @@ def open_source(source: str, opts: Parsed) -> Source:
             seed=opts["seed"],
             abort_works=opts["sim_abort"],
         )
+        if plan is not None:
+            plan.check_against({n: ns.nblocks for n, ns in sim.namespaces.items()})
+        check_bs(opts, [opts["sim_lba"]], MAX_TRANSFER)
         return Source("sim0", sim=sim)
     for name in SIM_OPTIONS:
         if name in opts.given:
@@ -77,12 +82,31 @@ def open_source(source: str, opts: Parsed) -> Source:
             " or an NVMe device path)"
         )
     device = devices.resolve(source)
+    limits = [n.max_transfer for n in device.namespaces if n.max_transfer]
+    check_bs(opts, [n.lba_size for n in device.namespaces], min(limits, default=0))
     transport = opts["transport"]
     if transport == "auto":
         transport = "uring" if uring.supported() else "ioctl"
     # -o kernel: the same controller's errors of other processes too, from the tracepoints.
     spec = kernel.check(f"kernel:{device.controller.name}") if opts["kernel"] else None
     return Source(device.controller.name, device=device, transport=transport, kernel=spec)
+
+
+def check_bs(opts: Parsed, lba_sizes: list[int], max_transfer: int) -> None:
+    """bs must be whole blocks of every namespace and within what one command may move; a
+    default bs larger than the controller allows is lowered to its limit."""
+    bs = opts["bs"]
+    limit = min(max_transfer or MAX_NLB_BYTES, MAX_NLB * min(lba_sizes))
+    if "bs" not in opts.given:
+        opts.values["bs"] = bs = min(bs, limit)
+    for lba in lba_sizes:
+        if bs < lba or bs % lba:
+            raise SourceError(f"option bs={bs}: not a whole number of {lba}-byte blocks")
+    if bs > limit:
+        raise SourceError(
+            f"option bs={bs}: more than one command may transfer here ({limit >> 10}K: the"
+            " controller's MDTS)"
+        )
 
 
 def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> EngineBase:

@@ -33,6 +33,7 @@ class NamespaceNode:
     block: str  # /dev/nvmeXnY
     size: int  # bytes
     lba_size: int
+    max_transfer: int = 0  # bytes per command the kernel allows (MDTS); 0 if unknown
 
 
 @dataclass
@@ -87,6 +88,7 @@ def controllers(sysfs: Path = SYSFS) -> list[Controller]:
             nsid = int(_read(ns_dir / "nsid") or m.group(2))
             sectors = int(_read(ns_dir / "size") or 0)
             lba = int(_read(ns_dir / "queue" / "logical_block_size") or 512)
+            max_kb = _read(ns_dir / "queue" / "max_hw_sectors_kb")
             ctrl.namespaces.append(
                 NamespaceNode(
                     nsid=nsid,
@@ -94,6 +96,7 @@ def controllers(sysfs: Path = SYSFS) -> list[Controller]:
                     block=f"/dev/nvme{m.group(1)}n{m.group(2)}",
                     size=sectors * 512,
                     lba_size=lba,
+                    max_transfer=int(max_kb) * 1024 if max_kb.isdigit() else 0,
                 )
             )
         ctrl.namespaces.sort(key=lambda n: n.nsid)

@@ -88,6 +88,8 @@ READY_TIMEOUT_UNITS = 2  # CAP.TO: 1 s, in 500 ms units
 CAP_VALUE = cap(MQES, READY_TIMEOUT_UNITS)  # with CQR (contiguous queues) and CSS: NVM
 DOORBELL_STRIDE = doorbell_offset(1) - doorbell_offset(0)
 ELPE = 63  # error log holds 64 entries
+MDTS = 7  # largest transfer: 2^7 pages, 512 KiB
+MAX_TRANSFER = (1 << MDTS) * PAGE
 MAX_QUEUES = 16
 CHUNK_BLOCKS = 256
 SERIAL = "NVMEFS-SIM-0001"
@@ -576,7 +578,7 @@ class SimController(Transport):
             ffi.memmove(ctrl.sn, SERIAL.ljust(20).encode(), 20)
             ffi.memmove(ctrl.mn, MODEL.ljust(40).encode(), 40)
             ffi.memmove(ctrl.fr, FIRMWARE.ljust(8).encode(), 8)
-            ctrl.mdts = 7  # 2^7 pages: 512 KiB transfers
+            ctrl.mdts = MDTS
             ctrl.ver = VERSION_1_4
             ctrl.crdt1, ctrl.crdt2, ctrl.crdt3 = 1, 5, 10  # 100 ms units
             ctrl.acl = 3

@@ -8,7 +8,9 @@ A plan is checked whole before anything starts; every error names the file, rule
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -68,6 +70,21 @@ class FaultPlan:
     source: str
     rules: list[FaultRule] = field(default_factory=list)
 
+    def check_against(self, namespaces: dict[int, int]) -> None:
+        """Refuse rules that can never fire on namespaces {nsid: blocks}."""
+        for rule in self.rules:
+            where = f"fault plan {self.source}: rule {rule.index}"
+            if rule.nsid is not None and rule.nsid not in namespaces:
+                known = ", ".join(map(str, sorted(namespaces)))
+                raise FaultPlanError(f"{where}: nsid: no namespace {rule.nsid} (there is {known})")
+            if rule.lba is not None:
+                targets = [rule.nsid] if rule.nsid is not None else list(namespaces)
+                largest = max(namespaces[n] for n in targets)
+                if rule.lba[0] >= largest:
+                    raise FaultPlanError(
+                        f"{where}: lba: {rule.lba[0]} is beyond the namespace ({largest} blocks)"
+                    )
+
     def pick(
         self, opcode: int, nsid: int, slba: int | None, nlb: int | None, rng: random.Random
     ) -> FaultRule | None:
@@ -80,16 +97,38 @@ class FaultPlan:
         return None
 
 
+MAX_PLAN_BYTES = 1 << 20  # a plan is a few rules: anything larger is not one
+
+
 def load(spec: str) -> FaultPlan:
-    """`demo` (built in) or a path to a TOML plan."""
+    """`demo` (built in) or a path to a TOML plan: a regular file of at most MAX_PLAN_BYTES,
+    opened without blocking (a FIFO or a device is refused, never waited on or read forever)."""
     if spec in BUILTIN:
         text = resources.files(__package__).joinpath(f"{spec}.toml").read_text()
         return parse(text, f"<built-in {spec}>")
     try:
-        with open(spec, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(spec, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
         raise FaultPlanError(f"fault plan {spec}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FaultPlanError(f"fault plan {spec}: not a regular file")
+        if st.st_size > MAX_PLAN_BYTES:
+            raise FaultPlanError(
+                f"fault plan {spec}: {st.st_size} bytes, more than a plan ({MAX_PLAN_BYTES} max)"
+            )
+        raw = os.read(fd, MAX_PLAN_BYTES + 1)
+    except OSError as e:
+        raise FaultPlanError(f"fault plan {spec}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_PLAN_BYTES:
+        raise FaultPlanError(f"fault plan {spec}: more than {MAX_PLAN_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FaultPlanError(f"fault plan {spec}: not UTF-8 text (byte {e.start})") from None
     return parse(text, spec)
 
 
