@@ -20,6 +20,8 @@ from nvmefs.options import Parsed
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
 
+POLLER_WATCH_S = 2.0
+
 
 @dataclass
 class Progress:
@@ -233,6 +235,7 @@ async def kernel_health(engine: KernelEngine, progress: Progress, *, interval: f
         poller = PassthroughEngine(source, engine.ring, transport="ioctl",
                                    translator=engine.translator, policy=engine.policy,
                                    ctrl_name=ctrl.name)  # fmt: skip
+        poller.watch_interval = POLLER_WATCH_S  # it only polls health: no hurry, little CPU
         try:
             async with poller.running():
                 await idle(poller, progress, interval=interval)

@@ -274,6 +274,18 @@ class EngineBase:
 
     # -- submission ----------------------------------------------------------------------------
 
+    async def _wait_accepting(self) -> CommandError | None:
+        """None once commands may go to the controller (waiting up to io_timeout while it is
+        detached); otherwise the error that ends them."""
+        if self.state is S.DETACHED:
+            deadline = trio.current_time() + self.io_timeout
+            await self._until(lambda: self.state is not S.DETACHED, deadline)
+        if self.state in ACCEPTING:
+            return None
+        if self.state is S.DETACHED:
+            return CommandTimeout(f"{self.ctrl_name} still detached after {self.io_timeout:g} s")
+        return CommandAborted(f"{self.ctrl_name} is {self.state}")
+
     async def _admin_cmd(self, cmd: Command) -> bytes:
         """An admin command of bring-up: any failure is fatal to bring-up."""
         (r,) = await self.submit_batch([cmd], keep_data=True, retry=False)
@@ -320,26 +332,23 @@ class EngineBase:
         results: list[Completion | CommandError | None] = [None] * n
         attempts = [0] * n
         todo = list(range(n))
-        deadline = trio.current_time() + self.io_timeout
         first = True
         while todo:
-            if self.state is S.DETACHED:
-                await self._until(lambda: self.state is not S.DETACHED, deadline)
             if self.state not in ACCEPTING:
-                err: CommandError = (
-                    CommandTimeout(f"{self.ctrl_name} still detached after {self.io_timeout:g} s")
-                    if self.state is S.DETACHED
-                    else CommandAborted(f"{self.ctrl_name} is {self.state}")
-                )
-                for i in todo:
-                    results[i] = err
-                    self._log_failure(cmds[i], err, attempts[i])
-                break
-            done = await self._issue([cmds[i] for i in todo], [attempts[i] for i in todo],
-                                     keep_data, retry)  # fmt: skip
-            if first and done[0].waiter.clean:
-                return [p.completion for p in done]  # type: ignore[misc]  # all first time
-            first = False
+                err = await self._wait_accepting()
+                if err is not None:
+                    for i in todo:
+                        results[i] = err
+                        self._log_failure(cmds[i], err, attempts[i])
+                    break
+            if first:  # the common case: the batch as given, every command on its first try
+                done = await self._issue(list(cmds), attempts, keep_data, retry)
+                if done[0].waiter.clean:
+                    return [p.completion for p in done]  # type: ignore[misc]
+                first = False
+            else:
+                done = await self._issue([cmds[i] for i in todo], [attempts[i] for i in todo],
+                                         keep_data, retry)  # fmt: skip
             again: list[int] = []
             requeued: list[tuple[int, Pending]] = []
             delay = 0.0

@@ -49,7 +49,7 @@ GRACE_S = 1.0  # an attempt with no block event after this long was retried
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
-SLOW_TICKS = 4  # lost-event counts and the controller set every SLOW_TICKS rounds (1 s)
+SLOW_S = 2.0  # lost-event counts and the controller set, this often
 OPS = {"R": "read", "W": "write", "D": "discard", "N": "other", "F": "flush"}
 
 
@@ -237,7 +237,7 @@ class KernelEngine(EngineBase):
             fds = [inst.open_raw(cpu) for cpu in cpus]
             self._lost = {cpu: inst.lost(cpu) for cpu in cpus}
             self._refresh_disks()
-            self._ctrls = self._controllers()
+            self._ctrls = devices.serials()
             watched = self.spec.watched()
             self._log_host(
                 events.START,
@@ -409,17 +409,20 @@ class KernelEngine(EngineBase):
     # -- housekeeping --------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
-        tick = 0
+        # Every wake-up costs CPU that the machine's own I/O wants: only often while attempts
+        # wait for their block event or passthrough entries for their owner.
+        last_slow = time.monotonic()
         while True:
-            await trio.sleep(HOUSEKEEPING_S)
+            busy = self.pairing.pending or self._held
+            await trio.sleep(HOUSEKEEPING_S if busy else SLOW_S)
             now = time.monotonic()
             for a in self.pairing.expire(now):
                 self._superseded(a)
             if self._held:
                 self._release_held(now)
-            tick += 1
-            if tick % SLOW_TICKS == 0:
-                self._check_lost()
+            if now - last_slow >= SLOW_S:
+                last_slow = now
+                self._check_lost()  # a backstop: pages that follow a loss say so at once
                 self._check_controllers()
 
     def _check_lost(self) -> None:
@@ -438,12 +441,8 @@ class KernelEngine(EngineBase):
                     lost=now - before,
                 )
 
-    @staticmethod
-    def _controllers() -> dict[str, str]:
-        return {c.name: c.serial for c in devices.controllers()}
-
     def _check_controllers(self) -> None:
-        now = self._controllers()
+        now = devices.serials()
         for name in sorted(now.keys() - self._ctrls.keys()):
             self._log_host(events.NOTICE, f"controller {name} (serial {now[name]}) appeared")
         for name in sorted(self._ctrls.keys() - now.keys()):

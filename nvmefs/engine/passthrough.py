@@ -68,6 +68,8 @@ class PassthroughEngine(EngineBase):
         self._gone = trio.Event()  # set by an -ENODEV completion: look now, not at the next tick
         self._pool = BufferPool()
         self._threads = trio.CapacityLimiter(max(1, self.queue_depth))
+        # How often the watcher looks for the controller (an -ENODEV makes it look at once).
+        self.watch_interval = WATCH_INTERVAL_S
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -239,7 +241,7 @@ class PassthroughEngine(EngineBase):
     async def _watch(self) -> None:
         name = self.source.controller.name
         while True:
-            with trio.move_on_after(WATCH_INTERVAL_S):
+            with trio.move_on_after(self.watch_interval):
                 await self._gone.wait()
             if devices.controller_serial(name) == self.serial:
                 self._gone = trio.Event()
@@ -254,7 +256,7 @@ class PassthroughEngine(EngineBase):
 
     async def _wait_for_serial(self) -> str:
         while True:
-            await trio.sleep(WATCH_INTERVAL_S)
+            await trio.sleep(self.watch_interval)
             for ctrl in devices.controllers():
                 if ctrl.serial != self.serial:
                     continue

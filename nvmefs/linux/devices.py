@@ -65,6 +65,13 @@ def controller_serial(name: str, sysfs: Path = SYSFS) -> str:
     return _read(sysfs / name / "serial")
 
 
+def serials(sysfs: Path = SYSFS) -> dict[str, str]:
+    """Controller name -> serial number, and nothing else: cheap enough to ask often."""
+    return {
+        d.name: _read(d / "serial") for d in sysfs.glob("nvme*") if re.fullmatch(r"nvme\d+", d.name)
+    }
+
+
 def controllers(sysfs: Path = SYSFS) -> list[Controller]:
     out = []
     for ctrl_dir in sorted(sysfs.glob("nvme*"), key=lambda p: int(p.name[4:] or 0)):

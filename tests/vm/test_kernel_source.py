@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounts import BUF, cleanup, daemon_pids, is_mounted, stats, wait_for
-from tests.vm.guest import controller, dmesg
+from tests.vm.guest import controller, dmesg, qmp
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
 TRACING = Path("/sys/kernel/tracing")
@@ -285,6 +285,24 @@ def test_a_device_source_with_kernel_adds_other_processes_errors_once(tmp_path: 
         subprocess.run(["umount", str(mnt)], capture_output=True)
         wait_for(lambda: not daemon_pids(mnt), 10, "the daemon to exit")
         cleanup(mnt)
+
+
+def test_controllers_that_disappear_and_appear_are_logged(tmp_path: Path) -> None:
+    with kernel_mount(tmp_path) as mnt:
+        name = controller("nvmefs-err").name
+        assert "error" not in qmp("device_del", id="hot0")
+        try:
+            wait_for(lambda: f"controller {name} (serial nvmefs-err) disappeared"
+                     in (mnt / BUF).read_text(), 30, "the disappearance")  # fmt: skip
+        finally:
+            reply = qmp("device_add", driver="nvme", id="hot0", serial="nvmefs-err", drive="err",
+                        bus="rp1")  # fmt: skip
+            assert "error" not in reply, reply
+        wait_for(lambda: "(serial nvmefs-err) appeared" in (mnt / BUF).read_text(), 30, "back")
+        # The new controller's errors are recorded too, under its new name.
+        read_lba(controller("nvmefs-err").namespaces[0].block, 2048)
+        new = controller("nvmefs-err").name
+        wait_for(lambda: any(r["ctrl"] == new for r in nvme_records(mnt)), 10, "its entry")
 
 
 pytestmark = pytest.mark.vm
