@@ -100,7 +100,9 @@ def cmd_scrub(argv: Sequence[str]) -> int:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     args = p.parse_args(argv)
-    opts = options.parse(args.options, allow_fuse=False, overrides={"passes": 1})
+    opts = options.parse(
+        args.options, allow_fuse=False, overrides={"passes": 1}, refuse=options.SCRUB_REFUSES
+    )
     src = open_source(args.source, opts)
     if src.kernel is not None:
         raise UsageError("the kernel source sends no I/O: scrub sim or a device")
@@ -183,7 +185,12 @@ def cmd_watch(argv: Sequence[str]) -> int:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     args = p.parse_args(argv)
-    opts = options.parse(args.options, allow_fuse=False, overrides=daemon.DAEMON_DEFAULTS)
+    opts = options.parse(
+        args.options,
+        allow_fuse=False,
+        overrides=daemon.DAEMON_DEFAULTS,
+        refuse=options.WATCH_REFUSES,
+    )
     src = open_source(args.source, opts)
     failed = None
     with contextlib.suppress(KeyboardInterrupt):  # a signal the trio loop did not see yet

@@ -1,21 +1,26 @@
 """`nvmefs SOURCE MOUNTPOINT [-o OPTIONS] [-f]`: the mount daemon (mount.fuse calling convention).
 
-Lifecycle: check everything that can be checked (options, mountpoint, source) before forking;
-fork; the child brings the controller up and mounts; only when the mount is live does the parent
-exit 0, so `mount -a` returns with the filesystem usable. Any failure before that is reported by
-the parent as one line with exit status 2, and nothing is left mounted or running. SIGTERM,
-SIGINT and an external umount end the daemon with the mount gone.
+Lifecycle: take a lock on the mountpoint that the daemon holds for its whole life (see
+claim_mountpoint); check everything else that can be checked (options, mountpoint, source)
+before forking; fork; the child brings the controller up and mounts; only when the mount is live
+does the parent exit 0, so `mount -a` returns with the filesystem usable. Any failure before that
+is reported by the parent as one line with exit status 2, and nothing is left mounted or
+running. SIGTERM, SIGINT and an external umount end the daemon with the mount gone.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import fcntl
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pyfuse3
 import trio
@@ -52,51 +57,180 @@ def _parser() -> ArgParser:
     return p
 
 
+# The mounter needs this line in /etc/fuse.conf for allow_other (fusermount3 checks it).
+FUSE_CONF = "/etc/fuse.conf"
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo field as a path: the kernel writes space, tab, newline and \\ as \\ooo."""
+    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount, from /proc/self/mountinfo."""
+    """(mount point, fstype) of every mount, in mount order, from /proc/self/mountinfo."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            point = left.split()[4].replace("\\040", " ")
-            out.append((point, right.split()[0]))
+            out.append((_unescape(left.split()[4]), right.split()[0]))
     return out
 
 
-def check_mountpoint(path: str) -> str:
+def _is_dead(point: str) -> bool:
+    """Whether the FUSE mount at `point` has lost its daemon. The kernel answers a stat of its
+    root from a 300 s attribute cache, so ask for something it never caches: statvfs."""
     try:
-        st = os.stat(path)
+        os.statvfs(point)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _dead_mount_error(path: str, real: str) -> MountError:
+    """The error for a mountpoint whose access failed with ENOTCONN: it names the dead
+    mount as mountinfo has it, which may be `path` itself or a directory above it."""
+    # Shallowest first: the first dead mount on the way to `path` is the one in the way.
+    fuse = [p for p, fstype in _mounts() if fstype == "fuse" or fstype.startswith("fuse.")]
+    for point in sorted(set(fuse), key=len):
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and _is_dead(point):
+            where = (
+                "is a dead FUSE mount" if point == real else f"is under a dead FUSE mount {point}"
+            )
+            break
+    else:
+        point, where = real, "is on a dead FUSE mount"
+    return MountError(
+        f"mountpoint {path} {where} (Transport endpoint is not connected: its daemon is gone): "
+        f"run 'umount {shlex.quote(point)}' first"
+    )
+
+
+def _above_stdio(fd: int) -> int:
+    """`fd`, or a close-on-exec duplicate of it numbered 3 or more: the daemon points 0, 1 and 2
+    at /dev/null, which must not replace the lock or the pipe (when nvmefs was started with
+    a standard descriptor closed, os.open can return it)."""
+    if fd > 2:
+        return fd
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return high
+
+
+def claim_mountpoint(path: str) -> tuple[str, int]:
+    """Lock the mountpoint and check it; returns its real path and the locked descriptor.
+
+    The lock (flock on the directory, exclusive) is what makes mounting exclusive: it is taken
+    before anything looks at mountinfo, so of two nvmefs started together on one directory
+    exactly one gets past here; the other is told so, or, if the winner has mounted already,
+    opens the mount's root and finds the mount in mountinfo. The descriptor is close-on-exec
+    (no program nvmefs runs inherits it); the forked daemon inherits it and holds the lock
+    until it exits, whatever its parent does: a flock belongs to the open file, not a process.
+    """
+    real = os.path.realpath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise MountError(f"mountpoint {path} does not exist") from None
+    except NotADirectoryError:
+        raise MountError(f"mountpoint {path} is not a directory") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(
-                f"mountpoint {path} is a dead FUSE mount (Transport endpoint is not "
-                f"connected): run 'umount {path}' first"
-            ) from None
+            raise _dead_mount_error(path, real) from None
         raise MountError(f"mountpoint {path}: {e.strerror}") from None
-    real = os.path.realpath(path)
-    if not os.path.isdir(real):
-        raise MountError(f"mountpoint {path} is not a directory")
-    for point, fstype in _mounts():
-        if point == real and fstype == "fuse.nvmefs":
-            raise MountError(f"mountpoint {path} is already an nvmefs mount")
     try:
-        if os.listdir(real):
-            raise MountError(f"mountpoint {path} is not empty")
-    except PermissionError:
-        raise MountError(f"mountpoint {path}: permission denied") from None
-    del st
-    return real
+        fd = _above_stdio(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MountError(
+                f"mountpoint {path} is being mounted or served by another nvmefs"
+            ) from None
+        except OSError as e:  # a filesystem without locks: exclusive mounting cannot be had
+            raise MountError(f"mountpoint {path}: cannot lock it: {e.strerror}") from None
+        for point, fstype in _mounts():
+            if point == real and fstype.startswith("fuse") and _is_dead(point):
+                raise _dead_mount_error(path, real)
+            if point == real and fstype == f"fuse.{options.SUBTYPE}":
+                raise MountError(f"mountpoint {path} is already an nvmefs mount")
+        try:
+            now = os.stat(path)
+        except OSError as e:
+            raise MountError(f"mountpoint {path}: {e.strerror}") from None
+        locked = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
+            # Something was mounted on it or unmounted from it since it was opened: the lock
+            # is on a directory the mount would not go on.
+            raise MountError(f"mountpoint {path} changed while nvmefs checked it: try again")
+        try:
+            if os.listdir(fd):
+                raise MountError(f"mountpoint {path} is not empty")
+        except PermissionError:
+            raise MountError(f"mountpoint {path}: permission denied") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return real, fd
+
+
+def _user_allow_other(conf: str = FUSE_CONF) -> bool:
+    """Whether `conf` lets non-root mounters use allow_other, read as fusermount3 reads it: a
+    line `user_allow_other` once comments and surrounding blanks are gone (and, as there, only
+    lines that end with a newline count)."""
+    try:
+        with open(conf, "rb") as f:
+            lines = f.read().split(b"\n")[:-1]
+    except OSError:
+        return False
+    return any(line.split(b"#", 1)[0].strip() == b"user_allow_other" for line in lines)
+
+
+def check_fuse_options(fuse_opts: Collection[str]) -> None:
+    """Refuse what libfuse would refuse without saying why (its fusermount3's message goes to a
+    daemon's /dev/null): allow_other/allow_root of a non-root mounter without user_allow_other."""
+    if os.getuid() == 0:
+        return
+    for name in ("allow_other", "allow_root"):
+        if name in fuse_opts and not _user_allow_other():
+            raise MountError(
+                f"option {name} needs 'user_allow_other' in {FUSE_CONF} when a user other than "
+                "root mounts (only root can add it)"
+            )
+
+
+def fuse_options(source: str, user: Sequence[str]) -> set[str]:
+    """The FUSE options of the mount: fsname=SOURCE, subtype and default_permissions, then the
+    user's, at most one per name (a user's fsname replaces SOURCE), so libfuse never gets two
+    values for one option and picks one by set order."""
+    chosen = {
+        "fsname": f"fsname={source}",
+        "subtype": f"subtype={options.SUBTYPE}",
+        "default_permissions": "default_permissions",
+    }
+    for item in user:
+        chosen[item.partition("=")[0]] = item
+    return set(chosen.values())
 
 
 def cmd_mount(argv: Sequence[str]) -> int:
     """Check everything, fork, and return once the mount is live; UsageError otherwise."""
     args = _parser().parse_args(argv)
     opts = options.parse(args.options, allow_fuse=True, overrides=DAEMON_DEFAULTS)
-    mountpoint = check_mountpoint(args.mountpoint)
+    fuse_opts = fuse_options(args.source, opts.fuse)
+    check_fuse_options(fuse_opts)
+    mountpoint, lock = claim_mountpoint(args.mountpoint)
+    try:
+        return _start(args, mountpoint, fuse_opts, opts)
+    finally:
+        # The daemon has its own copy of the descriptor, which holds the lock for it.
+        os.close(lock)
+
+
+def _start(
+    args: argparse.Namespace, mountpoint: str, fuse_opts: set[str], opts: options.Parsed
+) -> int:
+    """Open the source and serve, in the foreground or in a forked daemon; 0 once mounted."""
     src = open_source(args.source, opts)
-    fuse_opts = {f"fsname={args.source}", "subtype=nvmefs", "default_permissions", *opts.fuse}
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="nvmefs[%(process)d]: %(levelname)s %(message)s",
@@ -104,18 +238,18 @@ def cmd_mount(argv: Sequence[str]) -> int:
     if args.foreground or args.debug:
         return _run(args.source, src, mountpoint, fuse_opts, opts, None)
 
-    rfd, wfd = os.pipe()
+    rfd, wfd = (_above_stdio(fd) for fd in os.pipe())
     pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(rfd)
-        os.setsid()
-        # Hold none of the caller's terminal or pipes: mount -a and $(...) must not wait on us.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
+    if pid == 0:  # the daemon: it never returns, so it keeps its copy of the lock to the end
         code = 2
         try:
+            os.close(rfd)
+            os.setsid()
+            # Hold none of the caller's terminal or pipes: mount -a and $(...) must not wait.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
             code = _run(args.source, src, mountpoint, fuse_opts, opts, wfd)
         finally:
             os._exit(code)

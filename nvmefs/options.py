@@ -1,14 +1,15 @@
 """`-o` options: ours (typed and checked), FUSE's (passed on), and mount(8)'s (dropped).
 
 Every option of ours is listed once in OPTIONS with its parser and default, so `nvmefs scrub`,
-the mount daemon and the README agree on what exists.
+the mount daemon and the README agree on what exists. Values are ASCII (file paths excepted):
+Python's int() and float() also read fullwidth or Arabic-Indic digits, which nobody means.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from nvmefs.store.render import CLOCKS, FORMATS
 
 
 class OptionError(UsageError):
-    """An -o option that does not exist or whose value does not parse."""
+    """An -o option that does not exist, does not apply, or whose value does not parse."""
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -29,30 +30,78 @@ class ArgParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B?)?$", re.IGNORECASE)
+# Every number of ours fits in 63 bits; beyond that a value is out of range, whatever it is.
+MAX_INT = (1 << 63) - 1
+# No option value needs more characters than this to be a number in range (0b and 63 bits is
+# 65). Longer ones are out of range without being converted: int() refuses decimal strings of
+# more than 4300 digits with a ValueError about Python's limits, not about the option.
+_MAX_NUMBER_CHARS = 66
+
+_INTEGER = re.compile(r"0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+# re.ASCII: without it [KMGT] with IGNORECASE also matches the Kelvin sign.
+_SIZE = re.compile(r"([0-9]+)([KMGT]?)(?:i?B?)", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+def shown(text: str) -> str:
+    """`text` as a message quotes it: whole if short, else its start and its length."""
+    if len(text) <= 40:
+        return text
+    return f"{text[:16]}... ({len(text)} characters)"
+
+
+def _out_of_range(text: str, lo: int | float, hi: int | float) -> ValueError:
+    unit = "digit" if text.isdigit() else "character"
+    number = text if len(text) <= 40 else f"a {len(text)}-{unit} number"
+    return ValueError(f"{number} is out of range {lo}..{hi}")
+
+
 def size(text: str) -> int:
-    """`4096`, `128K`, `64M`, `1G` (binary units)."""
-    m = _SIZE.match(text)
+    """`4096`, `128K`, `64M`, `1G` (binary units); at most MAX_INT bytes."""
+    m = _SIZE.fullmatch(text)
     if not m:
-        raise ValueError(f"{text!r} is not a size like 4096, 128K or 64M")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise ValueError(f"{shown(text)!r} is not a size like 4096, 128K or 64M")
+    if len(m.group(1)) > _MAX_NUMBER_CHARS:
+        raise _out_of_range(text, 0, MAX_INT)
+    value = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value > MAX_INT:
+        raise _out_of_range(text, 0, MAX_INT)
+    return value
 
 
-def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+def _literal(text: str) -> int:
+    """The value of an _INTEGER of at most _MAX_NUMBER_CHARS characters (decimal may have
+    leading zeros, which int(text, 0) refuses)."""
+    return int(text, 10) if text.isdigit() else int(text, 0)
+
+
+def integer(text: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    """An ASCII integer (decimal, or 0x/0o/0b) in lo..hi; ValueError saying why otherwise."""
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{shown(text)!r} is not a number")
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise _out_of_range(text, lo, hi)
+    value = _literal(text)
+    if value < lo or value > hi:
+        raise _out_of_range(text, lo, hi)
+    return value
+
+
+def _int_range(lo: int, hi: int = MAX_INT) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        value = int(text, 0)
-        if value < lo or (hi is not None and value > hi):
-            raise ValueError(f"{text} is outside {lo}..{hi if hi is not None else 'inf'}")
-        return value
+        return integer(text, lo, hi)
 
     return parse
 
 
 def _float_min(lo: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
+        # The pattern also keeps out what float() takes that is no duration: inf, nan, 1e9.
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(f"{shown(text)!r} is not a number like 2 or 0.5")
+        if len(text) > _MAX_NUMBER_CHARS:
+            raise _out_of_range(text, lo, MAX_INT)
         value = float(text)
         if not value >= lo:
             raise ValueError(f"{text} is below {lo:g}")
@@ -64,7 +113,7 @@ def _float_min(lo: float) -> Callable[[str], float]:
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+            raise ValueError(f"{shown(text)!r} is not one of {', '.join(choices)}")
         return text
 
     return parse
@@ -75,12 +124,52 @@ def _onoff(text: str) -> bool:
         return True
     if text in ("off", "0", "no", "false"):
         return False
-    raise ValueError(f"{text!r} is not on or off")
+    raise ValueError(f"{shown(text)!r} is not on or off")
 
 
 def _log(text: str) -> str:
     LogPolicy(text)  # raises PolicyError with the reason
     return text
+
+
+# What one ring entry costs at worst, measured on a full 200,000-entry ring (storm plan,
+# log=all, Python 3.11): about 355 bytes retained, 210 more once the text file has been read
+# (its rendering is cached), 690 more once the JSON file has.
+BYTES_PER_ENTRY = 1280
+# A ring may take at most this share of the machine's memory: the rest is for everyone else.
+MEMORY_SHARE = 4
+
+
+def mem_total(meminfo: str = "/proc/meminfo") -> int | None:
+    """The machine's memory in bytes (MemTotal), or None if the kernel does not say."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def max_capacity() -> int:
+    """The largest `capacity=` whose full ring, rendered, fits in MEMORY_SHARE of the memory."""
+    total = mem_total()
+    if total is None:  # no /proc: the bound of the ring's own sequence numbers only
+        return MAX_INT
+    return max(1, total // MEMORY_SHARE // BYTES_PER_ENTRY)
+
+
+def _capacity(text: str) -> int:
+    limit = max_capacity()
+    if not _INTEGER.fullmatch(text) or (len(text) <= _MAX_NUMBER_CHARS and _literal(text) <= limit):
+        return integer(text, 1, limit)  # in range, or refused for another reason than its size
+    total = mem_total() or 0
+    raise ValueError(
+        f"at most {limit} entries on this machine: a full ring takes about "
+        f"{BYTES_PER_ENTRY} bytes per entry with its renderings, and nvmefs keeps it "
+        f"within 1/{MEMORY_SHARE} of the {total / (1 << 30):.1f} GiB of memory"
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +180,7 @@ class Option:
     default: Any
     help: str
     flag: bool = False  # may be given without a value (means on)
+    path: bool = False  # the value is a file path: any characters, not only ASCII
 
 
 OPTIONS: dict[str, Option] = {
@@ -98,7 +188,7 @@ OPTIONS: dict[str, Option] = {
     "sim_size": Option(size, 64 << 20, "namespace size of the simulated controller"),
     "sim_lba": Option(_int_range(512, 4096), 512, "logical block size: 512, 1024, 2048, 4096"),
     "sim_ns": Option(_int_range(1, 16), 1, "number of namespaces"),
-    "faults": Option(str, None, "fault plan: demo or a TOML file"),
+    "faults": Option(str, None, "fault plan: demo or a TOML file", path=True),
     "seed": Option(_int_range(0), 0, "seed for fault probabilities and randread"),
     "sim_abort": Option(_onoff, True, "whether the simulated controller honours Abort"),
     # device sources
@@ -120,7 +210,7 @@ OPTIONS: dict[str, Option] = {
     "rate": Option(_float_min(0), 0.0, "MB/s cap for scrub and randread, 0 no cap"),
     "health_interval": Option(_float_min(0.01), 60.0, "seconds between health polls (idle)"),
     # the ring and its renderings
-    "capacity": Option(_int_range(1, 100_000_000), 1024, "ring entries"),
+    "capacity": Option(_capacity, 1024, "ring entries (bounded by the machine's memory)"),
     "log": Option(_log, "media", "media, errors, all, or statuses 0x281:0x285..."),
     "profile": Option(_choice(*tables.PROFILES), tables.DEFAULT_PROFILE, "kernel mapping"),
     "format": Option(_choice(*FORMATS), "full", "entry text: full, or the seed's bare text"),
@@ -129,24 +219,33 @@ OPTIONS: dict[str, Option] = {
     "kmsg": Option(_onoff, False, "mirror logged entries to the kernel log", flag=True),
 }
 
-# FUSE options we hand to libfuse as they are.
-FUSE_PASSTHROUGH = {
-    "allow_other",
-    "allow_root",
-    "default_permissions",
-    "fsname",
-    "subtype",
-    "auto_unmount",
-    "max_read",
-    "uid",
-    "gid",
-    "umask",
+# Options of ours that `nvmefs scrub` does not use (it runs one scrub pass and mirrors nothing
+# to the kernel log): it refuses them rather than ignore them.
+SCRUB_REFUSES = ("workload", "kmsg", "health_interval")
+# And those `nvmefs watch` does not use: it prints entries, it mirrors nothing to the kernel log.
+WATCH_REFUSES = ("kmsg",)
+
+# FUSE options we hand to libfuse as they are: flags (no value), and options with a value.
+# `ro` is a flag too: libfuse mounts read-only (so `control` cannot be written); `rw` undoes it.
+FUSE_FLAGS = {"allow_other", "allow_root", "default_permissions", "auto_unmount", "ro"}
+FUSE_VALUED = {"fsname", "subtype"}
+FUSE_PASSTHROUGH = FUSE_FLAGS | FUSE_VALUED
+_HIGH_LEVEL = (
+    "libfuse takes it only in its high-level API, which nvmefs (pyfuse3) does not use; "
+    "nvmefs's files are root's, and allow_other lets other users read them"
+)
+# FUSE options nvmefs cannot pass on, and why: libfuse would fail the mount with no reason.
+FUSE_REFUSED = {
+    "uid": _HIGH_LEVEL,
+    "gid": _HIGH_LEVEL,
+    "umask": _HIGH_LEVEL,
+    "max_read": "pyfuse3 cannot give libfuse a matching max_read, so the mount would fail",
 }
+# The subtype mountinfo and fstab's `fuse.nvmefs` know an nvmefs mount by.
+SUBTYPE = "nvmefs"
 # What mount(8)/mount.fuse add or users write out of habit; libfuse would reject them.
 MOUNT_IGNORED = {
     "defaults",
-    "rw",
-    "ro",
     "relatime",
     "noatime",
     "atime",
@@ -176,8 +275,8 @@ MOUNT_IGNORED = {
 
 @dataclass
 class Parsed:
-    """Parsed -o options: every option's value, the FUSE options to pass on, and which of
-    ours the user gave explicitly."""
+    """Parsed -o options: every option's value, the FUSE options to pass on (at most one per
+    name, in the order given), and which of ours the user gave explicitly."""
 
     values: dict[str, Any]
     fuse: list[str]
@@ -191,10 +290,47 @@ def split(opts: list[str]) -> list[str]:
     return [item for group in opts for item in group.split(",") if item]
 
 
-def parse(opts: list[str], *, allow_fuse: bool, overrides: dict[str, Any] | None = None) -> Parsed:
+def _fuse_option(name: str, eq: str, text: str) -> str:
+    """The FUSE option `name` (`=text` when `eq`) as libfuse takes it; OptionError, saying
+    why, for what libfuse would refuse without a reason (the mount failing in the daemon)."""
+    reason = FUSE_REFUSED.get(name)
+    if reason is not None:
+        raise OptionError(f"option {name}= is not supported: {reason}")
+    if name in FUSE_FLAGS:
+        if eq:
+            raise OptionError(
+                f"option {name} takes no value: write {name}, not {name}={shown(text)}"
+            )
+        return name
+    if not text:
+        raise OptionError(f"option {name} needs a value ({name}=...)")
+    if name == "subtype" and text != SUBTYPE:
+        raise OptionError(
+            f"option subtype={shown(text)}: the subtype is always {SUBTYPE} "
+            f"(mountinfo's and fstab's fuse.{SUBTYPE} name an nvmefs mount)"
+        )
+    return f"{name}={text}"
+
+
+def parse(
+    opts: list[str],
+    *,
+    allow_fuse: bool,
+    overrides: dict[str, Any] | None = None,
+    refuse: Collection[str] = (),
+) -> Parsed:
+    """Check every -o option; OptionError (one line) for the first that is wrong.
+
+    `allow_fuse`: FUSE and mount(8) options are accepted (the mount daemon). `refuse`: options
+    of ours the command does not use, refused rather than silently ignored.
+    """
+    unknown = set(refuse) - OPTIONS.keys()
+    if unknown:
+        raise ValueError(f"refuse names no option: {sorted(unknown)}")
     values = {name: o.default for name, o in OPTIONS.items()}
     values.update(overrides or {})
-    fuse: list[str] = []
+    # By name, so a repeated FUSE option is passed once, the last one given winning as in mount(8).
+    fuse: dict[str, str] = {}
     given: set[str] = set()
     for item in split(opts):
         name, eq, text = item.partition("=")
@@ -202,19 +338,28 @@ def parse(opts: list[str], *, allow_fuse: bool, overrides: dict[str, Any] | None
             continue
         opt = OPTIONS.get(name)
         if opt is None:
+            if allow_fuse and name == "rw":
+                fuse.pop("ro", None)
+                continue
             if allow_fuse and name in MOUNT_IGNORED:
                 continue
-            if allow_fuse and name in FUSE_PASSTHROUGH:
-                fuse.append(item)
+            if allow_fuse and (name in FUSE_PASSTHROUGH or name in FUSE_REFUSED):
+                fuse[name] = _fuse_option(name, eq, text)
                 continue
-            raise OptionError(f"unknown option {name!r}")
+            raise OptionError(f"unknown option {shown(name)!r}")
+        if name in refuse:
+            raise OptionError(f"option {name} does not apply to this command")
         if not eq:
             if not opt.flag:
                 raise OptionError(f"option {name!r} needs a value ({name}=...: {opt.help})")
             text = "on"
+        if not opt.path and not text.isascii():
+            raise OptionError(
+                f"option {name}={shown(text)}: only ASCII characters are accepted (digits 0-9)"
+            )
         try:
             values[name] = opt.parse(text)
         except (ValueError, UsageError) as e:  # int()/float() raise ValueError, ours UsageError
-            raise OptionError(f"option {name}={text}: {e}") from None
+            raise OptionError(f"option {name}={shown(text)}: {e}") from None
         given.add(name)
-    return Parsed(values, fuse, given)
+    return Parsed(values, list(fuse.values()), given)

@@ -58,3 +58,9 @@ def test_bad_input_is_one_line_naming_the_argument_and_exit_2() -> None:
         assert p.returncode == 2, args
         assert p.stdout == ""
         assert len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+
+
+def test_decode_takes_ascii_numbers_only() -> None:
+    for bad in ("３２", "١٢", "1_0", " 5", "12a", "0o8", "0x"):
+        p = run("decode", bad)
+        assert p.returncode == 2 and "not a number" in p.stderr and "Traceback" not in p.stderr

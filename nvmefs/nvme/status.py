@@ -14,6 +14,7 @@ bits 15:1; `decode_cqe()` takes that form.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -144,12 +145,22 @@ def _table_for(profile: str) -> _Table:
     return _Table(profile)
 
 
+_NUMBER = re.compile(
+    r"(?P<prefix>0[xX](?=[0-9a-fA-F])|0[bB](?=[01])|0[oO](?=[0-7]))?(?P<digits>[0-9a-fA-F]{1,32})"
+)
+
+
 def parse_status(text: str, *, cqe: bool = False) -> int:
     """Parse a user-given status ("0x281", "641", "0b1010000001") and check its width."""
+    # int() also takes other scripts' digits, underscores and spaces: a status is plain ASCII.
+    m = _NUMBER.fullmatch(text)
+    if not m:
+        raise StatusError(f"not a number: {text[:40]!r}")
+    base = {"0x": 16, "0b": 2, "0o": 8}.get((m.group("prefix") or "").lower(), 10)
     try:
-        value = int(text, 0)
-    except ValueError:
-        raise StatusError(f"not a number: {text!r}") from None
+        value = int(m.group("digits"), base)
+    except ValueError:  # a hex digit without 0x, or 8 in octal...
+        raise StatusError(f"not a number: {text[:40]!r}") from None
     limit = 0xFFFF if cqe else STATUS_MASK
     if not 0 <= value <= limit:
         width = "16 bits (CQE status field)" if cqe else "15 bits (use --cqe for a raw CQE field)"
