@@ -199,13 +199,13 @@ def check_fuse_options(fuse_opts: Collection[str]) -> None:
 
 
 def fuse_options(source: str, user: Sequence[str]) -> set[str]:
-    """The FUSE options of the mount: fsname=SOURCE, subtype and default_permissions, then the
-    user's, at most one per name (a user's fsname replaces SOURCE), so libfuse never gets two
-    values for one option and picks one by set order."""
+    """The FUSE options of the mount: fsname=SOURCE and subtype, then the user's, at most one
+    per name (a user's fsname replaces SOURCE), so libfuse never gets two values for one option
+    and picks one by set order. No default_permissions: the filesystem checks every access
+    itself, so that root too is told a 0444 file is not writable."""
     chosen = {
         "fsname": f"fsname={source}",
         "subtype": f"subtype={options.SUBTYPE}",
-        "default_permissions": "default_permissions",
     }
     for item in user:
         chosen[item.partition("=")[0]] = item
@@ -334,7 +334,7 @@ async def _serve(
     ready: _Ready,
 ) -> None:
     async with running(src, engine, opts):
-        fs = NvmeFS(recorder)
+        fs = NvmeFS(recorder, mountpoint=mountpoint)
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as e:
@@ -347,7 +347,8 @@ async def _serve(
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
-            pyfuse3.close(unmount=True)
+            # After `umount -l` the path may hold someone else's mount now: leave it alone.
+            pyfuse3.close(unmount=fs.attached())
 
 
 async def _signals() -> None:

@@ -14,6 +14,8 @@ from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent
 from nvmefs.store.render import CLOCKS, FORMATS, Clock, Renderer
 from nvmefs.store.ring import DebugRing
 from nvmefs.store.views import LogStream, Rendered, StaticStream
@@ -22,6 +24,9 @@ from nvmefs.workloads import Progress
 # Single rendered lines kept per view (whole chunks are cached apart): the live tail and the
 # edges of gaps, which are all that is rendered line by line.
 LINE_CACHE_LIMIT = 4096
+# The largest control write applied: commands are a few words, and a bound keeps a runaway write
+# (or one the kernel splits into several requests) from being applied in part.
+CONTROL_MAX = 4096
 
 
 class ControlError(UsageError):
@@ -143,7 +148,10 @@ class Recorder:
     # -- control -------------------------------------------------------------------------------
 
     def control(self, text: str) -> list[str]:
-        """Apply control commands (one per line or word); all are checked before any applies."""
+        """Apply control commands (one per line or word); all are checked before any applies,
+        and a text over CONTROL_MAX bytes is refused whole."""
+        if len(text) > CONTROL_MAX or len(text.encode()) > CONTROL_MAX:
+            raise ControlError(f"control write over {CONTROL_MAX} bytes")
         words = text.split()
         if not words:
             raise ControlError("empty control write")
@@ -152,9 +160,17 @@ class Recorder:
             act()
         return words
 
+    def clear(self) -> int:
+        """Empty the ring, then append a notice of how many entries went, so that a follower's
+        stream says why the entries stopped (its missed line counts them too)."""
+        n = self.ring.clear()
+        noun = "entry" if n == 1 else "entries"
+        self.ring.append(HostEvent(events.NOTICE, f"cleared {n} {noun}"))
+        return n
+
     def _action(self, word: str) -> Any:
         if word == "clear":
-            return self.ring.clear
+            return self.clear
         key, eq, value = word.partition("=")
         if not eq:
             raise ControlError(f"unknown control command {word!r}")

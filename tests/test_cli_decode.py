@@ -61,6 +61,7 @@ def test_bad_input_is_one_line_naming_the_argument_and_exit_2() -> None:
 
 
 def test_decode_takes_ascii_numbers_only() -> None:
-    for bad in ("３２", "١٢", "1_0", " 5", "12a", "0o8", "0x"):
+    # Fullwidth and Arabic-Indic digits, which int() would take, then ASCII that is no number.
+    for bad in ("\uff13\uff12", "\u0661\u0662", "1_0", " 5", "12a", "0o8", "0x"):
         p = run("decode", bad)
         assert p.returncode == 2 and "not a number" in p.stderr and "Traceback" not in p.stderr

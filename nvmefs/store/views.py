@@ -1,40 +1,66 @@
 """Byte streams over the ring, one per open file handle. No FUSE here: fs.py adapts these.
 
-Theory of operation: a reader's view must be a stable byte stream, so a `LogStream` takes the
-entries the ring retains when it is opened, then keeps pulling entries appended after the last one
-it took (`sync`). Pulled entries are held by reference, so the ring overwriting them later changes
-nothing for this reader; entries overwritten *before* this reader pulled them turn into one
-"N entries missed" line at that point of its stream. Entries are rendered to bytes lazily, in
-order, only as far as a read or a size query needs: offsets already handed out never change.
+Theory of operation. A `LogStream` is one reader's stable byte stream: the entries the ring held
+when it was opened, then every entry appended after, each rendered once and in order, with one
+"N entries missed" line wherever entries this stream had not taken yet were overwritten or
+cleared first. Bytes are only ever appended to a stream, so an offset handed out keeps its meaning.
 
-Rendering is what costs (microseconds a line), so it is shared: sequence numbers are never
-reused and an entry's bytes depend only on the entry, so the bytes of each aligned run of
-`per_chunk` entries (seq k*per_chunk+1 .. (k+1)*per_chunk) are rendered once for every reader of
-a view, and a stream is a list of references to such pieces rather than a copy of the text.
-Entries outside a whole chunk (the live tail, the edges of a gap) go through a per-line cache.
+Bounded memory per handle. A stream copies no entries: it takes them from the ring only when a
+read or a size query needs their bytes, so an idle handle holds nothing, and whatever the ring
+overwrites before the reader gets there becomes a missed line instead of daemon memory. The
+rendered bytes a stream keeps are at most `limit` entries' worth (the ring's capacity; a missed
+line counts as one entry), ahead of the reader and behind it together:
+  - it renders ahead of the reader only within that budget (the rest waits in the ring, or is
+    missed);
+  - the rule for what a reader may still ask for: bytes from the offset of its last read on are
+    never dropped; bytes before it are kept only while they fit in the budget and are the first
+    to go. So sequential readers (cat, tail, dd) lose nothing, and a reader that steps back a
+    little (tail's backward scan for the last lines, less, pread) still gets its bytes.
+A read at an offset whose bytes were dropped raises `Dropped` (fs.py answers it with an error); it
+never returns other bytes in their place.
 
-`size()` is what this reader can read right now, which is what GNU tail -f needs from st_size:
-it grows by exactly the bytes appended after what was already there.
+Horizon. A reader must reach an end even while entries arrive faster than it reads (`cat` during
+an error storm). Reads render no entry past the stream's horizon, at open the newest entry the ring
+held. A read that finds nothing more up to the horizon returns b"" (EOF), and the read after it
+sets a new horizon: the newest entry the ring holds by then. So `cat` ends at its first EOF, and a
+follower (`tail -f`, `less +F`, a loop that sleeps and reads again) goes on, seeing on each read
+after an EOF whatever arrived meanwhile. `size()` takes everything appended so far (within the
+budget) and moves the horizon with it, so whatever size a reader is told, it can read.
+
+Shared rendering. Rendering is what costs (microseconds a line), so it is shared by every reader of
+a view: sequence numbers are never reused and an entry's bytes depend only on the entry, so the
+bytes of each aligned run of `per_chunk` entries (seq k*per_chunk+1 .. (k+1)*per_chunk) are
+rendered once (`Rendered`), and a stream's pieces are references to those bytes rather than copies.
+Entries outside a whole chunk (the live tail, the edges of a gap) go through a per-line cache. Both
+caches are bounded: chunks by what a ring of the view's capacity can span, lines by a count.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from nvmefs.store.ring import DebugRing, Entry
 
 MissedFn = Callable[[int, int, int], str]
 CHUNK = 256
+# Dropped pieces leave a hole at the front of a stream's lists; compact once it is this long and
+# at least half of them, so dropping stays O(1) amortized and bisect stays on a short list.
+COMPACT_AT = 64
+
+
+class Dropped(LookupError):
+    """A read at an offset whose bytes the stream no longer keeps (see the module docstring)."""
 
 
 class LineCache:
     """Rendered bytes per entry, shared by every reader of one view.
 
-    Sequence numbers are never reused, so an entry's bytes stay right until the way entries
-    are shown changes (format, clock): then `clear()`. The oldest are evicted past `limit`.
+    Invariant: the bytes kept for a sequence number are that entry's rendering under the current
+    way of showing entries; `clear()` when that changes (format, clock). At most `limit` lines
+    are kept, the oldest evicted first.
     """
 
     __slots__ = ("_lines", "_render", "limit")
@@ -59,7 +85,12 @@ class LineCache:
 
 class Rendered:
     """One view's rendering (text or JSON lines) with its shared caches: whole chunks, and
-    single lines for entries outside a whole chunk."""
+    single lines for entries outside a whole chunk.
+
+    Invariant: a cached chunk k holds the bytes of entries k*per_chunk+1 .. (k+1)*per_chunk under
+    the current way of showing entries; at most `chunk_limit` chunks are kept (enough to span a
+    ring of `capacity` entries), the oldest evicted first.
+    """
 
     __slots__ = ("_chunks", "_render", "chunk_limit", "line", "per_chunk")
 
@@ -75,14 +106,17 @@ class Rendered:
         self.line = LineCache(render, line_limit)
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
         # Enough for every chunk a ring of `capacity` entries spans: older ones are unreachable
-        # for new readers, and a reader still holding them renders them again.
+        # for new readers, and a reader that still needs them renders them again.
         self.chunk_limit = capacity // per_chunk + 2
 
-    def chunk(self, k: int, run: list[Entry], start: int) -> bytes:
-        """The bytes of chunk k, whose entries are run[start : start + per_chunk]."""
+    def cached(self, k: int) -> bytes | None:
+        """The bytes of chunk k if they are cached."""
+        return self._chunks.get(k)
+
+    def chunk(self, k: int, entries: list[Entry]) -> bytes:
+        """The bytes of chunk k, whose entries are `entries` (exactly per_chunk of them)."""
         data = self._chunks.get(k)
         if data is None:
-            entries = run[start : start + self.per_chunk]
             data = self._chunks[k] = "".join(map(self._render, entries)).encode()
             if len(self._chunks) > self.chunk_limit:
                 self._chunks.popitem(last=False)
@@ -93,119 +127,190 @@ class Rendered:
         self._chunks.clear()
 
 
-class _Missed:
-    __slots__ = ("count", "mono_ns", "wall_ns")
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.mono_ns = time.monotonic_ns()
-        self.wall_ns = time.time_ns()
-
-
 class LogStream:
-    """One reader's stable byte stream over the ring (see the module docstring): offsets
-    already handed out never change meaning."""
+    """One reader's byte stream over the ring (see the module docstring).
+
+    Invariants: bytes are only appended (`size()` never decreases and an offset's bytes never
+    change); the kept pieces cover [`low`, `rendered_size`) and hold at most `limit` entries'
+    worth (a missed line counts as one); pieces from the last read's offset on are never
+    dropped; every entry after the stream's start is rendered once or counted in a missed line.
+    """
 
     __slots__ = (
+        "_base",
+        "_counts",
         "_ends",
+        "_held",
+        "_horizon",
+        "_keep",
         "_last",
+        "_low",
         "_missed",
-        "_pending",
         "_pieces",
-        "_pos",
         "_rendered",
         "_ring",
         "_size",
+        "limit",
         "read_end",
     )
 
-    def __init__(self, ring: DebugRing, rendered: Rendered, missed: MissedFn) -> None:
+    def __init__(
+        self, ring: DebugRing, rendered: Rendered, missed: MissedFn, limit: int | None = None
+    ) -> None:
         self._ring = ring
         self._rendered = rendered
         self._missed = missed
-        # What is still to render: runs of consecutive entries (as the ring handed them out)
-        # and missed markers; `_pos` is how far into the first run rendering got.
-        self._pending: deque[list[Entry] | _Missed] = deque()
-        self._pos = 0
-        self._last = 0
-        self._pieces: list[bytes] = []  # the stream so far, in order
-        self._ends: list[int] = []  # offset where each piece ends
+        self.limit = max(1, ring.capacity if limit is None else limit)
+        self._last = ring.first_seq - 1  # the last entry taken: start at the oldest retained
+        self._horizon = ring.last_seq  # -1: set at the next read (the last one was an EOF)
+        # The kept pieces are _pieces[_base:]; _ends[i] is the offset where piece i ends and
+        # _counts[i] the entries it holds. Dropped pieces are b"" until compaction.
+        self._pieces: list[bytes] = []
+        self._ends: list[int] = []
+        self._counts: list[int] = []
+        self._base = 0
+        self._low = 0  # where the first kept piece starts: bytes before it were dropped
+        self._held = 0  # entries (missed lines count one) in the kept pieces
         self._size = 0
+        self._keep = 0  # the offset of the last read: nothing from here on is dropped
         self.read_end = 0  # where the last read ended: poll() readiness is "more than this"
-        _, entries = ring.read_after(0)
-        if entries:
-            self._pending.append(entries)
-        self._last = ring.last_seq
 
-    def sync(self) -> None:
-        """Take every entry appended since the last sync (or a missed line for lost ones)."""
-        ring = self._ring
-        if ring.last_seq == self._last:
-            return
-        missed, entries = ring.read_after(self._last)
-        if missed:
-            self._pending.append(_Missed(missed))
-        if entries:
-            self._pending.append(entries)
-        self._last = ring.last_seq
+    # -- taking entries from the ring -----------------------------------------------------------
 
-    def _add(self, piece: bytes) -> None:
-        if piece:
-            self._size += len(piece)
-            self._pieces.append(piece)
-            self._ends.append(self._size)
+    def _add(self, piece: bytes, count: int) -> None:
+        self._size += len(piece)
+        self._pieces.append(piece)
+        self._ends.append(self._size)
+        self._counts.append(count)
+        self._held += count
 
-    def _render_until(self, end: int | None) -> None:
-        pending, rendered = self._pending, self._rendered
-        n = rendered.per_chunk
-        while pending and (end is None or self._size < end):
-            run = pending[0]
-            if isinstance(run, _Missed):
-                pending.popleft()
-                self._add(self._missed(run.count, run.mono_ns, run.wall_ns).encode())
-                continue
-            i = self._pos
-            k, into = divmod(run[i][0] - 1, n)
-            if into == 0 and i + n <= len(run):  # a whole chunk: shared bytes
-                self._add(rendered.chunk(k, run, i))
-                j = i + n
-            else:  # up to the next chunk boundary, one line at a time
-                j = min(len(run), i + n - into)
-                self._add(b"".join(map(rendered.line, run[i:j])))
-            if j == len(run):
-                pending.popleft()
-                j = 0
-            self._pos = j
+    def _room(self, want: int) -> int:
+        """Free budget for `want` more entries by dropping pieces wholly behind the last read."""
+        if self._held + want > self.limit:
+            pieces, ends, counts = self._pieces, self._ends, self._counts
+            base, n = self._base, len(pieces)
+            while self._held + want > self.limit and base < n and ends[base] <= self._keep:
+                self._held -= counts[base]
+                self._low = ends[base]
+                pieces[base] = b""
+                base += 1
+            if base >= COMPACT_AT and base * 2 >= n:
+                del pieces[:base], ends[:base], counts[:base]
+                base = 0
+            self._base = base
+        return self.limit - self._held
 
-    def size(self) -> int:
-        self.sync()
-        self._render_until(None)
+    def _step(self, horizon: int) -> bool:
+        """Render one more step of entries up to `horizon`: a shared chunk or a run of lines up
+        to the next chunk boundary, after a missed line if entries were lost first. False when
+        there is nothing to render or no budget left."""
+        ring, rendered = self._ring, self._rendered
+        per = rendered.per_chunk
+        room = self._room(per)
+        if room <= 0:
+            return False
+        last = self._last
+        if last >= horizon:
+            return False
+        first = ring.first_seq
+        end = min(horizon, ring.last_seq)
+        if first > last + 1:  # overwritten or cleared before this stream took them
+            # Only those up to the horizon: the rest are counted after the next EOF, or a
+            # reader slower than the ring would get a new missed line on every read, never EOF.
+            upto = min(first - 1, horizon)
+            lost = upto - last
+            self._last = last = upto
+            self._add(self._missed(lost, time.monotonic_ns(), time.time_ns()).encode(), 1)
+            room -= 1
+            # Go on with the entries after the gap in the same step: a reader slower than the
+            # ring would otherwise get a fresh missed line on every read and never an entry.
+            if end <= last or room <= 0:
+                return True
+        elif end <= last:
+            return False
+        k, into = divmod(last, per)
+        if into == 0 and end - last >= per and room >= per:  # a whole chunk: shared bytes
+            data = rendered.cached(k)
+            if data is None:
+                data = rendered.chunk(k, ring.read_after(last, per)[1])
+            self._add(data, per)
+            self._last = last + per
+            return True
+        n = min(end - last, per - into, room)
+        self._add(b"".join(map(rendered.line, ring.read_after(last, n)[1])), n)
+        self._last = last + n
+        return True
+
+    # -- what readers see -----------------------------------------------------------------------
+
+    @property
+    def rendered_size(self) -> int:
+        """The stream's size so far, without taking anything new from the ring."""
         return self._size
 
-    def read(self, off: int, size: int) -> bytes:
-        self.sync()
+    @property
+    def held(self) -> int:
+        """Entries (a missed line counts one) in the pieces this stream keeps."""
+        return self._held
+
+    @property
+    def low(self) -> int:
+        """The lowest offset this stream can still read."""
+        return self._low
+
+    def size(self) -> int:
+        """Take what the ring has appended (within the budget): what this reader can read now."""
+        self._horizon = horizon = self._ring.last_seq
+        step = self._step
+        while step(horizon):
+            pass
+        return self._size
+
+    def read(self, off: int, size: int, horizon: int = 0) -> bytes:
+        """The stream's bytes at [off, off + size), rendering no entry past the stream's horizon
+        or `horizon`, whichever is later; b"" at the end (see the module docstring)."""
+        if off < self._low:
+            raise Dropped(f"offset {off} is before {self._low}, the oldest byte still kept")
+        self._keep = off
         stop = off + size
-        self._render_until(stop)
-        stop = min(stop, self._size)
-        parts = []
-        i = bisect.bisect_right(self._ends, off)
-        pos = off
+        if stop > self._size:
+            if self._horizon < 0:  # the first read after an EOF
+                self._horizon = self._ring.last_seq
+            horizon = max(self._horizon, horizon)
+            step = self._step
+            while self._size < stop and step(horizon):
+                pass
+            if off >= self._size:
+                # EOF at the horizon; the next read may go as far as the ring has got by then.
+                self._horizon = -1
+                self.read_end = max(self.read_end, off)
+                return b""
+            stop = min(stop, self._size)
+        pieces, ends = self._pieces, self._ends
+        i = bisect.bisect_right(ends, off, self._base)
+        piece, end = pieces[i], ends[i]
+        start = end - len(piece)
+        self.read_end = stop
+        if stop <= end:  # the common case: one piece
+            return piece if off == start and stop == end else piece[off - start : stop - start]
+        parts = [piece[off - start :]]
+        pos = end
         while pos < stop:
-            piece, end = self._pieces[i], self._ends[i]
-            start = end - len(piece)
-            parts.append(piece[pos - start : stop - start] if pos > start or stop < end else piece)
-            pos = end
             i += 1
-        self.read_end = max(off, stop)
+            piece, end = pieces[i], ends[i]
+            parts.append(piece if stop >= end else piece[: stop - pos])
+            pos = end
         return b"".join(parts)
 
     @property
     def has_unread(self) -> bool:
-        return self.size() > self.read_end
+        """Whether a read at `read_end` would return bytes (or a missed line) right now."""
+        ring = self._ring
+        return self._size > self.read_end or ring.last_seq > self._last
 
 
 class StaticStream:
-    """A snapshot taken at open (the stats file)."""
+    """A snapshot taken at open (the stats file). Invariant: its bytes never change."""
 
     __slots__ = ("_data", "read_end")
 
@@ -213,13 +318,14 @@ class StaticStream:
         self._data = data
         self.read_end = 0
 
-    def sync(self) -> None:
-        pass
+    @property
+    def rendered_size(self) -> int:
+        return len(self._data)
 
     def size(self) -> int:
         return len(self._data)
 
-    def read(self, off: int, size: int) -> bytes:
+    def read(self, off: int, size: int, horizon: int = 0) -> bytes:
         data = self._data[off : off + size]
         self.read_end = off + len(data)
         return data

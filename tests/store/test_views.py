@@ -10,7 +10,7 @@ from nvmefs.recorder import ControlError, Recorder
 from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.render import Clock, Renderer
 from nvmefs.store.ring import DebugRing
-from nvmefs.store.views import LineCache, LogStream, Rendered
+from nvmefs.store.views import Dropped, LineCache, LogStream, Rendered
 
 
 def recorder(capacity: int = 8) -> Recorder:
@@ -43,6 +43,17 @@ def test_format_change_applies_to_new_lines_and_keeps_old_streams_stable() -> No
         raise AssertionError("bad format accepted")
 
 
+def drain(stream: LogStream, seen: bytes, chunk: int) -> bytes:
+    """Read on from len(seen) as tail -f does: past an EOF (the horizon moves), until a second
+    EOF in a row says nothing more is there."""
+    eofs = 0
+    while eofs < 2:
+        data = stream.read(len(seen), chunk)
+        eofs = 0 if data else eofs + 1
+        seen += data
+    return seen
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     ops=st.lists(st.one_of(st.integers(1, 30), st.just("clear"), st.just("read")), max_size=40),
@@ -59,19 +70,19 @@ def test_a_stream_is_append_only_and_accounts_for_every_entry(
         if op == "clear":
             r.control("clear")
         elif op == "read":
-            while data := stream.read(len(seen), chunk):
-                seen += data
+            seen = drain(stream, seen, chunk)
         else:
             for _ in range(op):  # type: ignore[call-overload]
                 n += 1
                 r.ring.append(HostEvent("notice", f"event {n}"))
-    while data := stream.read(len(seen), chunk):
-        seen += data
+    seen = drain(stream, seen, chunk)
     lines = seen.decode().splitlines()
     got = [int(x.rsplit(" ", 1)[1]) for x in lines if "event" in x]
+    notices = [x for x in lines if "notice: cleared" in x]
     missed = sum(int(x.split("nvmefs: ")[1].split()[0]) for x in lines if "missed" in x)
     assert got == sorted(got) and len(set(got)) == len(got)
-    assert len(got) + missed == n  # every entry shown once or counted missed, never both
+    # Every entry (the test's and each clear's notice) shown once or counted missed, never both.
+    assert len(got) + len(notices) + missed == r.ring.appended
     assert stream.size() == len(seen)
 
 
@@ -83,6 +94,7 @@ def test_a_stream_is_append_only_and_accounts_for_every_entry(
             st.tuples(st.just("clear"), st.just(0)),
             st.tuples(st.just("open"), st.just(0)),
             st.tuples(st.just("read"), st.integers(0, 10_000)),
+            st.tuples(st.just("back"), st.integers(0, 10_000)),
         ),
         max_size=40,
     ),
@@ -93,7 +105,8 @@ def test_chunked_streams_read_the_same_at_any_offset_and_render_each_entry_at_mo
     ops: list[tuple[str, int]], per_chunk: int, capacity: int
 ) -> None:
     """Streams built from shared chunks and single lines must read back as the plain
-    line-by-line text, wherever reads start and end, while other streams share the pieces."""
+    line-by-line text, wherever reads start and end (or refuse an offset they dropped, never
+    answer other bytes), while other streams share the pieces."""
     ring = DebugRing(capacity)
     renders: dict[int, int] = {}
 
@@ -119,14 +132,33 @@ def test_chunked_streams_read_the_same_at_any_offset_and_render_each_entry_at_mo
             ring.clear()
         elif op == "open":
             streams.append((LogStream(ring, rendered, missed), bytearray()))
-        else:  # a read of some size at the next offset of one stream, as a reader would
+        elif op == "read":  # a read at the next offset of one stream, as a reader would
             stream, seen = streams[arg % len(streams)]
             seen += stream.read(len(seen), 1 + arg % 97)
+        else:  # a step back into what it has read: the same bytes, or refused if dropped
+            stream, seen = streams[arg % len(streams)]
+            off = arg % (len(seen) + 1)
+            try:
+                data = stream.read(off, 1 + arg % 31)
+            except Dropped:
+                assert off < stream.low
+            else:
+                known = bytes(seen[off:])  # the bytes past `seen` are new to this check
+                assert data[: len(known)] == known[: len(data)]
+                assert data or off == len(seen)
     for i, (stream, seen) in enumerate(streams):
-        full = stream.read(0, 1 << 30)
-        assert full.startswith(bytes(seen))  # what was handed out never changed
+        before = bytes(seen)
+        full = drain(stream, before, 1 << 30)
+        assert full.startswith(before)  # what was handed out never changed
         assert len(full) == stream.size()
-        for off in range(0, len(full), 5):  # every offset and a few sizes read the same bytes
+        assert stream.held <= stream.limit
+        for off in range(0, len(full), 5):  # every offset still kept reads the same bytes
+            if off < stream.low:
+                try:
+                    stream.read(off, 11)
+                except Dropped:
+                    continue
+                raise AssertionError("a dropped offset was answered")
             assert stream.read(off, 11) == full[off : off + 11]
         seqs, lost = [], 0
         for line in full.decode().splitlines():

@@ -188,7 +188,7 @@ def test_two_mounts_both_see_every_error_and_leave_no_instance(tmp_path: Path) -
 def test_lost_events_are_counted_exactly(tmp_path: Path) -> None:
     block = controller("nvmefs-slow").namespaces[0].block  # no injected errors: fio runs clean
     # A ring big enough to keep every entry of the flood, so that no `lost` entry is dropped.
-    with kernel_mount(tmp_path, "log=all,trace_buffer_kb=4,capacity=200000") as mnt:
+    with kernel_mount(tmp_path, "log=all,trace_buffer_kb=4,capacity=100000") as mnt:
         (inst,) = instances()
         fio = subprocess.run(
             ["fio", "--name=lose", f"--filename={block}", "--rw=randread", "--bs=4k",
