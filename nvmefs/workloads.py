@@ -20,7 +20,7 @@ from nvmefs.options import Parsed
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
 
-POLLER_WATCH_S = 2.0
+POLLER_WATCH_S = 10.0
 
 
 @dataclass

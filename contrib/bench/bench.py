@@ -363,6 +363,8 @@ def bench_vm(r: Results, seconds: float) -> None:
             sys.executable,
             str(REPO / "contrib/qemu/vm.py"),
             "run",
+            "--timeout",
+            "1800",
             "--",
             sys.executable,
             "contrib/bench/vm_iops.py",

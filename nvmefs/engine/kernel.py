@@ -49,7 +49,7 @@ GRACE_S = 1.0  # an attempt with no block event after this long was retried
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
-SLOW_S = 2.0  # lost-event counts and the controller set, this often
+SLOW_S = 5.0  # lost-event counts and the controller set, this often
 OPS = {"R": "read", "W": "write", "D": "discard", "N": "other", "F": "flush"}
 
 
