@@ -12,6 +12,7 @@ Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import errno
@@ -95,11 +96,16 @@ def cmd_decode(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def cmd_scrub(argv: Sequence[str]) -> int:
-    p = ArgParser(prog=f"{PROG} scrub", description="One pass over a source; errors to stdout.")
+def _source_args(command: str, description: str, argv: Sequence[str]) -> argparse.Namespace:
+    """`nvmefs COMMAND SOURCE [-o OPTIONS]...` parsed: .source and .options."""
+    p = ArgParser(prog=f"{PROG} {command}", description=description)
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def cmd_scrub(argv: Sequence[str]) -> int:
+    args = _source_args("scrub", "One pass over a source; errors to stdout.", argv)
     opts = options.parse(
         args.options, allow_fuse=False, overrides={"passes": 1}, refuse=options.SCRUB_REFUSES
     )
@@ -179,12 +185,7 @@ async def _scrub(src: Source, opts: options.Parsed) -> int:
 
 
 def cmd_watch(argv: Sequence[str]) -> int:
-    p = ArgParser(
-        prog=f"{PROG} watch", description="Logged entries to stdout as they happen, until stopped."
-    )
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
-    args = p.parse_args(argv)
+    args = _source_args("watch", "Logged entries to stdout as they happen, until stopped.", argv)
     opts = options.parse(
         args.options,
         allow_fuse=False,

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from nvmefs.recorder import CONTROL_MAX, ControlError, Recorder
+from nvmefs.recorder import ControlError, Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
 from nvmefs.store.ring import WALL_NS
@@ -474,8 +474,9 @@ class NvmeFS(pyfuse3.Operations):
         if fh in self._handles:
             raise pyfuse3.FUSEError(errno.EBADF)
         # Only a write that arrives whole, in one request at offset 0, applies: the kernel
-        # splits a large write(2) into several requests, and none of them may apply alone.
-        if off != 0 or len(buf) > CONTROL_MAX:
+        # splits a large write(2) into several requests, and none of them may apply alone
+        # (the recorder refuses anything over CONTROL_MAX, so the first part fails too).
+        if off != 0:
             log.warning("control: refused a write of %d bytes at offset %d", len(buf), off)
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:

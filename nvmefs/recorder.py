@@ -150,7 +150,7 @@ class Recorder:
     def control(self, text: str) -> list[str]:
         """Apply control commands (one per line or word); all are checked before any applies,
         and a text over CONTROL_MAX bytes is refused whole."""
-        if len(text) > CONTROL_MAX or len(text.encode()) > CONTROL_MAX:
+        if len(text.encode()) > CONTROL_MAX:
             raise ControlError(f"control write over {CONTROL_MAX} bytes")
         words = text.split()
         if not words:
