@@ -37,7 +37,8 @@ def instances() -> list[str]:
 def kernel_mount(tmp_path: Path, opts: str = "log=errors", name: str = "k") -> Iterator[Path]:
     mnt = tmp_path / name
     mnt.mkdir()
-    p = subprocess.run([*NVMEFS, "kernel", str(mnt), "-o", opts], capture_output=True, text=True)
+    p = subprocess.run([*NVMEFS, "kernel", str(mnt), "-o", opts], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr
     try:
         yield mnt
@@ -58,7 +59,8 @@ def nvme_records(mnt: Path) -> list[dict[str, object]]:
 
 
 def dd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["dd", *args, "status=none"], capture_output=True, text=True)
+    return subprocess.run(["dd", *args, "status=none"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
 
 
 def read_lba(block: str, lba: int) -> None:
