@@ -28,6 +28,8 @@ def test_vm_suite_passes_against_qemus_nvme_controllers() -> None:
         "pytest",
         "tests/vm",
         "-v",
+        # A hung test fails on its own, with its stack, instead of the whole boot timing out.
+        "--timeout=240",
         "-p",
         "no:cacheprovider",
         "-o",

@@ -23,10 +23,12 @@ writing {"execute": ...} to WORK/qmp/req-N.json; the reply lands in WORK/qmp/rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -181,18 +183,28 @@ def run(command: list[str], timeout: float, interactive: bool = False) -> int:
             return subprocess.call(vng_command(command, True), env=env)
         proc = subprocess.Popen(
             vng_command(command), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace",
+            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
         )  # fmt: skip
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
-        killer = threading.Timer(timeout, proc.kill)
+
+        def kill_all() -> None:
+            # vng's qemu (and whatever else it started) holds our pipe open: killing vng alone
+            # would leave the loop below waiting for a qemu that never ends.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        killer = threading.Timer(timeout, kill_all)
         killer.start()
-        for line in proc.stdout:
-            if not any(n in line for n in NOISE):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        code = proc.wait()
-        killer.cancel()
+        try:
+            for line in proc.stdout:
+                if not any(n in line for n in NOISE):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            code = proc.wait()
+        finally:
+            killer.cancel()
+            kill_all()  # nothing of this VM outlives it, whatever vng left behind
         if time.monotonic() > deadline:
             print(f"vm: timed out after {timeout:g} s", file=sys.stderr)
             return 124
