@@ -30,6 +30,7 @@ from nvmefs.engine.base import EngineBase
 from nvmefs.errors import NvmefsError, UsageError
 from nvmefs.fs import NvmeFS
 from nvmefs.options import ArgParser
+from nvmefs.outputs import Outputs
 from nvmefs.recorder import Recorder
 from nvmefs.sources import Source, build_engine, open_source, running
 from nvmefs.store import events
@@ -231,12 +232,13 @@ def _start(
 ) -> int:
     """Open the source and serve, in the foreground or in a forked daemon; 0 once mounted."""
     src = open_source(args.source, opts)
+    outputs = Outputs.open(opts)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="nvmefs[%(process)d]: %(levelname)s %(message)s",
     )
     if args.foreground or args.debug:
-        return _run(args.source, src, mountpoint, fuse_opts, opts, None)
+        return _run(args.source, src, outputs, mountpoint, fuse_opts, opts, None)
 
     rfd, wfd = (_above_stdio(fd) for fd in os.pipe())
     pid = os.fork()
@@ -250,10 +252,11 @@ def _start(
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
-            code = _run(args.source, src, mountpoint, fuse_opts, opts, wfd)
+            code = _run(args.source, src, outputs, mountpoint, fuse_opts, opts, wfd)
         finally:
             os._exit(code)
     os.close(wfd)
+    outputs.close()  # the daemon has its own copies
     with os.fdopen(rfd, "rb") as r:
         report = r.read().decode(errors="replace")
     if report == "ok\n":
@@ -289,6 +292,7 @@ class _Ready:
 def _run(
     source: str,
     src: Source,
+    outputs: Outputs,
     mountpoint: str,
     fuse_opts: set[str],
     opts: options.Parsed,
@@ -299,6 +303,7 @@ def _run(
     renderer = Renderer(Clock(opts["clock"]), opts["format"])
     engine = build_engine(src, opts, ring)
     recorder = Recorder(ring, renderer, source=source, engine=engine)
+    outputs.attach(ring)  # the journal's replayed entries come before this run's start entry
     ring.append(
         HostEvent(
             events.START,
@@ -309,7 +314,7 @@ def _run(
     if opts["kmsg"]:
         _mirror_to_kmsg(ring)
     try:
-        mainloop.run(_serve, recorder, src, engine, mountpoint, fuse_opts, opts, ready)
+        mainloop.run(_serve, recorder, src, engine, outputs, mountpoint, fuse_opts, opts, ready)
     except NvmefsError as e:  # setup refused or the controller did not come up
         if ready.reported:
             raise
@@ -317,6 +322,8 @@ def _run(
         return 2
     except KeyboardInterrupt:
         pass
+    finally:
+        outputs.close()  # flushes what the journal holds, however the daemon ends
     return 0
 
 
@@ -328,6 +335,7 @@ async def _serve(
     recorder: Recorder,
     src: Source,
     engine: EngineBase,
+    outputs: Outputs,
     mountpoint: str,
     fuse_opts: set[str],
     opts: options.Parsed,
@@ -343,6 +351,7 @@ async def _serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_signals)
                 nursery.start_soon(_workload, engine, recorder, opts)
+                nursery.start_soon(outputs.run, recorder)
                 ready.ok()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

@@ -132,6 +132,50 @@ def _log(text: str) -> str:
     return text
 
 
+# The syslog socket of `-o syslog` without a value: where journald and rsyslog listen.
+SYSLOG_SOCKET = "/dev/log"
+# The smallest journal_size: a file must hold many entries (a JSON line is under 1 KiB).
+JOURNAL_SIZE_MIN = 64 << 10
+# The name node_exporter's textfile collector reads (it takes only *.prom files).
+PROM_FILE = "nvmefs.prom"
+
+
+def _prom_path(text: str) -> str:
+    if not text:
+        raise ValueError("needs a file or directory path")
+    if text.endswith("/") or not text.endswith(".prom"):
+        # A directory (node_exporter's textfile directory): the file goes in it.
+        return text.rstrip("/") + "/" + PROM_FILE if text != "/" else "/" + PROM_FILE
+    return text
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """ADDR:PORT, [IPv6]:PORT or :PORT (every address); the port 1..65535."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"{shown(text)!r} is not ADDR:PORT (like 127.0.0.1:9464 or :9464)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{shown(text)!r}: write an IPv6 address in brackets, [::1]:9464")
+    return host, integer(port, 1, 65535)
+
+
+def _journal_size(text: str) -> int:
+    value = size(text)
+    if value < JOURNAL_SIZE_MIN:
+        raise ValueError(f"{shown(text)} is below the smallest journal size, 64K")
+    return value
+
+
+def _syslog(text: str) -> str:
+    if text == "on":
+        return SYSLOG_SOCKET
+    if not text:
+        raise ValueError("needs a socket path, or no value for /dev/log")
+    return text
+
+
 # What one ring entry costs at worst, measured on a full 200,000-entry ring (storm plan,
 # log=all, Python 3.11): about 355 bytes retained, 210 more once the text file has been read
 # (its rendering is cached), 690 more once the JSON file has.
@@ -217,13 +261,35 @@ OPTIONS: dict[str, Option] = {
     "clock": Option(_choice(*CLOCKS), "jiffies", "ticks: jiffies, uptime or realtime"),
     # the daemon
     "kmsg": Option(_onoff, False, "mirror logged entries to the kernel log", flag=True),
+    # fleet outputs (the mount daemon)
+    "prom": Option(_prom_path, None, "write nvmefs.prom here (file or directory)", path=True),
+    "prom_interval": Option(_float_min(0.1), 15.0, "seconds between writes of prom="),
+    "metrics_listen": Option(_listen, None, "serve /metrics over HTTP at ADDR:PORT"),
+    "journal": Option(str, None, "append every entry as a JSON line to this file", path=True),
+    "journal_size": Option(_journal_size, 16 << 20, "rotate the journal at this size"),
+    "journal_keep": Option(_int_range(1, 1000), 4, "rotated journals kept (PATH.1 ...)"),
+    "journal_fsync": Option(_float_min(0), 1.0, "seconds between fsyncs, 0 after every write"),
+    "syslog": Option(_syslog, None, "entries to syslog: /dev/log or SOCKET", flag=True, path=True),
 }
+
+# The fleet outputs: only the mount daemon runs them.
+FLEET = (
+    "prom",
+    "prom_interval",
+    "metrics_listen",
+    "journal",
+    "journal_size",
+    "journal_keep",
+    "journal_fsync",
+    "syslog",
+)
 
 # Options of ours that `nvmefs scrub` does not use (it runs one scrub pass and mirrors nothing
 # to the kernel log): it refuses them rather than ignore them.
-SCRUB_REFUSES = ("workload", "kmsg", "health_interval")
-# And those `nvmefs watch` does not use: it prints entries, it mirrors nothing to the kernel log.
-WATCH_REFUSES = ("kmsg",)
+SCRUB_REFUSES = ("workload", "kmsg", "health_interval", *FLEET)
+# And those `nvmefs watch` does not use: it prints entries (a service manager's journal takes
+# them from there), it mirrors nothing to the kernel log.
+WATCH_REFUSES = ("kmsg", *FLEET)
 
 # FUSE options we hand to libfuse as they are: flags (no value), and options with a value.
 # `ro` is a flag too: libfuse mounts read-only (so `control` cannot be written); `rw` undoes it.

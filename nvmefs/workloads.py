@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -38,7 +39,25 @@ class Progress:
     commands: int = 0
     failed: int = 0
     polls: int = 0
+    passes_done: int = 0  # scrub passes completed
+    last_pass_end: float = 0.0  # wall-clock time the last completed pass ended, 0 before
+    pass_ratio: float = 0.0  # how much of the current pass is done, 0..1
     extra: dict[str, int] = field(default_factory=dict)
+    health: dict[str, Health] = field(default_factory=dict)  # by controller name
+
+
+@dataclass
+class Health:
+    """What the last SMART / Health Information log page of a controller said."""
+
+    ctrl: str
+    serial: str
+    model: str
+    critical_warning: int = 0
+    media_errors: int = 0
+    percentage_used: int = 0
+    temperature_k: int = 0  # composite temperature, kelvin (0: not reported)
+    polled_at: float = 0.0  # wall-clock time of the poll
 
 
 class Pacer:
@@ -83,11 +102,13 @@ async def scrub(
 ) -> None:
     """Read (or verify) every LBA of every namespace in order, `bs` bytes per command."""
     progress.workload, progress.passes = "scrub", passes
+    total = sum(ns.size for ns in engine.namespaces) or 1
     n = 0
     while passes == 0 or n < passes:
         n += 1
-        progress.pass_no, progress.state = n, "running"
+        progress.pass_no, progress.state, progress.pass_ratio = n, "running", 0.0
         pacer = Pacer(rate)
+        before = 0  # bytes of the namespaces already scrubbed in this pass
         for ns in engine.namespaces:
             nlb = max(1, min(bs // ns.lba_size, 0x10000))
             progress.nsid, progress.nblocks, progress.lba = ns.nsid, ns.nblocks, 0
@@ -103,7 +124,11 @@ async def scrub(
                 nbytes = sum((cmd.nlb or 0) * ns.lba_size for cmd in cmds)
                 progress.bytes_done += nbytes
                 progress.lba = lba
+                progress.pass_ratio = (before + lba * ns.lba_size) / total
                 await pacer.account(nbytes)
+            before += ns.size
+        progress.passes_done, progress.last_pass_end = n, time.time()
+        progress.pass_ratio = 1.0
         progress.state = "waiting"
         if passes == 0 or n < passes:
             await trio.sleep(interval)
@@ -202,6 +227,16 @@ async def health_poll(engine: EngineBase, progress: Progress, state: dict[str, i
     state["media_errors"] = u128(smart.media_errors)
     progress.polls += 1
     progress.extra["media_errors"] = state["media_errors"]
+    progress.health[engine.ctrl_name] = Health(
+        engine.ctrl_name,
+        engine.serial,
+        engine.model,
+        critical_warning=warning,
+        media_errors=state["media_errors"],
+        percentage_used=smart.percent_used,
+        temperature_k=smart.temperature[0] | smart.temperature[1] << 8,
+        polled_at=time.time(),
+    )
 
 
 async def idle(engine: EngineBase, progress: Progress, *, interval: float) -> None:

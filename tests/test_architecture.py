@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("nvmefs.sim",),
     ("nvmefs.workloads", "nvmefs.options"),
     ("nvmefs.sources", "nvmefs.recorder"),
+    ("nvmefs.outputs",),
     ("nvmefs.fs",),
     ("nvmefs.daemon",),
     ("nvmefs.cli",),

@@ -127,6 +127,9 @@ class Stats:
     latency_ns_max: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
     by_opcode: Counter[tuple[bool, int]] = field(default_factory=Counter)
+    # Commands that ended with a failing status, by (controller, nsid, status word), whether
+    # logged or not: what the metrics count as errors.
+    failed: Counter[tuple[str, int | None, int]] = field(default_factory=Counter)
 
 
 class Waiter:
@@ -421,6 +424,8 @@ class EngineBase:
                     self.on_error(word)
                 p.decision = decide(word, p.attempt, max_retries, fail_fast=not p.retry, crdt=crdt)
                 final = p.decision.final
+                if final and code:
+                    st.failed[(ctrl, cmd.nsid, word)] += 1
             if logged[code] and (final or every):
                 st.logged += 1
                 ring_append(

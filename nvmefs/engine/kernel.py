@@ -318,6 +318,7 @@ class KernelEngine(EngineBase):
                     f = self._block.decode(rec, BLOCK_FIELDS)
                     b = BlockEnd(int(f["dev"]), int(f["sector"]), int(f["nr_sector"]),
                                  int(f["error"]), str(f["rwbs"]))  # fmt: skip
+                    self._failed(a2, b)
                     self._emit(a2, b)
 
     def _count(self, a: Attempt) -> None:
@@ -368,6 +369,13 @@ class KernelEngine(EngineBase):
             self._release_held(time.monotonic())
             return
         self._log_entry(a, b)
+
+    def _failed(self, a: Attempt, b: BlockEnd) -> None:
+        """Count a request that ended with a failing status (logged or not)."""
+        if a.status & SCT_SC_MASK:
+            disk = self._disk(a.disk, b.dev)
+            nsid = disk.nsid if disk is not None and a.qid else None
+            self.stats.failed[(f"nvme{a.ctrl_id}", nsid, a.status)] += 1
 
     def _log_entry(self, a: Attempt, b: BlockEnd | None) -> None:
         code = a.status & SCT_SC_MASK

@@ -24,6 +24,7 @@ class NvmeEvent:
     retries: int | None = None  # earlier attempts of this command (the kernel's nvme_req->retries)
     disk: str | None = None  # the block disk (kernel source)
     op: str | None = None  # what the request was when the opcode is unknown (kernel source)
+    replayed: bool = False  # read back from the journal of an earlier run, not seen by this one
 
     kind = "nvme"
 
@@ -45,3 +46,4 @@ class HostEvent:
     kind: str
     message: str
     fields: dict[str, Any] = field(default_factory=dict)
+    replayed: bool = False  # read back from the journal of an earlier run, not seen by this one

@@ -23,6 +23,9 @@ INFO_MAX = 255
 FORMATS = ("full", "seed", "json")  # json: the text file shows JSON lines too
 CLOCKS = ("jiffies", "uptime", "realtime")
 SEED_PREFIX = "Specific NVMe error encountered: Status = "
+# What the text line of an entry replayed from the journal ends with (the seed format, whose
+# lines are the bare status, shows none).
+REPLAYED_MARK = " (replayed)"
 
 
 def kernel_hz(release: str | None = None) -> int:
@@ -175,7 +178,8 @@ class Renderer:
         if self.fmt == "json":
             return self.json_line(entry)
         _seq, mono_ns, wall_ns, event = entry
-        return f"[{self.clock.ticks(mono_ns, wall_ns)}] {info(event, self.fmt)}\n"
+        mark = REPLAYED_MARK if event.replayed and self.fmt != "seed" else ""
+        return f"[{self.clock.ticks(mono_ns, wall_ns)}] {info(event, self.fmt)}{mark}\n"
 
     def missed_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
         if self.fmt == "json":
@@ -219,6 +223,8 @@ class Renderer:
         elif isinstance(event, HostEvent):
             rec["message"] = event.message
             rec.update(event.fields)
+        if event.replayed:
+            rec["replayed"] = True
         return rec
 
     def json_line(self, entry: Entry) -> str:

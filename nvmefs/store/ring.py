@@ -64,6 +64,26 @@ class DebugRing:
                 wake()
         return seq
 
+    def restore(self, entries: list[Entry]) -> None:
+        """Fill an unused ring with entries of an earlier run (oldest first, consecutive
+        sequence numbers, at most `capacity`), so that sequence numbers continue after them.
+        The entries before the first restored one count as dropped: this ring never held
+        them, and the invariant above holds with appended counting the earlier runs too."""
+        if self._next != 1:
+            raise ValueError("restore() is only for a ring nothing was appended to")
+        if len(entries) > self.capacity:
+            raise ValueError(f"{len(entries)} entries do not fit in a ring of {self.capacity}")
+        if not entries:
+            return
+        first = entries[0][SEQ]
+        for i, entry in enumerate(entries):
+            if entry[SEQ] != first + i:
+                raise ValueError(f"entry {entry[SEQ]} follows {first + i - 1}: seqs have a gap")
+            self._buf[entry[SEQ] % self.capacity] = entry
+        self._start = first
+        self._next = first + len(entries)
+        self.dropped = first - 1
+
     def clear(self) -> int:
         """Forget every retained entry; returns how many were removed."""
         removed = self._next - self._start

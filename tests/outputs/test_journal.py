@@ -1,0 +1,232 @@
+"""The journal: every entry once, in order, in size-bounded files, and replayed at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from nvmefs import options
+from nvmefs.nvme.status import Translator
+from nvmefs.outputs.journal import Journal, JournalError, read_newest, rotated, tail_lines
+from nvmefs.recorder import Recorder
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.render import Renderer
+from nvmefs.store.ring import EVENT, SEQ, DebugRing
+from tests.helpers import sim_engine
+
+ST = Translator()
+PLAN = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x4281\n'
+
+
+def opts(path: Path, extra: str = "") -> options.Parsed:
+    return options.parse([f"journal={path}", *([extra] if extra else [])], allow_fuse=False)
+
+
+def nvme(slba: int) -> NvmeEvent:
+    return NvmeEvent(ST.decode(0x281), "sim0", 1, 1, 7, 0x02, False, slba, 8, 5)
+
+
+def journal_seqs(path: Path, keep: int) -> list[int]:
+    """Every seq in the journal's files, oldest file first."""
+    out: list[int] = []
+    for k in range(keep, -1, -1):
+        f = Path(rotated(str(path), k))
+        if f.exists():
+            out += [json.loads(line)["seq"] for line in f.read_bytes().splitlines()]
+    return out
+
+
+def attached(path: Path, capacity: int = 64, extra: str = "") -> tuple[Journal, DebugRing]:
+    j = Journal.open(opts(path, f"capacity={capacity}" + (f",{extra}" if extra else "")))
+    assert j is not None
+    ring = DebugRing(capacity)
+    j.attach(ring)
+    return j, ring
+
+
+def test_tail_lines_gives_complete_lines_only(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"a\nbb\nccc\ncut")
+    assert tail_lines(str(f), 2) == [b"bb", b"ccc"]
+    assert tail_lines(str(f), 10) == [b"a", b"bb", b"ccc"]
+    f.write_bytes(b"")
+    assert tail_lines(str(f), 3) == []
+    assert tail_lines(str(tmp_path / "none"), 3) == []
+
+
+def test_tail_lines_across_read_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvmefs.outputs import journal
+
+    monkeypatch.setattr(journal, "READ_BLOCK", 7)
+    lines = [f"line {i}".encode() * (i % 4 + 1) for i in range(50)]
+    (tmp_path / "f").write_bytes(b"\n".join(lines) + b"\n")
+    for n in (1, 3, 17, 50, 80):
+        assert tail_lines(str(tmp_path / "f"), n) == lines[-n:]
+
+
+def test_every_entry_is_written_once_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j, ring = attached(path, capacity=16)
+    for i in range(1000):  # far more than the ring holds: the journal never falls behind it
+        ring.append(nvme(i))
+    j.close()
+    recs = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [r["seq"] for r in recs] == list(range(1, 1001))
+    assert [r["slba"] for r in recs] == list(range(1000))
+    assert recs[0]["status"] == "0x281" and recs[0]["retries"] == 5
+    assert j.written == 1000 and j.lost == 0
+
+
+def test_rotation_keeps_every_file_under_the_size_and_keep_files(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j, ring = attached(path, capacity=32, extra="journal_size=64K,journal_keep=3")
+    for i in range(2000):
+        ring.append(nvme(i))
+    j.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["j.jsonl", "j.jsonl.1", "j.jsonl.2", "j.jsonl.3"]
+    assert all((tmp_path / f).stat().st_size <= 64 << 10 for f in files)
+    seqs = journal_seqs(path, 3)
+    assert seqs == list(range(seqs[0], 2001))  # the newest, in order, none twice
+    assert seqs[0] > 1 and j.rotations >= 4
+
+
+async def test_replay_continues_the_sequence_and_marks_entries(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    async with sim_engine(PLAN, log="media") as (engine, _sim, ring1):
+        j1 = Journal.open(opts(path, "capacity=64"))
+        assert j1 is not None
+        ring1 = DebugRing(64)
+        engine.ring = ring1
+        j1.attach(ring1)
+        ring1.append(HostEvent(events.TIMEOUT, "a timeout", {"ctrl": "sim0", "qid": 3}))
+        await engine.submit_batch([engine_read(lba) for lba in range(0, 800, 8)])
+        j1.close()
+    before = list(ring1)
+    j2, ring2 = attached(path, capacity=64)
+    after = list(ring2)
+    # The newest 64 entries come back with their numbers, then the replay notice follows.
+    assert [e[SEQ] for e in after[:-1]] == [e[SEQ] for e in before[-63:]]
+    assert after[-1][SEQ] == before[-1][SEQ] + 1
+    assert "replayed 64 entries" in after[-1][EVENT].message
+    r = Renderer()
+    for old, new in zip(before[-63:], after[:-1], strict=True):
+        assert new[EVENT].replayed and not old[EVENT].replayed
+        new_rec, old_rec = r.record(new), r.record(old)
+        assert new_rec.pop("replayed") is True
+        assert new_rec == old_rec
+        assert r.line(new) == r.line(old).replace("\n", " (replayed)\n")
+    assert ring2.appended == ring2.retained + ring2.dropped + ring2.cleared
+    ring2.append(nvme(1))
+    j2.close()
+    seqs = journal_seqs(path, 4)
+    assert seqs == list(range(1, seqs[-1] + 1))  # a restart neither skips nor repeats a number
+
+
+def engine_read(lba: int) -> object:
+    from nvmefs.nvme import commands
+
+    return commands.read(1, lba, 8, 512)
+
+
+def test_host_events_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j, ring = attached(path)
+    ring.append(HostEvent(events.LOST, "lost 3 events", {"cpu": 1, "lost": 3}))
+    j.close()
+    j2, ring2 = attached(path)
+    ev = list(ring2)[-2][EVENT]
+    assert isinstance(ev, HostEvent) and ev.replayed
+    assert (ev.kind, ev.message, ev.fields) == (events.LOST, "lost 3 events", {"cpu": 1, "lost": 3})
+    j2.close()
+
+
+def test_a_line_cut_short_is_cut_off_and_its_number_given_again(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j, ring = attached(path)
+    for i in range(5):
+        ring.append(nvme(i))
+    j.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole.splitlines(keepends=True)[-1][:40])  # a 6th, cut short
+    j2, ring2 = attached(path)
+    assert path.read_bytes().startswith(whole)
+    assert [e[SEQ] for e in ring2] == [1, 2, 3, 4, 5, 6]  # 6: the replay notice
+    j2.close()
+    assert journal_seqs(path, 4) == [1, 2, 3, 4, 5, 6]
+
+
+def test_replay_stops_at_a_gap_and_skips_unreadable_lines(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    r = Renderer()
+    lines = [r.json_line((s, 1, 2, nvme(s))) for s in (1, 2, 5, 6)]
+    path.write_text(lines[0] + lines[1] + lines[2] + "not json\n" + lines[3])
+    entries, bad = read_newest(str(path), 4, 100, "linux-7.1")
+    assert [e[SEQ] for e in entries] == [5, 6] and bad == 1
+
+
+def test_a_second_daemon_cannot_write_the_same_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = Journal.open(opts(path))
+    with pytest.raises(JournalError, match="being written by another nvmefs"):
+        Journal.open(opts(path))
+    assert j is not None
+    j.close()
+    j2 = Journal.open(opts(path))
+    assert j2 is not None
+    j2.close()
+
+
+def test_paths_that_cannot_be_a_journal_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="does not exist"):
+        Journal.open(opts(tmp_path / "no" / "j.jsonl"))
+    with pytest.raises(JournalError, match="Is a directory"):
+        Journal.open(opts(tmp_path))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(JournalError, match="not a regular file"):
+        Journal.open(opts(tmp_path / "fifo"))
+    with pytest.raises(options.OptionError, match="smallest journal size"):
+        opts(tmp_path / "j", "journal_size=4K")
+
+
+async def test_the_task_writes_and_syncs_without_a_reader(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j, ring = attached(path, capacity=1024, extra="journal_fsync=0.05")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(j.run, Recorder(ring, Renderer()))
+        ring.append(nvme(1))  # below the drain threshold: the task writes it
+        await trio.sleep(0.2)
+        assert journal_seqs(path, 4) == [1]
+        assert not j.dirty  # synced by the task
+        nursery.cancel_scope.cancel()
+    j.close()
+
+
+@pytest.mark.fuse  # root: it mounts a tiny tmpfs to run out of space on
+def test_write_errors_are_counted_and_reported_not_raised(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        j, ring = attached(small / "j.jsonl", capacity=4, extra="journal_size=1M")
+        seen: dict[int, object] = {}  # by seq: a listener sees the newest entry when it is called
+        ring.subscribe(lambda: seen.setdefault(ring.last_seq, list(ring)[-1][EVENT]))
+        for i in range(400):  # about 300 KB of lines: most find no room
+            ring.append(nvme(i))  # the engine's append never sees the error
+        j.close()
+        assert j.errors >= 1 and j.lost > 0
+        reports = [
+            e for e in seen.values() if isinstance(e, HostEvent) and "No space left" in e.message
+        ]
+        assert len(reports) == 1  # reported in the ring once, not once per failed write
+        assert j.written + j.lost == 401  # the 400 and the report
+        lines = (small / "j.jsonl").read_bytes().splitlines(keepends=True)
+        assert len(lines) == j.written and all(line.endswith(b"}\n") for line in lines)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
