@@ -339,6 +339,45 @@ def test_options_a_command_does_not_use_are_refused() -> None:
     with pytest.raises(options.OptionError, match="does not apply"):
         options.parse(["kmsg"], allow_fuse=False, refuse=options.WATCH_REFUSES)
     assert options.parse(["qd=4"], allow_fuse=False, refuse=options.SCRUB_REFUSES)["qd"] == 4
+    for item in ("journal=/tmp/j", "syslog", "prom=/tmp", "metrics_listen=:9464"):
+        for refuse in (options.SCRUB_REFUSES, options.WATCH_REFUSES):
+            with pytest.raises(options.OptionError, match="does not apply"):
+                options.parse([item], allow_fuse=False, refuse=refuse)
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "value"),
+    [
+        ("prom=/var/lib/node-exporter", "prom", "/var/lib/node-exporter/nvmefs.prom"),
+        ("prom=/srv/x/", "prom", "/srv/x/nvmefs.prom"),
+        ("prom=/srv/mine.prom", "prom", "/srv/mine.prom"),
+        ("metrics_listen=127.0.0.1:9464", "metrics_listen", ("127.0.0.1", 9464)),
+        ("metrics_listen=:9464", "metrics_listen", ("", 9464)),
+        ("metrics_listen=[::1]:80", "metrics_listen", ("::1", 80)),
+        ("syslog", "syslog", "/dev/log"),
+        ("syslog=/run/s.sock", "syslog", "/run/s.sock"),
+        ("journal_size=1M", "journal_size", 1 << 20),
+    ],
+)
+def test_fleet_options_parse(item: str, key: str, value: object) -> None:
+    assert options.parse([item], allow_fuse=False)[key] == value
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("metrics_listen=9464", "is not ADDR:PORT"),
+        ("metrics_listen=::1:80", "in brackets"),
+        ("metrics_listen=:0", "out of range"),
+        ("metrics_listen=:65536", "out of range"),
+        ("journal_size=4K", "smallest journal size"),
+        ("journal_keep=0", "out of range"),
+        ("prom_interval=0", "below"),
+    ],
+)
+def test_bad_fleet_options_are_refused(item: str, message: str) -> None:
+    with pytest.raises(options.OptionError, match=message):
+        options.parse([item], allow_fuse=False)
 
 
 @pytest.mark.skipif(

@@ -202,6 +202,14 @@ async def test_policy_decides_ring_entries_counters_see_everything() -> None:
         assert [ev.slba for ev in nvme_entries(ring)] == [100]
         assert e.stats.by_status[0] >= 4 and e.stats.by_status[0x4080] == 1
         assert e.stats.by_opcode[(False, c.NVM_READ)] == 6
+        # Failed commands are counted whether logged or not, by controller, nsid and status.
+        assert e.stats.failed == {(e.ctrl_name, 1, 0x4281): 1, (e.ctrl_name, 1, 0x4080): 1}
+
+
+async def test_a_retried_command_counts_as_one_failure() -> None:
+    async with sim_engine(READ_FAIL.format(status=0x281)) as (e, _sim, _ring):
+        await e.submit(c.read(1, 100, 1, 512))
+        assert e.stats.failed == {(e.ctrl_name, 1, 0x281): 1} and e.stats.retries == 5
 
 
 async def test_error_log_page_after_scrub_matches_the_ring() -> None:
@@ -227,6 +235,24 @@ status = 0x4287
         assert int.from_bytes(smart[160:176], "little") == 2  # media errors
 
 
+async def test_scrub_progress_says_how_far_the_pass_is_and_when_passes_ended() -> None:
+    async with sim_engine(sim_kw={"namespaces": 2}) as (e, _sim, _ring):
+        progress = workloads.Progress()
+        ratios: list[float] = []
+        submit = e.submit_batch
+
+        async def watch(cmds: list[c.Command]) -> list[object]:
+            ratios.append(progress.pass_ratio)
+            return await submit(cmds)  # type: ignore[return-value]
+
+        e.submit_batch = watch  # type: ignore[method-assign]
+        await workloads.scrub(e, progress, bs=1 << 20, qd=4, passes=2)
+        assert progress.passes_done == 2 and progress.pass_ratio == 1.0
+        assert progress.last_pass_end > 0
+        first = ratios[: len(ratios) // 2]  # one pass: rising from 0 to below 1
+        assert first[0] == 0.0 and first == sorted(first) and first[-1] < 1.0
+
+
 async def test_idle_health_poll_turns_new_controller_errors_into_entries(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -241,6 +267,10 @@ async def test_idle_health_poll_turns_new_controller_errors_into_entries(
         notices = host_entries(ring, events.NOTICE)
         assert len(notices) == 1 and "Status = 0x4281" in notices[0].message
         assert notices[0].fields["lba"] == 100 and progress.polls == 1
+        health = progress.health[e.ctrl_name]
+        assert (health.serial, health.model) == (e.serial, e.model) and health.serial
+        assert (health.media_errors, health.critical_warning) == (1, 0)
+        assert health.temperature_k == 321 and health.polled_at > 0
 
 
 def test_engine_construction_does_no_io() -> None:

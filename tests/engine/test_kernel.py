@@ -47,6 +47,7 @@ def test_six_attempts_and_one_block_error_make_one_entry() -> None:
     assert (ev.status.status, ev.retries, ev.slba, ev.nlb, ev.op) == (0x281, 5, 256, 1, "read")
     assert (ev.ctrl, ev.disk, ev.nsid, ev.cid) == ("nvme0", "nvme0n1", 1, 105)
     assert e.stats.completions == 6 and e.stats.retries == 5 and e.stats.logged == 1
+    assert e.stats.failed == {("nvme0", 1, 0x281): 1}  # the request, not its attempts
 
 
 def test_log_attempts_logs_each_attempt() -> None:

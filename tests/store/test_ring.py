@@ -119,3 +119,28 @@ def test_listeners_wake_on_every_append_until_unsubscribed() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         DebugRing(0)
+
+
+def test_restore_continues_the_numbers_and_keeps_the_invariant() -> None:
+    ring = DebugRing(4)
+    ring.restore([(s, s, s, f"old{s}") for s in (7, 8, 9)])
+    assert (ring.first_seq, ring.last_seq, ring.retained, ring.dropped) == (7, 9, 3, 6)
+    assert ring.append("new") == 10
+    assert [e[EVENT] for e in ring] == ["old7", "old8", "old9", "new"]
+    assert ring.append("newer") == 11 and ring.first_seq == 8
+    assert ring.appended == ring.retained + ring.dropped + ring.cleared
+    assert ring.read_after(7) == (0, list(ring))
+
+
+def test_restore_refuses_a_used_ring_gaps_and_overflow() -> None:
+    with pytest.raises(ValueError, match="gap"):
+        DebugRing(4).restore([(1, 0, 0, "a"), (3, 0, 0, "b")])
+    with pytest.raises(ValueError, match="do not fit"):
+        DebugRing(1).restore([(1, 0, 0, "a"), (2, 0, 0, "b")])
+    used = DebugRing(4)
+    used.append("x")
+    with pytest.raises(ValueError, match="only for a ring"):
+        used.restore([(5, 0, 0, "a")])
+    empty = DebugRing(4)
+    empty.restore([])
+    assert empty.append("first") == 1
