@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -172,7 +173,27 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+def _lock() -> int:
+    """Wait for the test bed: one VM at a time uses WORK's disks and QMP socket."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    fd = os.open(WORK / "vm.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("vm: waiting for another VM run of this checkout to end", file=sys.stderr)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def run(command: list[str], timeout: float, interactive: bool = False) -> int:
+    lock = _lock()
+    try:
+        return _run(command, timeout, interactive)
+    finally:
+        os.close(lock)
+
+
+def _run(command: list[str], timeout: float, interactive: bool) -> int:
     make_disks()
     relay = QmpRelay(WORK / "qmp.sock")
     relay.start()
