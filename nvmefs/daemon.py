@@ -342,7 +342,7 @@ async def _serve(
     ready: _Ready,
 ) -> None:
     async with running(src, engine, opts):
-        fs = NvmeFS(recorder, mountpoint=mountpoint)
+        fs = NvmeFS(recorder, mountpoint=mountpoint, metrics=outputs.metrics)
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as e:

@@ -1,9 +1,15 @@
-"""The filesystem: four files over the recorder. Thin on purpose; the logic is in views.py.
+"""The filesystem: five files over the recorder. Thin on purpose; the logic is in views.py.
 
     nvme_circular_buffer        0444  the ring as text lines
     nvme_circular_buffer.jsonl  0444  the same entries as JSON lines
     stats                       0444  name value lines
+    nvmefs.prom                 0444  the metrics in Prometheus's text format (outputs/metrics.py)
     control                     0200  clear, log=..., profile=..., format=..., clock=...
+
+stats and nvmefs.prom are snapshots taken at open, so reads at any offset and size agree. The
+mtime of nvmefs.prom is the moment it is looked at: its content is that fresh, and
+node_exporter's textfile collector, which reads the mount directly, exports that mtime (an
+alert on a stale textfile then means the daemon is gone, not that it is idle).
 
 Every file is opened direct_io (reads come to us, never from a stale page cache) and a file's
 attributes are never cached (attr_timeout 0); only names and the root's attributes, which never
@@ -37,22 +43,25 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from nvmefs.outputs.metrics import Metrics
 from nvmefs.recorder import ControlError, Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
 from nvmefs.store.ring import WALL_NS
-from nvmefs.store.views import Dropped, LogStream, Stream
+from nvmefs.store.views import Dropped, LogStream, StaticStream, Stream
 
 log = logging.getLogger("nvmefs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
-BUF, JSONL, STATS, CONTROL = range(2, 6)
+BUF, JSONL, STATS, CONTROL, PROM = range(2, 7)
 FILES = {
     b"nvme_circular_buffer": (BUF, 0o444),
     b"nvme_circular_buffer.jsonl": (JSONL, 0o444),
     b"stats": (STATS, 0o444),
+    b"nvmefs.prom": (PROM, 0o444),
     b"control": (CONTROL, 0o200),
 }
+SNAPSHOTS = (STATS, PROM)  # files whose content is made whole at open
 MODES = {ino: mode for ino, mode in FILES.values()}
 ROOT_MODE = 0o555
 NAMES = sorted(FILES)
@@ -194,13 +203,19 @@ class _Handle:
 
 
 class NvmeFS(pyfuse3.Operations):
-    """The four files over a Recorder. Invariant: every open read handle is in `_handles` with
+    """The five files over a Recorder. Invariant: every open read handle is in `_handles` with
     its own stream and belongs to exactly one `_Reader` (its process and inode); `_open` counts
     every open handle, control handles included."""
 
-    def __init__(self, recorder: Recorder, mountpoint: str | None = None) -> None:
+    def __init__(
+        self, recorder: Recorder, mountpoint: str | None = None, metrics: Metrics | None = None
+    ) -> None:
         super().__init__()
         self.recorder = recorder
+        # The daemon's metrics, attached to the ring before its start entry; without them, the
+        # host events are counted from here on.
+        self.metrics = metrics or Metrics()
+        self.metrics.attach(recorder.ring)
         self.mounted_ns = time.time_ns()
         # Set it to have the daemon end once lazily unmounted (umount -l) and the last open
         # handle is closed: the kernel keeps such a mount alive while handles are open.
@@ -255,6 +270,8 @@ class NvmeFS(pyfuse3.Operations):
         return a
 
     def _mtime_ns(self, inode: int) -> int:
+        if inode == PROM:
+            return time.time_ns()  # made at open: as fresh as the moment it is looked at
         if inode in (BUF, JSONL):
             ring = self.recorder.ring
             _, newest = ring.read_after(ring.last_seq - 1)
@@ -277,7 +294,7 @@ class NvmeFS(pyfuse3.Operations):
         if inode in (ROOT, CONTROL):
             return 0
         reader = self._readers.get((tgid, inode))
-        if inode == STATS:
+        if inode in SNAPSHOTS:
             return reader.size if reader is not None else self._new_stream(inode).size()
         json = inode == JSONL
         if reader is None:
@@ -298,6 +315,8 @@ class NvmeFS(pyfuse3.Operations):
             return r.text_stream()
         if inode == JSONL:
             return r.json_stream()
+        if inode == PROM:
+            return StaticStream(self.metrics.exposition(r))
         return r.stats_stream()
 
     @guarded

@@ -447,7 +447,9 @@ def test_creating_removing_renaming_and_linking_fail_with_eperm(tmp_path: Path) 
             with pytest.raises(OSError) as e:
                 call()
             assert e.value.errno == errno.EPERM
-        assert sorted(os.listdir(mnt)) == sorted([BUF, f"{BUF}.jsonl", "stats", "control"])
+        assert sorted(os.listdir(mnt)) == sorted(
+            [BUF, f"{BUF}.jsonl", "stats", "nvmefs.prom", "control"]
+        )
 
 
 def _shell_checks(path: Path, flag: str) -> list[int]:
@@ -466,7 +468,7 @@ def test_access_follows_the_modes_even_for_root(public_dir: Path) -> None:
     """Without default_permissions the kernel asks the filesystem; root gets no override."""
     mnt = public_dir / "modes"
     with fs_only(mnt, "allow_other"):
-        for name in (BUF, f"{BUF}.jsonl", "stats"):
+        for name in (BUF, f"{BUF}.jsonl", "stats", "nvmefs.prom"):
             path = mnt / name
             assert not os.access(path, os.W_OK) and os.access(path, os.R_OK)
             assert _shell_checks(path, "-w") == [1, 1, 1]

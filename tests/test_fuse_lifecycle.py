@@ -41,6 +41,7 @@ def test_first_entry_records_the_start_and_defaults_are_set(tmp_path: Path) -> N
             BUF: "0o444",
             f"{BUF}.jsonl": "0o444",
             "stats": "0o444",
+            "nvmefs.prom": "0o444",
             "control": "0o200",
         }
         assert all(p.stat().st_uid == 0 and p.stat().st_gid == 0 for p in mnt.iterdir())
@@ -126,7 +127,7 @@ def test_a_dead_mount_gets_a_clear_message(tmp_path: Path) -> None:
 
 def test_writes_to_read_only_files_fail_and_control_rejects_junk(tmp_path: Path) -> None:
     with mounted(tmp_path, "workload=idle") as mnt:
-        for name in (BUF, f"{BUF}.jsonl", "stats"):
+        for name in (BUF, f"{BUF}.jsonl", "stats", "nvmefs.prom"):
             with pytest.raises(PermissionError):
                 os.open(mnt / name, os.O_WRONLY)
             with pytest.raises(PermissionError):

@@ -1,0 +1,503 @@
+"""Prometheus metrics: the exposition's values and labels, the prom file, the options, HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from nvmefs import __version__, options, workloads
+from nvmefs.engine.kernel import KernelEngine, KernelSpec
+from nvmefs.errors import UsageError
+from nvmefs.linux import devices
+from nvmefs.linux.devices import Controller
+from nvmefs.nvme.status import Translator
+from nvmefs.outputs import metrics as m
+from nvmefs.outputs.metrics import Exporter, Metrics, parse_head, write_atomically
+from nvmefs.recorder import Recorder
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.render import Clock, Renderer
+from nvmefs.store.ring import DebugRing
+from nvmefs.workloads import Health
+from tests.helpers import sim_engine
+
+# LBAs 2048..2055 fail with Unrecovered Read Error (no DNR: retried 5 times, then final).
+PLAN = '[[fault]]\nopcode = "read"\nlba = [2048, 2055]\nstatus = 0x281\n'
+ST = Translator()
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(text: str | bytes) -> Samples:
+    """Every sample of an exposition, parsed back with prometheus_client's own parser."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = s.value
+    return out
+
+
+def value(got: Samples, metric: str, /, **labels: str) -> float:
+    """The value of the one series of `metric` whose labels include `labels`."""
+    found = [v for (n, ls), v in got.items() if n == metric and set(labels.items()) <= ls]
+    assert len(found) == 1, f"{metric} {labels}: {len(found)} series"
+    return found[0]
+
+
+def names(got: Samples) -> set[str]:
+    return {n for n, _ in got}
+
+
+def recorder(ring: DebugRing, **kw: object) -> Recorder:
+    return Recorder(ring, Renderer(Clock("jiffies"), "full"), **kw)  # type: ignore[arg-type]
+
+
+async def test_failed_commands_are_counted_by_status_with_the_controllers_labels() -> None:
+    async with sim_engine(PLAN) as (engine, _, ring):
+        metrics = Metrics()
+        metrics.attach(ring)
+        rec = recorder(ring, source="sim", engine=engine)
+        # 2 KiB chunks: 2048..2051 and 2052..2055 each fail after 5 retries; nothing else does.
+        await workloads.scrub(engine, rec.progress, bs=2048, qd=8, passes=1)
+        got = samples(metrics.exposition(rec))
+    errors = [(dict(ls), v) for (n, ls), v in got.items() if n == "nvmefs_errors_total"]
+    assert errors == [
+        (
+            {
+                "source": "sim",
+                "ctrl": "sim0",
+                "serial": engine.serial,
+                "model": engine.model,
+                "nsid": "1",
+                "status": "0x281",
+                "name": "Unrecovered Read Error",
+                "blk_status": "MEDIUM",
+            },
+            2.0,
+        )
+    ]
+    assert engine.serial and engine.model
+    assert value(got, "nvmefs_retries_total", source="sim") == 10
+    assert value(got, "nvmefs_completion_errors_total") == 12
+    assert value(got, "nvmefs_completions_total") == engine.stats.completions > 8192
+    assert value(got, "nvmefs_logged_total") == 2
+    assert value(got, "nvmefs_workload_commands_total") == 8192  # 16 MiB in 2 KiB chunks
+    assert value(got, "nvmefs_workload_failed_commands_total") == 2
+    assert value(got, "nvmefs_workload_bytes_total") == 16 << 20
+    assert value(got, "nvmefs_scrub_passes_total") == 1
+    assert value(got, "nvmefs_scrub_pass_ratio") == 1.0
+    assert value(got, "nvmefs_scrub_last_pass_end_timestamp_seconds") == rec.progress.last_pass_end
+    info = value(got, "nvmefs_info", source="sim", version=__version__, profile=ST.profile)
+    assert info == 1
+
+
+async def test_ring_counters_follow_the_ring_past_its_capacity() -> None:
+    ring = DebugRing(4)
+    rec = recorder(ring, source="kernel")
+    metrics = Metrics()
+    metrics.attach(ring)
+    for i in range(10):
+        ring.append(HostEvent(events.NOTICE, f"n{i}"))
+    rec.clear()  # removes 4, appends a notice
+    got = samples(metrics.exposition(rec))
+    assert value(got, "nvmefs_ring_capacity", source="kernel") == 4
+    assert value(got, "nvmefs_ring_entries") == 1
+    assert value(got, "nvmefs_ring_appended_total") == 11
+    assert value(got, "nvmefs_ring_dropped_total") == 6
+    assert value(got, "nvmefs_ring_cleared_total") == 4
+    # Every notice is counted, the 6 the ring overwrote and the 4 it cleared too.
+    assert value(got, "nvmefs_host_events_total", kind="notice") == 11
+    # No engine: no engine counters, and the info metric says so with an empty profile.
+    assert "nvmefs_completions_total" not in names(got)
+    assert value(got, "nvmefs_info", profile="") == 1
+
+
+def test_host_events_are_counted_from_attach_on_by_kind_and_nvme_entries_are_not() -> None:
+    ring = DebugRing(8)
+    ring.append(HostEvent(events.START, "replayed from the journal: counted by its own daemon"))
+    metrics = Metrics()
+    metrics.attach(ring)
+    metrics.attach(ring)  # again: no second subscription
+    ring.append(HostEvent(events.START, "this run"))
+    ring.append(HostEvent(events.NOTICE, "replayed after the attach", replayed=True))
+    ring.append(NvmeEvent(ST.decode(0x281), "sim0", 1))
+    for kind in (events.TIMEOUT, events.TIMEOUT, events.LOST, events.HOST_ERROR):
+        ring.append(HostEvent(kind, "x"))
+    expected = dict.fromkeys(m.HOST_KINDS, 0) | {
+        events.START: 1,
+        events.TIMEOUT: 2,
+        events.LOST: 1,
+        events.HOST_ERROR: 1,
+    }
+    assert dict(metrics.host_events) == expected
+    with pytest.raises(ValueError, match="another ring"):
+        metrics.attach(DebugRing(8))
+
+
+def test_an_entry_appended_from_another_listener_is_counted_once() -> None:
+    # A listener that appends from its callback makes the ring call the listeners again,
+    # nested: each entry is still counted exactly once.
+    ring = DebugRing(8)
+    nested: list[int] = []
+
+    def echo() -> None:
+        if not nested:
+            nested.append(1)
+            ring.append(HostEvent(events.NOTICE, "echo"))
+
+    ring.subscribe(echo)
+    metrics = Metrics()
+    metrics.attach(ring)
+    ring.append(HostEvent(events.RESET, "first"))
+    assert metrics.host_events[events.RESET] == 1
+    assert metrics.host_events[events.NOTICE] == 1
+
+
+async def test_smart_health_becomes_gauges_and_a_counter_per_controller() -> None:
+    async with sim_engine(PLAN) as (engine, sim, ring):
+        rec = recorder(ring, source="/dev/nvme0", engine=engine)
+        await workloads.scrub(engine, rec.progress, bs=128 << 10, qd=8, passes=1)
+        sim.critical_warning = 0x4
+        await workloads.health_poll(engine, rec.progress, {})
+        got = samples(Metrics().exposition(rec))
+    ids = {"source": "/dev/nvme0", "ctrl": "sim0", "serial": engine.serial, "model": engine.model}
+    # The sim counts a media error per failed attempt: 1 + 5 retries.
+    assert value(got, "nvmefs_smart_media_errors_total", **ids) == sim.media_errors == 6
+    assert value(got, "nvmefs_smart_critical_warning", **ids) == 4
+    assert value(got, "nvmefs_smart_temperature_celsius", **ids) == 47.85  # 321 K
+    assert value(got, "nvmefs_smart_percentage_used_ratio", **ids) == 0
+    polled = value(got, "nvmefs_smart_last_poll_timestamp_seconds", **ids)
+    assert polled == rec.progress.health["sim0"].polled_at > 0
+
+
+def test_temperature_is_absent_when_not_reported_and_percent_used_is_a_ratio() -> None:
+    rec = recorder(DebugRing(4))
+    rec.progress.health["nvme1"] = Health("nvme1", "S1", "M1", percentage_used=120)
+    got = samples(Metrics().exposition(rec))
+    assert "nvmefs_smart_temperature_celsius" not in names(got)
+    assert value(got, "nvmefs_smart_percentage_used_ratio", ctrl="nvme1", serial="S1") == 1.2
+
+
+def test_scrub_metrics_appear_only_once_a_scrub_ran() -> None:
+    rec = recorder(DebugRing(4))
+    rec.progress.workload = "idle"
+    got = samples(Metrics().exposition(rec))
+    assert not {n for n in names(got) if n.startswith("nvmefs_scrub_")}
+    rec.progress.workload, rec.progress.pass_ratio = "scrub", 0.25
+    got = samples(Metrics().exposition(rec))
+    assert value(got, "nvmefs_scrub_pass_ratio") == 0.25
+    assert value(got, "nvmefs_scrub_passes_total") == 0
+    # No pass has ended: no end time (a 0 would read as 1970 to an alert on its age).
+    assert "nvmefs_scrub_last_pass_end_timestamp_seconds" not in names(got)
+
+
+def test_kernel_source_errors_carry_serial_and_model_from_sysfs_and_lost_events_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    looked: list[int] = []
+
+    def controllers() -> list[Controller]:
+        looked.append(1)
+        return [Controller("nvme0", "SER0", "MODEL0", "FW", "pcie", "0000:01:00.0")]
+
+    monkeypatch.setattr(devices, "controllers", controllers)
+    ring = DebugRing(16)
+    engine = KernelEngine(KernelSpec("kernel"), ring)
+    engine.stats.failed[("nvme0", 1, 0x281)] = 3
+    engine.stats.failed[("nvme0", None, 0x6)] = 1  # an admin command: no namespace
+    engine.stats.failed[("nvme7", 2, 0x4281)] = 2  # a controller sysfs no longer shows
+    engine.lost_events = 17
+    rec = recorder(ring, source="kernel", engine=engine)
+    metrics = Metrics()
+    got = samples(metrics.exposition(rec))
+    assert value(got, "nvmefs_errors_total", ctrl="nvme0", status="0x281") == 3
+    assert value(got, "nvmefs_errors_total", ctrl="nvme0", serial="SER0", model="MODEL0",
+                 nsid="", status="0x6", name="Internal Error", blk_status="IOERR") == 1  # fmt: skip
+    assert value(got, "nvmefs_errors_total", ctrl="nvme7", serial="", model="", nsid="2") == 2
+    assert value(got, "nvmefs_kernel_lost_events_total", source="kernel") == 17
+    # sysfs is asked once; a controller it did not show is asked for again only later.
+    metrics.exposition(rec)
+    assert len(looked) == 1
+
+
+async def test_the_exposition_has_no_series_twice_and_every_series_has_a_source() -> None:
+    async with sim_engine(PLAN) as (engine, _, ring):
+        rec = recorder(ring, source="sim", engine=engine)
+        await workloads.scrub(engine, rec.progress, bs=128 << 10, qd=8, passes=1)
+        await workloads.health_poll(engine, rec.progress, {})
+        got = samples(Metrics().exposition(rec))  # samples() refuses duplicates
+    assert all(dict(ls).get("source") == "sim" for _, ls in got)
+    assert all(n.startswith("nvmefs_") for n in names(got))
+
+
+# -- the prom file ------------------------------------------------------------------------------
+
+
+def test_write_atomically_replaces_the_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "nvmefs.prom"
+    first = write_atomically(str(path), b"a 1\n")
+    with open(path, "rb") as old:
+        second = write_atomically(str(path), b"b 2\n")
+        assert old.read() == b"a 1\n"  # a reader of the old file reads all of it
+    assert path.read_bytes() == b"b 2\n"
+    assert first != second and second == (path.stat().st_dev, path.stat().st_ino)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # node_exporter's user reads it
+    assert os.listdir(tmp_path) == ["nvmefs.prom"]
+
+
+def test_write_atomically_fails_whole_without_a_temporary_left(tmp_path: Path) -> None:
+    path = tmp_path / "nvmefs.prom"
+    path.mkdir()  # a directory cannot be replaced by a file
+    with pytest.raises(OSError):
+        write_atomically(str(path), b"a 1\n")
+    assert os.listdir(tmp_path) == ["nvmefs.prom"]
+
+
+def opts(*items: str) -> options.Parsed:
+    return options.parse(list(items), allow_fuse=False)
+
+
+def test_open_returns_none_without_prom_or_metrics_listen() -> None:
+    assert Exporter.open(opts()) is None
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("{t}/missing/x.prom", r"^prom=.*/missing/x\.prom: directory .* does not exist$"),
+        ("{t}/file/x.prom", r"^prom=.*/file/x\.prom: .*/file is not a directory$"),
+        ("{t}/dir.prom", r"^prom=.*/dir\.prom: is a directory$"),
+        # Not even root may create a file there.
+        ("/sys/nvmefs.prom", r"^prom=/sys/nvmefs\.prom: cannot write in /sys: "),
+    ],
+)
+def test_open_refuses_a_prom_path_it_cannot_write_in_one_line(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir.prom").mkdir()
+    with pytest.raises(UsageError, match=message) as e:
+        Exporter.open(opts("prom=" + where.format(t=tmp_path)))
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["dir.prom", "file"]  # its test file is gone
+
+
+def test_open_refuses_a_port_in_use_in_one_line() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(UsageError) as e:
+            Exporter.open(opts(f"metrics_listen=127.0.0.1:{port}"))
+    assert str(e.value) == (
+        f"metrics_listen=127.0.0.1:{port}: cannot listen: Address already in use"
+    )
+
+
+def test_open_binds_the_port_before_anything_runs_and_close_releases_it() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter.open(opts(f"metrics_listen=127.0.0.1:{port}"))
+    assert exporter is not None and exporter.listener is not None
+    assert exporter.listener.getsockname() == ("127.0.0.1", port)
+    with pytest.raises(UsageError):
+        Exporter.open(opts(f"metrics_listen=127.0.0.1:{port}"))
+    exporter.close()
+    exporter.close()  # idempotent
+    again = Exporter.open(opts(f"metrics_listen=127.0.0.1:{port}"))
+    assert again is not None
+    again.close()
+
+
+async def test_an_empty_host_listens_on_every_address() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = Exporter.open(opts(f"metrics_listen=:{port}"))
+    assert exporter is not None and exporter.listener is not None
+    try:
+        host = exporter.listener.getsockname()[0]
+        assert host in ("::", "0.0.0.0")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(exporter.run, recorder(DebugRing(8)))
+            code, _, _ = await request(port, get("/metrics"))  # reached through 127.0.0.1
+            assert code == 200
+            nursery.cancel_scope.cancel()
+    finally:
+        exporter.close()
+
+
+async def test_run_writes_at_start_and_every_interval_and_removes_its_file_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    ring = DebugRing(8)
+    rec = recorder(ring, source="sim")
+    exporter = Exporter.open(opts(f"prom={tmp_path}", "prom_interval=0.1"))
+    assert exporter is not None and exporter.prom == f"{tmp_path}/nvmefs.prom"
+    exporter.attach(ring)
+    path = tmp_path / "nvmefs.prom"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run, rec)
+        await trio.sleep(0.05)
+        assert value(samples(path.read_text()), "nvmefs_ring_appended_total") == 0
+        ring.append(HostEvent(events.NOTICE, "x"))
+        await trio.sleep(0.15)
+        got = samples(path.read_text())
+        assert value(got, "nvmefs_ring_appended_total") == 1
+        assert value(got, "nvmefs_host_events_total", kind="notice") == 1
+        nursery.cancel_scope.cancel()
+    assert os.listdir(tmp_path) == []  # a daemon that stopped exports nothing stale
+    exporter.close()
+
+
+async def test_close_leaves_the_prom_file_and_run_leaves_one_it_did_not_write(
+    tmp_path: Path,
+) -> None:
+    rec = recorder(DebugRing(8))
+    exporter = Exporter.open(opts(f"prom={tmp_path}"))
+    assert exporter is not None
+    exporter.write_prom(rec)
+    exporter.close()  # the parent's copy after the fork: the daemon goes on with the file
+    assert (tmp_path / "nvmefs.prom").exists()
+    write_atomically(str(tmp_path / "nvmefs.prom"), b"# another writer's file\n")
+    exporter.remove_prom()
+    assert (tmp_path / "nvmefs.prom").read_text() == "# another writer's file\n"
+
+
+def test_a_failing_write_is_noted_once_in_the_ring_and_recovers(tmp_path: Path) -> None:
+    ring = DebugRing(8)
+    rec = recorder(ring)
+    exporter = Exporter(Metrics(), prom=str(tmp_path / "gone" / "nvmefs.prom"))
+    assert not exporter.write_prom(rec)
+    assert not exporter.write_prom(rec)
+    notes = [e[3] for e in ring]
+    assert len(notes) == 1 and notes[0].kind == events.HOST_ERROR
+    assert "cannot write" in notes[0].message
+    (tmp_path / "gone").mkdir()
+    assert exporter.write_prom(rec)
+    assert (tmp_path / "gone" / "nvmefs.prom").exists()
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(rec: Recorder, **kw: object) -> AsyncIterator[int]:
+    """An exporter serving HTTP for `rec` on a free port of 127.0.0.1; yields the port."""
+    exporter = Exporter(Metrics(), listener=socket.create_server(("127.0.0.1", 0)))
+    assert exporter.listener is not None
+    port: int = exporter.listener.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run, rec)
+        yield port
+        nursery.cancel_scope.cancel()
+    exporter.close()
+
+
+async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `raw`, read the whole response: (status code, headers, body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(raw)
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    line, *fields = head.decode().split("\r\n")
+    headers = {k.lower(): v for k, _, v in (f.partition(": ") for f in fields)}
+    return int(line.split()[1]), headers, body
+
+
+def get(path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: x", *headers, "", ""]).encode()
+
+
+async def test_get_metrics_answers_the_text_format_and_other_paths_404() -> None:
+    ring = DebugRing(8)
+    rec = recorder(ring, source="sim")
+    async with serving(rec) as port:
+        code, headers, body = await request(port, get("/metrics"))
+        assert code == 200
+        assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert int(headers["content-length"]) == len(body)
+        assert value(samples(body), "nvmefs_ring_capacity", source="sim") == 8
+        code, _, body = await request(port, get("/metrics?name[]=x"))
+        assert code == 200 and b"nvmefs_info" in body
+        for path in ("/", "/metrics/", "/metricsx", "/stats"):
+            code, _, _ = await request(port, get(path))
+            assert code == 404, path
+        code, headers, body = await request(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        assert code == 200 and body == b"" and int(headers["content-length"]) > 100
+        code, headers, _ = await request(port, b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert code == 405 and headers["allow"] == "GET, HEAD"
+        assert (await request(port, b"hello\r\n\r\n"))[0] == 400
+        assert (await request(port, b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 2000))[0] == 431
+
+
+async def test_a_client_that_asks_for_openmetrics_gets_it() -> None:
+    rec = recorder(DebugRing(8), source="sim")
+    accept = "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    async with serving(rec) as port:
+        code, headers, body = await request(port, get("/metrics", accept))
+    assert code == 200 and headers["content-type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n") and b"nvmefs_ring_appended_total" in body
+
+
+async def test_an_idle_client_does_not_block_others_and_is_dropped_after_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(m, "CONNECTION_TIMEOUT_S", 0.5)
+    rec = recorder(DebugRing(8))
+    async with serving(rec) as port:
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        await idle.send_all(b"GET /metr")  # and nothing more
+        with trio.fail_after(0.3):
+            code, _, _ = await request(port, get("/metrics"))
+        assert code == 200
+        with trio.fail_after(2):
+            assert await idle.receive_some() == b""  # closed by the server, unanswered
+        await idle.aclose()
+
+
+async def test_connections_beyond_the_bound_wait_in_the_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(m, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(m, "CONNECTION_TIMEOUT_S", 0.5)
+    rec = recorder(DebugRing(8))
+    async with serving(rec) as port:
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        await trio.sleep(0.1)
+        start = trio.current_time()
+        code, _, _ = await request(port, get("/metrics"))
+        # Served only once the idle ones were dropped: two connections at most at a time.
+        assert code == 200 and trio.current_time() - start >= 0.3
+        for s in idle:
+            await s.aclose()
+
+
+@pytest.mark.parametrize(
+    ("head", "parsed"),
+    [
+        (b"GET /metrics HTTP/1.1\r\nAccept: a/b\r\n\r\n", ("GET", "/metrics", {"accept": "a/b"})),
+        (b"GET /metrics?x HTTP/1.0\n\n", ("GET", "/metrics", {})),
+        (b"GET /metrics\r\n\r\n", None),  # HTTP/0.9
+        (b"GET  /metrics HTTP/1.1\r\n\r\n", None),
+        (b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n", None),
+        (b"GET /metrics HTTP/1.1\r\n folded: x\r\n\r\n", None),
+    ],
+)
+def test_parse_head(head: bytes, parsed: tuple[str, str, dict[str, str]] | None) -> None:
+    r = parse_head(head)
+    assert (None if r is None else (r.method, r.path, r.headers)) == parsed
