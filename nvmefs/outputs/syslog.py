@@ -1,27 +1,496 @@
-"""`-o syslog[=SOCKET]`: every logged entry to the local syslog socket as RFC 5424."""
+"""`-o syslog[=SOCKET]`: every logged entry to the local syslog socket as one RFC 5424 message.
+
+Theory of operation: the output is one more reader of the ring, like an open file. The ring's
+append callback does O(1) work: it wakes the sender task if that task is idle, nothing more
+(nothing is rendered or copied on append). The sender keeps `last`, the sequence number of the
+last entry it has dealt with, and reads what follows with `ring.read_after(last, BATCH)`: the
+ring itself is the queue, so the backlog is bounded by the ring's capacity and costs no memory
+of its own. An entry the ring overwrites (or `clear` removes) before the sender reaches it,
+because the syslog daemon was slow, full or gone, is counted in `dropped`; the next time the
+socket accepts a message, one message "nvmefs: N entries not sent to syslog" goes out first, at
+the place of the gap. So, for this run's entries (those the ring held at `attach` and those
+appended since), at every moment
+
+    entries == sent + dropped + (entries after `last`, still to send)
+
+The socket is a connected, non-blocking AF_UNIX datagram socket. A full socket (EAGAIN: the
+daemon is not reading) parks the sender in `wait_writable`, never the trio loop; the entries wait
+in the ring meanwhile. A socket that went away (ECONNREFUSED, ENOENT...: the daemon restarted
+or stopped) is closed and connected again with a backoff of RETRY_MIN doubling to RETRY_MAX
+seconds; the entry being sent is retried on the new socket. No socket error leaves run().
+"Sent" means the kernel took the datagram: what a daemon had not yet read when it stopped is
+lost unseen, as for every syslog(3) caller.
+
+Entries replayed from the journal (marked `replayed`) are not sent and not counted: the daemon
+that recorded them sent them. The journal restores them before our `attach` (it is opened
+first) and appends a notice saying so, which is this run's and is sent: so `attach` starts at
+the ring's oldest entry and the flag, not the order, decides.
+
+The message (RFC 5424 section 6), for an entry of wall time `wall_ns`:
+
+    <PRI>1 TIMESTAMP HOSTNAME nvmefs PID MSGID [nvmefs@32473 seq="N" ...] INFO
+
+PRI is facility daemon (3) * 8 + the severity of SEVERITY; TIMESTAMP is the entry's wall time
+in UTC with microseconds; MSGID is the entry's kind ("nvme", "start", "host-error"...); the
+structured data's SD-ID uses 32473, the private enterprise number RFC 5612 reserves for
+documentation: a site that wants its own registers one and nothing else changes; INFO is the
+entry's info text, as in the ring's text file. Every part is printable ASCII and capped, so a
+message is at most MESSAGE_MAX bytes, whole: under rsyslog's default maxMessageSize (8 KiB)
+and far under a datagram's limit.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
 from nvmefs.errors import UsageError
+from nvmefs.nvme.status import SCT_MEDIA
 from nvmefs.options import Parsed
 from nvmefs.recorder import Recorder
-from nvmefs.store.ring import DebugRing
+from nvmefs.store import events
+from nvmefs.store.events import NvmeEvent
+from nvmefs.store.render import info
+from nvmefs.store.ring import DebugRing, Entry
+
+log = logging.getLogger("nvmefs")
+
+# RFC 5424 section 6.2.1: numerical facility and severity codes.
+FACILITY_DAEMON = 3
+EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
+
+# What an entry is, for its severity (see `entry_class`): an NVMe completion is classed by its
+# status, a host event by its kind.
+MEDIA_ERROR = "media-error"  # an NVMe status of SCT 2, media and data integrity errors
+NVME_ERROR = "nvme-error"  # any other status that is not success
+NVME_OK = "nvme-ok"  # a successful completion (log=all)
+NOT_SENT = "not-sent"  # our own message: entries that never reached syslog
+
+# The severity of each class of entry: the table is the whole rule.
+SEVERITY: dict[str, int] = {
+    MEDIA_ERROR: ERR,
+    NVME_ERROR: WARNING,
+    NVME_OK: INFO,
+    events.HOST_ERROR: WARNING,
+    events.TIMEOUT: WARNING,
+    events.ABORT: WARNING,
+    events.RESET: WARNING,
+    events.LOST: WARNING,
+    events.START: NOTICE,
+    events.NOTICE: NOTICE,
+    NOT_SENT: WARNING,
+}
+# A kind of entry this table does not name yet: shown rather than hidden.
+DEFAULT_SEVERITY = WARNING
+
+APP_NAME = "nvmefs"
+# The private enterprise number RFC 5612 reserves for documentation: an SD-ID that is not
+# registered with IANA must have the form name@PEN (RFC 5424 section 6.3.2).
+PEN = 32473
+SD_ID = f"nvmefs@{PEN}"
+NILVALUE = "-"
+
+# Caps that bound a message (their sum is below): an SD-NAME and a MSGID are at most
+# 32 characters (RFC 5424 section 6), a HOSTNAME 255.
+NAME_MAX = 32
+HOSTNAME_MAX = 255
+VALUE_MAX = 64  # a param value, before escaping (status names are up to 51 characters)
+PARAMS_MAX = 16  # params of one message (an NVMe entry has at most 15)
+TEXT_MAX = 255  # the info text's own cap (render.INFO_MAX), as bytes of UTF-8
+# Header <= 7 + 27 + 255 + 6 + 10 + 32 + 5 spaces = 342; structured data <= 14 + 16 * (1 + 32
+# + 3 + 2 * 64) = 2638; MSG <= 1 + 4 * 255 = 1021 (at most 4 characters per byte of UTF-8).
+MESSAGE_MAX = 4096
+
+# Entries read from the ring per step: the loop yields between steps.
+BATCH = 256
+# Reconnecting: the first wait, and the longest, in seconds.
+RETRY_MIN = 0.1
+RETRY_MAX = 5.0
+# A full socket is tried again at least this often (seconds), should no wake-up come.
+RECHECK = 5.0
+
+
+class SyslogError(UsageError):
+    """A syslog socket that cannot be used: one line, before the daemon starts."""
+
+
+# -- the message ---------------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """`text` as printable ASCII: any other character as a \\xNN, \\uNNNN or \\UNNNNNNNN escape."""
+    if text.isascii() and text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o < 0x100:
+            out.append(f"\\x{o:02x}")
+        elif o < 0x10000:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(f"\\U{o:08x}")
+    return "".join(out)
+
+
+def sd_name(text: str) -> str:
+    """`text` as an SD-NAME or MSGID: printable ASCII but '=', space, ']' and '"', at most 32
+    characters; the NILVALUE '-' when nothing is left."""
+    name = "".join(ch for ch in printable(text) if ch not in '= ]"')[:NAME_MAX]
+    return name or NILVALUE
+
+
+def sd_value(value: Any) -> str:
+    """`value` as a PARAM-VALUE: printable ASCII, capped at VALUE_MAX characters, then '"', '\\'
+    and ']' escaped with a backslash (RFC 5424 section 6.3.3). Capped first, so no escape is
+    cut in half."""
+    if type(value) is int:  # most params: nothing to check
+        return str(value)
+    text = printable(str(value))[:VALUE_MAX]
+    if '"' in text or "\\" in text or "]" in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+    return text
+
+
+def timestamp(wall_ns: int) -> str:
+    """Wall-clock nanoseconds as an RFC 3339 TIMESTAMP in UTC with microseconds."""
+    sec, ns = divmod(wall_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
+
+
+def hostname(name: str | None = None) -> str:
+    """This host's name as a HOSTNAME field (printable ASCII, no space, at most 255)."""
+    name = socket.gethostname() if name is None else name
+    return "".join(ch for ch in printable(name) if ch != " ")[:HOSTNAME_MAX] or NILVALUE
+
+
+def entry_class(event: Any) -> str:
+    """The key of SEVERITY for an entry's event."""
+    if isinstance(event, NvmeEvent):
+        st = event.status
+        if st.ok:
+            return NVME_OK
+        return MEDIA_ERROR if st.sct == SCT_MEDIA else NVME_ERROR
+    return str(event.kind)
+
+
+def severity(event: Any) -> int:
+    """An entry's RFC 5424 severity code, from SEVERITY."""
+    return SEVERITY.get(entry_class(event), DEFAULT_SEVERITY)
+
+
+def message(
+    sev: int,
+    wall_ns: int,
+    host: str,
+    pid: int,
+    msgid: str,
+    params: Iterable[tuple[str, Any]],
+    text: str,
+) -> bytes:
+    """One RFC 5424 message of facility daemon, printable ASCII of at most MESSAGE_MAX bytes.
+    Params whose value is None are left out; at most PARAMS_MAX are kept."""
+    if not (0 < len(host) <= HOSTNAME_MAX and host.isascii() and host.isprintable()) or (
+        " " in host
+    ):
+        host = hostname(host)  # callers pass hostname()'s result: this is seldom needed
+    sd = [SD_ID]
+    for name, value in params:
+        if value is None:
+            continue
+        if len(sd) > PARAMS_MAX:
+            break
+        if not (name.isidentifier() and name.isascii() and len(name) <= NAME_MAX):
+            name = sd_name(name)  # the params nvmefs makes need no change
+        sd.append(f'{name}="{sd_value(value)}"')
+    # The info text is capped at TEXT_MAX bytes already; the cap here keeps the bound true
+    # whatever the caller passes.
+    msg = printable(text.encode()[:TEXT_MAX].decode("utf-8", "ignore"))
+    pri = FACILITY_DAEMON * 8 + sev
+    return (
+        f"<{pri}>1 {timestamp(wall_ns)} {host} {APP_NAME} {pid} {sd_name(msgid)} "
+        f"[{' '.join(sd)}] {msg}"
+    ).encode("ascii")
+
+
+def entry_params(seq: int, event: Any) -> list[tuple[str, Any]]:
+    """The structured data of an entry: its sequence number, then what the event knows."""
+    params: list[tuple[str, Any]] = [("seq", seq)]
+    if isinstance(event, NvmeEvent):
+        st = event.status
+        params += [
+            ("status", f"0x{st.status:x}"),
+            ("name", st.name),
+            ("ctrl", event.ctrl),
+            ("disk", event.disk),
+            ("nsid", event.nsid),
+            ("qid", event.qid),
+            ("cid", event.cid),
+            ("opcode", None if event.opcode is None else f"0x{event.opcode:02x}"),
+            ("admin", 1 if event.admin else None),
+            ("op", event.op),
+            ("slba", event.slba),
+            ("nlb", event.nlb),
+            ("retries", event.retries),
+            ("blk_status", st.blk_status),
+        ]
+    else:
+        params += [(k, v) for k, v in getattr(event, "fields", {}).items() if k != "seq"]
+    return params
+
+
+def entry_message(entry: Entry, host: str, pid: int) -> bytes:
+    """A ring entry as its RFC 5424 message."""
+    seq, _mono_ns, wall_ns, event = entry
+    return message(
+        severity(event), wall_ns, host, pid, event.kind, entry_params(seq, event), info(event)
+    )
+
+
+def not_sent_message(n: int, wall_ns: int, host: str, pid: int) -> bytes:
+    """The message that stands for `n` entries that never reached syslog."""
+    noun = "entry" if n == 1 else "entries"
+    return message(
+        SEVERITY[NOT_SENT],
+        wall_ns,
+        host,
+        pid,
+        NOT_SENT,
+        [("not_sent", n)],
+        f"nvmefs: {n} {noun} not sent to syslog",
+    )
+
+
+# -- the socket ----------------------------------------------------------------------------------
+
+# Send errors that mean the socket is gone or unusable: reconnect. EAGAIN (full) is waited
+# for, EMSGSIZE (cannot happen under MESSAGE_MAX) skips the one message; anything else is taken
+# as "gone" too, as a new socket is the only cure there is.
+SKIP_MESSAGE = frozenset({errno.EMSGSIZE})
+
+
+def connect(path: str) -> socket.socket:
+    """A non-blocking, close-on-exec datagram socket connected to `path`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def check_socket(path: str) -> socket.socket:
+    """Connect to the syslog socket at `path`; SyslogError, one line, if that cannot be."""
+    where = printable(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SyslogError(
+            f"option syslog: no syslog socket at {where} (is a syslog daemon running?)"
+        ) from None
+    except OSError as e:
+        raise SyslogError(f"option syslog: cannot reach {where}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SyslogError(f"option syslog: {where} is not a socket")
+    try:
+        return connect(path)
+    except OSError as e:
+        if e.errno == errno.ECONNREFUSED:
+            raise SyslogError(
+                f"option syslog: nothing listens on {where} (is a syslog daemon running?)"
+            ) from None
+        if e.errno == errno.EPROTOTYPE:
+            raise SyslogError(f"option syslog: {where} is not a datagram socket") from None
+        raise SyslogError(f"option syslog: cannot connect to {where}: {e.strerror}") from None
+
+
+# -- the output ----------------------------------------------------------------------------------
 
 
 class SyslogOutput:
-    """Not yet built."""
+    """The syslog output: sends every entry of this run (all but the replayed) to the socket,
+    in order.
+
+    Counters, for metrics: `sent` entries delivered, `dropped` entries that never will be (they
+    left the ring first, or the socket refused the message), `errors` failed sends and
+    connects (EAGAIN excluded: it is waited for, not failed), `reconnects` sockets made after
+    the first. `sock` is the connected socket, None while reconnecting. See the module
+    docstring for the invariant that ties the counters to the ring.
+    """
+
+    def __init__(self, path: str, sock: socket.socket | None = None) -> None:
+        self.path = path
+        self.sent = 0
+        self.dropped = 0
+        self.errors = 0
+        self.reconnects = 0
+        self.sock = sock
+        self._ring: DebugRing | None = None
+        self._last = 0
+        self._unreported = 0  # dropped entries the syslog has not been told about yet
+        self._host = hostname()
+        self._pid = os.getpid()
+        self._waiter: trio.Event | None = None  # set while the sender is idle
+        self._unsubscribe: Callable[[], None] | None = None
+        self._delay = RETRY_MIN
+        self._closed = False
 
     @classmethod
     def open(cls, opts: Parsed) -> SyslogOutput | None:
-        if opts["syslog"] is None:
+        """The output `-o syslog` asks for, its socket connected; None without the option."""
+        path = opts["syslog"]
+        if path is None:
             return None
-        raise UsageError("option syslog is not built yet")
+        # Absolute: the path is connected to again after the syslog daemon restarts.
+        path = os.path.abspath(path)
+        return cls(path, check_socket(path))
 
     def attach(self, ring: DebugRing) -> None:
-        pass
+        """Send the ring's entries of this run, those it holds and those to come (in the
+        daemon: its pid is the PROCID)."""
+        self._ring = ring
+        self._last = ring.first_seq - 1
+        self._pid = os.getpid()
+        self._host = hostname()
+        self._unsubscribe = ring.subscribe(self._wake)
+
+    def _wake(self) -> None:
+        # Called on every append: O(1), and only an idle sender needs waking.
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
 
     async def run(self, recorder: Recorder) -> None:
-        pass
+        """Send entries until cancelled; socket errors are counted, never raised."""
+        if self._ring is None:
+            self.attach(recorder.ring)
+        ring = self._ring
+        assert ring is not None
+        while True:
+            if ring.last_seq == self._last and not self._unreported:
+                self._waiter = trio.Event()
+                await self._waiter.wait()
+            missed, entries = ring.read_after(self._last, BATCH)
+            if missed:
+                self._last += missed
+                self._drop(missed)
+            if self._unreported:
+                n = self._unreported
+                # Told once: a report the socket refuses as such is not retried (`dropped`
+                # still counts its entries).
+                await self._deliver(not_sent_message(n, time.time_ns(), self._host, self._pid))
+                self._unreported -= n
+            for entry in entries:
+                seq, _mono_ns, _wall_ns, event = entry
+                # The list holds the entry even if the ring overwrites its slot meanwhile.
+                if event.replayed:
+                    pass
+                elif await self._deliver(entry_message(entry, self._host, self._pid)):
+                    self.sent += 1
+                else:
+                    self._drop(1)
+                self._last = seq
+            # Between batches: a storm must not keep the engine and the readers waiting.
+            await trio.lowlevel.checkpoint()
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self._unreported += n
+
+    async def _deliver(self, data: bytes) -> bool:
+        """Send one message, waiting while the socket is full and reconnecting while it is
+        gone; False only for a message the socket refuses as such (it is skipped)."""
+        while True:
+            sock = self.sock
+            if sock is None:
+                sock = await self._reconnect()
+            try:
+                sock.send(data)
+            except BlockingIOError:
+                # The daemon is not reading: wait, without blocking the loop. The recheck
+                # bounds the wait should the socket be replaced without a wake-up.
+                with trio.move_on_after(RECHECK):
+                    await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as e:
+                self.errors += 1
+                if e.errno in SKIP_MESSAGE:
+                    log.warning("syslog: message refused: %s", e.strerror)
+                    return False
+                log.warning("syslog: %s: %s; reconnecting", self.path, e.strerror)
+                self._disconnect()
+                continue
+            self._delay = RETRY_MIN  # reset by a delivery, not a connect: a socket that
+            return True  # connects and then fails at once still backs off
+
+    async def _reconnect(self) -> socket.socket:
+        """A new socket, trying with a growing wait until one connects."""
+        while True:
+            await trio.sleep(self._delay)
+            self._delay = min(self._delay * 2, RETRY_MAX)
+            try:
+                sock = connect(self.path)
+            except OSError:
+                self.errors += 1
+                continue
+            self.reconnects += 1
+            self.sock = sock
+            return sock
+
+    def _disconnect(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            # Only the sender waits on the socket, and it is the caller here or not running.
+            with contextlib.suppress(RuntimeError):  # outside trio: nothing can be waiting
+                trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    def flush(self) -> None:
+        """Send what is still to send while the socket takes it without waiting (at the end
+        of the daemon: the entries of its last moments)."""
+        ring, sock = self._ring, self.sock
+        if ring is None or sock is None:
+            return
+        missed, entries = ring.read_after(self._last)
+        if missed:
+            self._last += missed
+            self._drop(missed)
+        try:
+            if self._unreported:
+                n = self._unreported
+                sock.send(not_sent_message(n, time.time_ns(), self._host, self._pid))
+                self._unreported -= n
+            for entry in entries:
+                seq, _mono_ns, _wall_ns, event = entry
+                if not event.replayed:
+                    sock.send(entry_message(entry, self._host, self._pid))
+                    self.sent += 1
+                self._last = seq
+        except OSError:  # full or gone: what is left stays unsent
+            pass
 
     def close(self) -> None:
-        pass
+        """Flush without waiting, stop listening to the ring and close the socket; idempotent.
+        (The parent's copy, never attached, only closes its socket.)"""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self._disconnect()
