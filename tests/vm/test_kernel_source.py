@@ -308,3 +308,52 @@ def test_controllers_that_disappear_and_appear_are_logged(tmp_path: Path) -> Non
 
 
 pytestmark = pytest.mark.vm
+
+
+def test_fleet_outputs_of_the_kernel_source(tmp_path: Path) -> None:
+    """Metrics name the failing drive by serial; the journal holds the entries; both survive
+    the mount's end."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ctrl, block, _ = err_nodes()
+    journal, prom = tmp_path / "journal.jsonl", tmp_path / "textfile"
+    prom.mkdir()
+    opts = f"log=errors,health_interval=0.5,journal={journal},prom={prom},prom_interval=0.5"
+    with kernel_mount(tmp_path, opts) as mnt:
+        for _ in range(2):
+            read_lba(block, 2048)
+        wait_for(lambda: len(nvme_records(mnt)) >= 2, 10, "two entries")
+
+        def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+
+        def errors(text: str) -> dict[str, float]:
+            return {
+                dict(labels)["status"]: v
+                for (name, labels), v in samples(text).items()
+                if name == "nvmefs_errors_total" and dict(labels)["serial"] == "nvmefs-err"
+            }
+
+        wait_for(lambda: errors((mnt / "nvmefs.prom").read_text()) == {"0x281": 2}, 10, "metrics")
+        text = (mnt / "nvmefs.prom").read_text()
+        ((_, labels),) = [k for k in samples(text) if k[0] == "nvmefs_errors_total"]
+        assert dict(labels)["ctrl"] == ctrl[5:] and dict(labels)["nsid"] == "1"
+
+        def polled() -> set[str]:  # the serials of the controllers health-polled so far
+            return {
+                dict(labels)["serial"]
+                for (name, labels) in samples((mnt / "nvmefs.prom").read_text())
+                if name == "nvmefs_smart_temperature_celsius"
+            }
+
+        # Every controller is health-polled, and named by serial.
+        wait_for(lambda: {"nvmefs-err", "nvmefs-slow"} <= polled(), 15, "health polls")
+        wait_for(lambda: errors((prom / "nvmefs.prom").read_text()) == {"0x281": 2}, 10, "prom=")
+    journaled = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [r["slba"] for r in journaled if r["kind"] == "nvme"] == [2048, 2048]
+    assert [r["seq"] for r in journaled] == list(range(1, len(journaled) + 1))
+    assert not (prom / "nvmefs.prom").exists()  # a clean stop takes the metrics away
