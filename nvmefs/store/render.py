@@ -165,6 +165,13 @@ def info(event: Any, fmt: str = "full") -> str:
     return host_info(event)
 
 
+def missed_info(missed: int) -> str:
+    """The text of a reader's missed line (JSON lines carry it too, as their info)."""
+    noun = "entry" if missed == 1 else "entries"
+    why = "overwritten or cleared before this reader reached them"
+    return f"nvmefs: {missed} {noun} missed ({why})"
+
+
 class Renderer:
     """Renders entries as text lines or JSON lines under one clock and format."""
 
@@ -184,11 +191,7 @@ class Renderer:
     def missed_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
         if self.fmt == "json":
             return self.missed_json_line(missed, mono_ns, wall_ns)
-        noun = "entry" if missed == 1 else "entries"
-        return (
-            f"[{self.clock.ticks(mono_ns, wall_ns)}] nvmefs: {missed} {noun} missed "
-            "(overwritten or cleared before this reader reached them)\n"
-        )
+        return f"[{self.clock.ticks(mono_ns, wall_ns)}] {missed_info(missed)}\n"
 
     def record(self, entry: Entry) -> dict[str, Any]:
         seq, mono_ns, wall_ns, event = entry
@@ -235,6 +238,7 @@ class Renderer:
             json.dumps(
                 {
                     "kind": "missed",
+                    "info": missed_info(missed),
                     "missed": missed,
                     "monotonic_ns": mono_ns,
                     "wall_ns": wall_ns,

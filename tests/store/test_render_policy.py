@@ -141,3 +141,4 @@ def test_missed_line_is_one_whole_line() -> None:
     line = r.missed_line(17, 1_000_000_000, 0)
     assert line.endswith("\n") and line.count("\n") == 1 and "17 entries missed" in line
     assert json.loads(r.missed_json_line(1, 0, 0))["missed"] == 1
+    assert json.loads(r.missed_json_line(3, 0, 0))["info"].startswith("nvmefs: 3 entries missed")
