@@ -8,6 +8,7 @@ Python's int() and float() also read fullwidth or Arabic-Indic digits, which nob
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -143,10 +144,12 @@ PROM_FILE = "nvmefs.prom"
 def _prom_path(text: str) -> str:
     if not text:
         raise ValueError("needs a file or directory path")
+    # Absolute: the daemon writes it long after the command's working directory mattered.
+    path = os.path.abspath(text)
     if text.endswith("/") or not text.endswith(".prom"):
         # A directory (node_exporter's textfile directory): the file goes in it.
-        return text.rstrip("/") + "/" + PROM_FILE if text != "/" else "/" + PROM_FILE
-    return text
+        return os.path.join(path, PROM_FILE)
+    return path
 
 
 def _listen(text: str) -> tuple[str, int]:

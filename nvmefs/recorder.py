@@ -165,7 +165,7 @@ class Recorder:
         stream says why the entries stopped (its missed line counts them too)."""
         n = self.ring.clear()
         noun = "entry" if n == 1 else "entries"
-        self.ring.append(HostEvent(events.NOTICE, f"cleared {n} {noun}"))
+        self.ring.append(HostEvent(events.NOTICE, f"cleared {n} {noun}", {events.CLEARED: n}))
         return n
 
     def _action(self, word: str) -> Any:

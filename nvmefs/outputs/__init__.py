@@ -9,17 +9,27 @@ journal replays its newest entries into it first); then run as tasks of the daem
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import trio
 
+from nvmefs.errors import UsageError
 from nvmefs.options import Parsed
 from nvmefs.outputs.journal import Journal
 from nvmefs.outputs.metrics import Exporter, Metrics
 from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store.ring import DebugRing
+
+# Options that only say how an output works, and the option that asks for it.
+DEPENDS = {
+    "journal_size": "journal",
+    "journal_keep": "journal",
+    "journal_fsync": "journal",
+    "prom_interval": "prom",
+}
 
 
 class Output(Protocol):
@@ -41,9 +51,21 @@ class Outputs:
         self.metrics = metrics or Metrics()
 
     @classmethod
-    def open(cls, opts: Parsed) -> Outputs:
+    def open(cls, opts: Parsed, mountpoint: str | None = None) -> Outputs:
         """Open (and check) every output asked for; UsageError, closing what opened, if one
-        cannot be."""
+        cannot be. No file of theirs may be under `mountpoint`: the mount would hide it."""
+        for option, needs in DEPENDS.items():
+            if option in opts.given and opts[needs] is None:
+                raise UsageError(f"option {option} applies only with {needs}=")
+        for option in ("journal", "prom"):
+            path = opts[option]
+            if mountpoint is not None and path is not None:
+                real = os.path.realpath(path)
+                if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
+                    raise UsageError(
+                        f"option {option}={path} is inside the mountpoint {mountpoint}, "
+                        "which the mount hides"
+                    )
         opened: list[Output] = []
         metrics = Metrics()
         openers: list[Callable[[Parsed], Output | None]] = [

@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 import time
 from typing import Any
@@ -44,7 +45,7 @@ from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.render import Clock, Renderer
-from nvmefs.store.ring import SEQ, DebugRing, Entry
+from nvmefs.store.ring import EVENT, SEQ, DebugRing, Entry
 
 log = logging.getLogger("nvmefs")
 
@@ -52,12 +53,17 @@ log = logging.getLogger("nvmefs")
 READ_BLOCK = 1 << 20
 # The most that a journal error is reported in the ring: once per this many seconds.
 ERROR_REPORT_S = 60.0
+# How every journal line starts (render.Renderer.record's first key).
+RECORD_START = b'{"seq":'
+# How often PATH is checked to still name the file written (see Journal._follow_path).
+FOLLOW_S = 1.0
+# Where a journal may not go: files there are the kernel's settings and devices.
+KERNEL_TREES = ("/proc", "/sys", "/dev")
 # The keys of a record that say what an entry is rather than carry a host event's fields.
 RECORD_KEYS = frozenset(
     {"seq", "ticks", "jiffies", "monotonic_ns", "wall_ns", "wall", "kind", "info", "message"}
     | {"replayed"}
 )
-NVME_KEYS = ("ctrl", "nsid", "qid", "cid", "opcode", "slba", "nlb", "retries", "disk", "op")
 
 
 class JournalError(UsageError):
@@ -95,8 +101,46 @@ def tail_lines(path: str, n: int) -> list[bytes]:
         return complete[-n:] if n else []
 
 
+MAX_U64 = (1 << 64) - 1
+MAX_I64 = (1 << 63) - 1
+# A journal line longer than this is not one of ours (they are under 1 KiB): not parsed.
+MAX_LINE = 64 << 10
+# The ranges of a record's integer fields (the NVMe fields' own widths).
+NVME_INTS = {
+    "nsid": MAX_U64 >> 32,
+    "qid": 0xFFFF,
+    "cid": 0xFFFF,
+    "opcode": 0xFF,
+    "slba": MAX_U64,
+    "nlb": MAX_U64 >> 32,
+    "retries": MAX_U64 >> 32,
+}
+NVME_STRS = ("ctrl", "disk", "op")
+_STATUS = re.compile(r"0x[0-9a-f]{1,4}")
+
+
+def _int(rec: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = rec[key]
+    if type(value) is not int or not lo <= value <= hi:  # bool is an int too: not here
+        raise ValueError(f"{key} is not an integer in {lo}..{hi}")
+    return value
+
+
+def _opt_int(rec: dict[str, Any], key: str, hi: int) -> int | None:
+    return None if rec.get(key) is None else _int(rec, key, 0, hi)
+
+
+def _opt_str(rec: dict[str, Any], key: str) -> str | None:
+    value = rec.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} is not a string")
+    return value
+
+
 class Replay:
-    """Turns journal records back into ring entries, marked as replayed."""
+    """Turns journal records back into ring entries, marked as replayed. Every field is
+    checked for its type and range: a line that is not what nvmefs writes must not reach the
+    ring, whose renderers trust their entries."""
 
     def __init__(self, profile: str) -> None:
         self.profile = profile
@@ -110,29 +154,47 @@ class Replay:
         return t
 
     def entry(self, line: bytes) -> Entry:
-        """The entry a journal line records; ValueError (or KeyError, TypeError) if it is not
-        one."""
-        rec = json.loads(line)
+        """The entry a journal line records; ValueError if it is not one."""
+        if len(line) > MAX_LINE:
+            raise ValueError("line too long")
+        try:
+            rec = json.loads(line)
+        except RecursionError:  # nested beyond what the parser takes
+            raise ValueError("nested too deep") from None
         if not isinstance(rec, dict):
             raise ValueError("not a JSON object")
-        seq, mono, wall = int(rec["seq"]), int(rec["monotonic_ns"]), int(rec["wall_ns"])
+        seq = _int(rec, "seq", 1, MAX_I64)
+        mono = _int(rec, "monotonic_ns", 0, MAX_I64)
+        wall = _int(rec, "wall_ns", 0, MAX_I64)
         kind = rec["kind"]
+        if not isinstance(kind, str):
+            raise ValueError("kind is not a string")
         event: NvmeEvent | HostEvent
         if kind == NvmeEvent.kind:
-            word = int(rec["status"], 16)
-            status = self._translator(rec.get("profile")).decode(word)
-            known: dict[str, Any] = {k: rec.get(k) for k in NVME_KEYS}
-            event = NvmeEvent(status, **known)
-            event.admin, event.replayed = bool(rec.get("admin")), True
+            word = rec["status"]
+            if not isinstance(word, str) or not _STATUS.fullmatch(word) or int(word, 16) > 0x7FFF:
+                raise ValueError("status is not a 15-bit word")
+            status = self._translator(rec.get("profile")).decode(int(word, 16))
+            event = NvmeEvent(status, replayed=True, admin=rec.get("admin") is True)
+            for key, hi in NVME_INTS.items():
+                setattr(event, key, _opt_int(rec, key, hi))
+            for key in NVME_STRS:
+                setattr(event, key, _opt_str(rec, key))
         else:
+            message = rec["message"]
+            if not isinstance(message, str):
+                raise ValueError("message is not a string")
             fields = {k: v for k, v in rec.items() if k not in RECORD_KEYS}
-            event = HostEvent(str(kind), str(rec["message"]), fields, replayed=True)
+            if not all(v is None or isinstance(v, str | int | float) for v in fields.values()):
+                raise ValueError("a field is not a plain value")
+            event = HostEvent(kind, message, fields, replayed=True)
         return (seq, mono, wall, event)
 
 
 def read_newest(path: str, keep: int, capacity: int, profile: str) -> tuple[list[Entry], int]:
-    """The newest entries of the journal (at most `capacity`, with consecutive sequence
-    numbers, oldest first) and how many lines in their range did not parse."""
+    """The newest entries of the journal, oldest first, and how many lines in their range
+    did not parse. At most `capacity`, with consecutive sequence numbers, and none older than
+    the newest clear (whose notice is the first): what the ring held when the journal ended."""
     replay = Replay(profile)
     newest: list[Entry] = []  # newest first while collecting
     bad = 0
@@ -140,27 +202,35 @@ def read_newest(path: str, keep: int, capacity: int, profile: str) -> tuple[list
         want = capacity - len(newest)
         if want <= 0:
             break
+        # A missing file (a rotation cut short by a kill) is skipped: the sequence numbers
+        # say whether what follows it continues the history.
         lines = tail_lines(rotated(path, k), want + 16)  # a few spare for bad lines
         for line in reversed(lines):
             if not line.strip():
                 continue
             try:
                 entry = replay.entry(line)
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError):
                 bad += 1
                 continue
             if newest and entry[SEQ] != newest[-1][SEQ] - 1:
                 return newest[::-1], bad  # a gap: what is older is not this run's history
             newest.append(entry)
-            if len(newest) == capacity:
+            ev = entry[EVENT]
+            if len(newest) == capacity or (
+                isinstance(ev, HostEvent)
+                and ev.kind == events.NOTICE
+                and events.CLEARED in ev.fields
+            ):
                 return newest[::-1], bad
-        if not os.path.exists(rotated(path, k)):
-            break
     return newest[::-1], bad
 
 
 class Journal:
-    """The journal of one daemon: the open live file, its lock, and what is left to write."""
+    """The journal of one daemon: the open live file, its lock, and what is left to write.
+
+    Invariant: every entry the ring got after `attach`, up to `_last`, was written to the
+    journal or counted in `lost` (and reported); `_fd` is the live file, locked."""
 
     def __init__(self, path: str, fd: int, opts: Parsed, replayed: list[Entry], bad: int) -> None:
         self.path = path
@@ -170,16 +240,21 @@ class Journal:
         self.replayed = replayed
         self.bad_lines = bad
         self._fd: int | None = fd
-        self._size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._size, self._ident = st.st_size, (st.st_dev, st.st_ino)
         self._renderer = Renderer(Clock("jiffies"), "full")
         self._ring: DebugRing | None = None
         self._last = 0  # the last sequence number written
         self._threshold = 1
         self.dirty = False  # written since the last fdatasync
         self._synced = time.monotonic()
+        self._checked = time.monotonic()  # when PATH was last seen to name the live file
+        self._pending_syncs: list[int] = []  # duplicates of rotated files' descriptors
         self._wake = trio.Event()
         self._busy = False  # in _drain: an entry the drain appends waits for the next
         self._error_reported = -ERROR_REPORT_S
+        self._episode = 0  # entries lost since writing last failed (reported at recovery)
+        self._failing = False  # the last write failed: the next that succeeds says so
         # Public counters (metrics): lines written, rotations, write errors, entries lost.
         self.written = 0
         self.rotations = 0
@@ -191,15 +266,22 @@ class Journal:
     @classmethod
     def open(cls, opts: Parsed) -> Journal | None:
         """Open, lock and check the journal, cut a line left cut short, and read what is to be
-        replayed; JournalError (one line) if it cannot be written."""
+        replayed; JournalError (one line) if it cannot be written or is not a journal."""
         path = opts["journal"]
         if path is None:
             return None
         if not path:
             raise JournalError("option journal needs a file path")
         path = os.path.abspath(path)
+        real = os.path.realpath(path)
+        if any(real == d or real.startswith(d + "/") for d in KERNEL_TREES):
+            raise JournalError(f"journal {path}: {real} is a kernel interface, not a file")
         fd = _open_locked(path)
         try:
+            # A rotation's new file, left by a daemon killed in it (PATH's lock is ours now).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}.new")
+            _check_is_journal(path)
             _cut_partial_line(fd, path)
             replayed, bad = read_newest(
                 path, opts["journal_keep"], opts["capacity"], opts["profile"]
@@ -219,13 +301,11 @@ class Journal:
         ring.restore(self.replayed)
         self._last = ring.last_seq
         ring.subscribe(self._on_append)
+        ring.before_clear(self._drain)  # what a clear takes away is journaled first
         if self.replayed or self.bad_lines:
-            first, last = (
-                (self.replayed[0][SEQ], self.replayed[-1][SEQ]) if self.replayed else (0, 0)
-            )
             text = f"replayed {len(self.replayed)} entries from {self.path}"
             if self.replayed:
-                text += f" (seq {first}..{last})"
+                text += f" (seq {self.replayed[0][SEQ]}..{self.replayed[-1][SEQ]})"
             if self.bad_lines:
                 text += f", {self.bad_lines} unreadable lines skipped"
             ring.append(HostEvent(events.NOTICE, text))
@@ -242,29 +322,63 @@ class Journal:
             self._wake.set()
 
     def _drain(self) -> None:
-        """Write every entry not yet written (the ring still holds them: see _on_append)."""
-        ring, fd = self._ring, self._fd
-        if ring is None or fd is None or self._busy:
+        """Write every entry not yet written (the ring still holds them: see _on_append and
+        the before-clear hook)."""
+        ring = self._ring
+        if ring is None or self._fd is None or self._busy:
             return
         self._busy = True
         try:
             missed, entries = ring.read_after(self._last)
-            if missed:  # cannot happen while _on_append drains at half a ring; counted if so
-                self.lost += missed
+            if missed:  # cannot happen (see the invariant); counted and reported if it does
+                self._lose(missed, "entries overtaken before they were written")
             if not entries:
                 return
             self._last = entries[-1][SEQ]
             record = self._renderer.json_line
             written = self.written
             try:
+                self._follow_path()
                 self._write([record(e).encode() for e in entries])
             except OSError as e:
                 self.errors += 1
-                lost = len(entries) - (self.written - written)
-                self.lost += lost
-                self._report(f"cannot write {self.path}: {e.strerror} ({lost} entries lost)")
+                self._failing = True
+                self._lose(len(entries) - (self.written - written), f"cannot write: {e.strerror}")
+                return
+            if self._failing:
+                self._failing = False
+                self._note(f"writing again; {self._episode} entries lost in all")
+                self._episode = 0
         finally:
             self._busy = False
+
+    def _follow_path(self) -> None:
+        """Reopen PATH if it no longer names the live file (logrotate or a person moved or
+        removed it, or its directory): nvmefs writes where the user looks. Looked at once a
+        second at most."""
+        now = time.monotonic()
+        if now - self._checked < FOLLOW_S:
+            return
+        self._checked = now
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fd = _open_locked(self.path)
+        except JournalError as e:  # the directory is gone, say: a write error like another
+            raise OSError(errno.EIO, str(e)) from None
+        self._replace_fd(fd)
+        self._note(f"{self.path} was moved or removed: writing to a new {self.path}")
+
+    def _replace_fd(self, fd: int) -> None:
+        old = self._fd
+        st = os.fstat(fd)
+        self._fd, self._size, self._ident = fd, st.st_size, (st.st_dev, st.st_ino)
+        if old is not None:
+            os.close(old)
 
     def _write(self, lines: list[bytes]) -> None:
         batch: list[bytes] = []
@@ -278,7 +392,7 @@ class Journal:
             size += len(line)
         self._flush(batch)
         if self.fsync_interval == 0:
-            self._sync()
+            self._wake.set()  # the task syncs, off the event loop
 
     def _flush(self, batch: list[bytes]) -> None:
         if not batch or self._fd is None:
@@ -300,41 +414,56 @@ class Journal:
 
     def _rotate(self) -> None:
         """PATH.(k) -> PATH.(k+1) down to PATH -> PATH.1, and a new, locked PATH. The new file
-        is made and locked before any rename, so PATH always names a locked journal."""
-        old = self._fd
-        assert old is not None
+        is made and locked before any rename, so PATH always names a locked journal; if a step
+        fails, the new file is taken away again and the live file stays as it was."""
         new_path = f"{self.path}.new"
-        fd = os.open(
-            new_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
-        )
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        fd = os.open(new_path, flags, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            for k in range(self.keep - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(rotated(self.path, k), rotated(self.path, k + 1))
+            with contextlib.suppress(FileNotFoundError):  # moved away behind our back
+                os.rename(self.path, rotated(self.path, 1))
+            os.rename(new_path, self.path)
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(new_path)
             raise
-        self._sync()
-        for k in range(self.keep - 1, 0, -1):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(rotated(self.path, k), rotated(self.path, k + 1))
-        os.rename(self.path, rotated(self.path, 1))
-        os.rename(new_path, self.path)
-        os.close(old)
-        self._fd, self._size = fd, 0
+        # What was written to the old file goes to disk with the next sync, from a duplicate.
+        old = self._dup_for_sync()
+        if old is not None:
+            self._pending_syncs.append(old)
+        self._replace_fd(fd)
         self.rotations += 1
         _sync_dir(self.path)
 
-    def _sync(self) -> None:
-        if self.dirty and self._fd is not None:
-            try:
-                os.fdatasync(self._fd)
-            except OSError as e:
-                self.errors += 1
-                self._report(f"cannot sync {self.path}: {e.strerror}")
-            self.dirty = False
-        self._synced = time.monotonic()
+    def _take_syncs(self) -> list[int]:
+        """The descriptors the next sync is to sync (and close): duplicates, all of them."""
+        fds, self._pending_syncs = self._pending_syncs, []
+        live = self._dup_for_sync()
+        return fds if live is None else [*fds, live]
+
+    def _dup_for_sync(self) -> int | None:
+        if self._fd is None or not self.dirty:
+            return None
+        return os.dup(self._fd)
+
+    def _lose(self, n: int, why: str) -> None:
+        self.lost += n
+        self._episode += n
+        self._report(f"{why} ({self._episode} entries lost so far)")
+
+    def _note(self, text: str) -> None:
+        log.warning("journal: %s", text)
+        if self._ring is not None:
+            self._ring.append(HostEvent(events.NOTICE, f"journal: {text}"))
 
     def _report(self, text: str) -> None:
-        """A journal problem, in the daemon's log and the ring, at most once a minute."""
+        """A journal problem, in the daemon's log and the ring, at most once a minute (the
+        count of entries lost goes on, and the notice of recovery gives the total)."""
         now = time.monotonic()
         if now - self._error_reported >= ERROR_REPORT_S:
             self._error_reported = now
@@ -342,27 +471,56 @@ class Journal:
             if self._ring is not None:
                 self._ring.append(HostEvent(events.HOST_ERROR, f"journal: {text}"))
 
-    # -- the task ------------------------------------------------------------------------------
+    # -- syncing -------------------------------------------------------------------------------
+
+    async def _sync(self) -> None:
+        """fdatasync what was written, in a worker thread: a slow or hung disk must not stop
+        the event loop (the FUSE files, the engine). Duplicates of the descriptors are synced,
+        so a rotation meanwhile may close the originals."""
+        fds = self._take_syncs()
+        self.dirty = False
+        self._synced = time.monotonic()
+        if fds:
+            failed = await trio.to_thread.run_sync(_datasync_all, fds, abandon_on_cancel=True)
+            if failed:
+                self.errors += 1
+                self._report(f"cannot sync {self.path}: {failed}")
 
     async def run(self, recorder: Recorder) -> None:
         """Write what the ring gets, and sync it every journal_fsync seconds, until cancelled."""
         while True:
-            timeout = self.fsync_interval if self.dirty else float("inf")
-            with trio.move_on_after(timeout):
+            due = self._synced + self.fsync_interval - time.monotonic()
+            with trio.move_on_after(max(due, 0) if self.dirty else FOLLOW_S):
                 await self._wake.wait()
             self._wake = trio.Event()
             self._drain()
             if self.dirty and time.monotonic() - self._synced >= self.fsync_interval:
-                self._sync()
+                await self._sync()
 
     def close(self) -> None:
-        """Write what is left, sync and close; idempotent."""
+        """Write what is left, sync and close; idempotent. The last sync is on the caller's
+        thread: the daemon is ending, and what it wrote should be on disk when it has."""
         if self._fd is None:
             return
         self._drain()
-        self._sync()
+        fds = self._take_syncs()
+        if fds and _datasync_all(fds):
+            self.errors += 1
         os.close(self._fd)
         self._fd = None
+
+
+def _datasync_all(fds: list[int]) -> str:
+    """fdatasync each descriptor and close it; the first error's text, or ""."""
+    failed = ""
+    for fd in fds:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            failed = failed or str(e.strerror)
+        finally:
+            os.close(fd)
+    return failed
 
 
 def _open_locked(path: str) -> int:
@@ -394,6 +552,30 @@ def _open_locked(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _check_is_journal(path: str) -> None:
+    """JournalError unless the file is empty or ends as a journal does: its last line an
+    nvmefs record (or the start of one, cut short). nvmefs cuts a last line and appends to the
+    file: that must never happen to a file that is something else."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        f.seek(max(0, size - MAX_LINE))
+        tail = f.read()
+    lines = tail.split(b"\n")
+    cut = lines.pop()  # after the last newline: b"" or a line cut short
+    if lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            Replay(tables.DEFAULT_PROFILE).entry(lines[-1])
+            return
+    elif cut.startswith(RECORD_START):
+        return
+    raise JournalError(
+        f"journal {path} exists and is not an nvmefs journal (its last line is not an entry): "
+        "nvmefs appends to a journal and cuts its last line if it was cut short"
+    )
 
 
 def _cut_partial_line(fd: int, path: str) -> None:

@@ -38,6 +38,10 @@ RESET = "reset"
 NOTICE = "notice"  # controller error-log entries, SMART critical warnings, device attach/detach
 LOST = "lost"  # trace events the kernel dropped before nvmefs read them (kernel source)
 
+# The field of the notice a clear leaves: how many entries it removed. A journal's replay stops
+# there, as the ring's history did.
+CLEARED = "cleared"
+
 
 @dataclass(slots=True)
 class HostEvent:

@@ -16,7 +16,7 @@ from typing import Any
 
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Status
-from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.events import CLEARED, HostEvent, NvmeEvent
 from nvmefs.store.ring import Entry
 
 INFO_MAX = 255
@@ -154,9 +154,19 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
     return _cap(" ".join(parts))
 
 
+# Fields of host events the text line leaves out: their message says it already.
+TEXT_SILENT_FIELDS = frozenset({CLEARED})
+# Control characters in a host event's text (a path with a newline, say) are shown escaped: a
+# line of the text file is one entry, and no message may forge another.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
 def host_info(ev: HostEvent) -> str:
-    extra = " ".join(f"{k}={v}" for k, v in ev.fields.items() if v is not None)
-    return _cap(f"nvmefs {ev.kind}: {ev.message}" + (f" {extra}" if extra else ""))
+    extra = " ".join(
+        f"{k}={v}" for k, v in ev.fields.items() if v is not None and k not in TEXT_SILENT_FIELDS
+    )
+    text = f"nvmefs {ev.kind}: {ev.message}" + (f" {extra}" if extra else "")
+    return _cap(text.translate(_CONTROL))
 
 
 def info(event: Any, fmt: str = "full") -> str:

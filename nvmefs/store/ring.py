@@ -30,6 +30,7 @@ class DebugRing:
     """The ring of entries; see the module docstring for its invariant."""
 
     __slots__ = (
+        "_before_clear",
         "_buf",
         "_listeners",
         "_next",
@@ -49,6 +50,7 @@ class DebugRing:
         self.dropped = 0
         self.cleared = 0
         self._listeners: list[Callable[[], None]] = []
+        self._before_clear: list[Callable[[], None]] = []
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -85,13 +87,21 @@ class DebugRing:
         self.dropped = first - 1
 
     def clear(self) -> int:
-        """Forget every retained entry; returns how many were removed."""
+        """Forget every retained entry; returns how many were removed. The hooks of
+        `before_clear` run first, while the entries are still there."""
+        for hook in self._before_clear:
+            hook()
         removed = self._next - self._start
         self.cleared += removed
         self._start = self._next
         # Release the events now rather than when their slots are reused.
         self._buf = [None] * self.capacity
         return removed
+
+    def before_clear(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` before every clear: for a reader that must see every entry (the
+        journal), which a clear would otherwise take away before it got to them."""
+        self._before_clear.append(hook)
 
     def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call `wake()` after every append; returns the function that unsubscribes."""

@@ -212,21 +212,133 @@ async def test_the_task_writes_and_syncs_without_a_reader(tmp_path: Path) -> Non
 def test_write_errors_are_counted_and_reported_not_raised(tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
     try:
+        (small / "filler").write_bytes(b"x" * (192 << 10))
         j, ring = attached(small / "j.jsonl", capacity=4, extra="journal_size=1M")
         seen: dict[int, object] = {}  # by seq: a listener sees the newest entry when it is called
         ring.subscribe(lambda: seen.setdefault(ring.last_seq, list(ring)[-1][EVENT]))
         for i in range(400):  # about 300 KB of lines: most find no room
             ring.append(nvme(i))  # the engine's append never sees the error
-        j.close()
         assert j.errors >= 1 and j.lost > 0
-        reports = [
-            e for e in seen.values() if isinstance(e, HostEvent) and "No space left" in e.message
-        ]
+        texts = [e.message for e in seen.values() if isinstance(e, HostEvent)]
+        reports = [t for t in texts if "No space left" in t]
         assert len(reports) == 1  # reported in the ring once, not once per failed write
-        assert j.written + j.lost == 401  # the 400 and the report
+        (small / "filler").unlink()
+        ring.append(nvme(400))
+        j.close()
+        texts = [e.message for e in seen.values() if isinstance(e, HostEvent)]
+        (again,) = [t for t in texts if "writing again" in t]
+        assert again == f"journal: writing again; {j.lost} entries lost in all"
+        assert j.written + j.lost == 403  # the 401, the report and the notice
         lines = (small / "j.jsonl").read_bytes().splitlines(keepends=True)
         assert len(lines) == j.written and all(line.endswith(b"}\n") for line in lines)
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_journal_moved_away_or_its_directory_recreated_is_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nvmefs.outputs import journal
+
+    monkeypatch.setattr(journal, "FOLLOW_S", 0.0)
+    d = tmp_path / "d"
+    d.mkdir()
+    path = d / "j.jsonl"
+    j, ring = attached(path, capacity=4, extra="journal_size=64K")
+    ring.append(nvme(1))
+    path.rename(d / "j.jsonl.by-logrotate")  # logrotate's rename, without copytruncate
+    ring.append(nvme(2))
+    assert [json.loads(x)["slba"] for x in path.read_text().splitlines()[-1:]] == [2]
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+    d.mkdir()  # a person cleaning up
+    for i in range(3, 400):  # rotations too
+        ring.append(nvme(i))
+    j.close()
+    slbas = [
+        r["slba"]
+        for f in sorted(d.iterdir())
+        for r in map(json.loads, f.read_text().splitlines())
+        if r["kind"] == "nvme"
+    ]
+    assert sorted(slbas)[-1] == 399 and j.lost == 0 and j.errors == 0
+    assert not (d / "j.jsonl.new").exists()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"seq":1e400,"monotonic_ns":1,"wall_ns":1,"kind":"x","message":"m"}',
+        "[" * 100_000,
+        '{"seq":-1,"monotonic_ns":1,"wall_ns":1,"kind":"x","message":"m"}',
+        '{"seq":true,"monotonic_ns":1,"wall_ns":1,"kind":"x","message":"m"}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":100000000000000000000000,"kind":"x","message":"m"}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"nvme","status":"-1"}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"nvme","status":"0x' + "f" * 40 + '"}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"nvme","status":"0x281","opcode":"abc"}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"nvme","status":"0x281","ctrl":[1]}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"notice","message":"m","x":{"a":1}}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":7,"message":"m"}',
+        "x" * 100_000,
+    ],
+)
+def test_a_line_that_is_not_an_entry_is_skipped_and_counted(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "j.jsonl"
+    r = Renderer()
+    path.write_text(r.json_line((1, 1, 2, nvme(1))) + r.json_line((2, 1, 2, nvme(2))) + line + "\n")
+    with pytest.raises(JournalError, match="not an nvmefs journal"):
+        Journal.open(opts(path))  # its last line is not an entry: not a journal of ours
+    path.write_text(line + "\n" + r.json_line((1, 1, 2, nvme(1))))
+    j, ring = attached(path)
+    (replayed, notice) = list(ring)
+    assert replayed[SEQ] == 1 and "1 unreadable lines skipped" in notice[EVENT].message
+    for entry in ring:  # every renderer takes what was replayed
+        r.line(entry), r.json_line(entry), Renderer(fmt="seed").line(entry)
+    j.close()
+
+
+def test_a_clear_is_journaled_whole_and_replay_starts_at_it(tmp_path: Path) -> None:
+    from nvmefs.recorder import Recorder
+
+    path = tmp_path / "j.jsonl"
+    j, ring = attached(path, capacity=64)
+    recorder = Recorder(ring, Renderer())
+    for i in range(10):
+        ring.append(nvme(i))  # below the drain threshold: waiting for the task
+    recorder.clear()
+    ring.append(nvme(100))
+    j.close()
+    assert journal_seqs(path, 4) == list(range(1, 13))  # nothing the clear took is missing
+    j2, ring2 = attached(path, capacity=64)
+    replayed = [e[EVENT] for e in ring2][:-1]
+    assert [getattr(e, "slba", None) for e in replayed] == [None, 100]  # the notice, then 100
+    assert "cleared 10 entries" in replayed[0].message
+    j2.close()
+
+
+def test_kernel_files_and_files_that_are_not_journals_are_refused(tmp_path: Path) -> None:
+    for path in ("/proc/sys/kernel/hostname", "/sys/kernel/mm/x", "/dev/shm/j"):
+        with pytest.raises(JournalError, match="kernel interface"):
+            Journal.open(opts(Path(path)))
+    other = tmp_path / "notes.txt"
+    other.write_text("line one\nimportant text without a newline")
+    with pytest.raises(JournalError, match="not an nvmefs journal"):
+        Journal.open(opts(other))
+    assert other.read_text() == "line one\nimportant text without a newline"
+    cut = tmp_path / "cut.jsonl"  # a journal whose first line was cut short by a kill
+    cut.write_bytes(b'{"seq":1,"ticks":')
+    j, ring = attached(cut)
+    j.close()
+    assert cut.read_bytes() == b"" and len(ring) == 0  # cut off; nothing to replay
+
+
+def test_replay_goes_on_past_a_rotated_file_a_kill_left_missing(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    r = Renderer()
+    Path(f"{path}.2").write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (1, 2)))
+    path.write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (3, 4)))
+    entries, bad = read_newest(str(path), 4, 100, "linux-7.1")
+    assert [e[SEQ] for e in entries] == [1, 2, 3, 4] and bad == 0
