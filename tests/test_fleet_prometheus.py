@@ -22,6 +22,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nvmefs.options import parse
+from nvmefs.outputs.journal import Journal
+from nvmefs.outputs.metrics import Metrics
+from nvmefs.outputs.syslog import SyslogOutput
+from nvmefs.recorder import Recorder
+from nvmefs.store.events import NOTICE, HostEvent
+from nvmefs.store.render import Renderer
+from nvmefs.store.ring import DebugRing
 from tests.mounts import BUF, daemon_pids, is_mounted, mounted, run_nvmefs, stats, wait_for
 
 RULES = Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
@@ -46,7 +54,9 @@ opcode = "read"
 lba = [1500, 1500]
 status = 0x4281
 """
-OPTS = "sim_size=1M,bs=2K,passes=1,retries=5,log=errors,health_interval=0.2,prom_interval=0.2"
+OPTS = "sim_size=1M,bs=2K,passes=1,retries=5,log=errors,health_interval=0.2"
+# With prom= only (prom_interval without it is refused).
+PROM_INTERVAL = "prom_interval=0.2"
 SIM = {"source": "sim", "ctrl": "sim0", "nsid": "1"}
 MEDIA_ERRORS = 13
 
@@ -78,6 +88,11 @@ def fetch(url: str) -> tuple[str, str]:
     """(content type, body) of a GET."""
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.headers["Content-Type"], r.read().decode()
+
+
+def alerts() -> int:
+    """The number of alerting rules in contrib/prometheus."""
+    return len(re.findall(r"^\s*- alert: ", (RULES / "nvmefs.rules.yml").read_text(), re.M))
 
 
 def nvmefs_only(text: str) -> str:
@@ -179,7 +194,10 @@ def test_node_exporter_exports_the_fault_plans_metrics_from_the_prom_dir_and_the
     promdir.mkdir()
     port = free_port()
     # allow_other: node_exporter is not the user who mounted.
-    opts = f"{OPTS},allow_other,prom={promdir},metrics_listen=127.0.0.1:{port}"
+    opts = (
+        f"{OPTS},allow_other,prom={promdir},{PROM_INTERVAL},metrics_listen=127.0.0.1:{port},"
+        f"journal={tmp_path / 'journal.jsonl'}"
+    )
     with mounted(tmp_path, opts, PLAN) as mnt:
         http = f"http://127.0.0.1:{port}/metrics"
 
@@ -202,7 +220,13 @@ def test_node_exporter_exports_the_fault_plans_metrics_from_the_prom_dir_and_the
         ):
             scraped = {"prom dir": fetch(from_dir)[1], "mount": fetch(from_mount)[1]}
         for text in (served, in_dir, in_mount):
-            check_fault_plan_values(samples(text))
+            got = samples(text)
+            check_fault_plan_values(got)
+            # Its 4 entries journaled, none lost: what an alert on a losing journal watches.
+            assert value(got, "nvmefs_journal_lines_total", source="sim") == 4
+            assert value(got, "nvmefs_journal_lost_entries_total", source="sim") == 0
+            assert value(got, "nvmefs_journal_errors_total", source="sim") == 0
+            assert not [n for n, _ in got if n.startswith("nvmefs_syslog_")]  # not configured
             promtool_check(text)
         for where, text in scraped.items():
             got = samples(text)
@@ -256,7 +280,7 @@ def test_prometheus_scrapes_metrics_listen_and_evaluates_the_rules_on_it(tmp_pat
             )
             wait_for(lambda: len(query(alert)) == 1, 20, "the alert")
             groups = json.loads(fetch(f"{api}/rules")[1])["data"]["groups"]
-            assert [r["health"] for g in groups for r in g["rules"]] == ["ok"] * 3
+            assert [r["health"] for g in groups for r in g["rules"]] == ["ok"] * alerts()
         finally:
             stop(server)
 
@@ -266,7 +290,8 @@ def test_a_clean_unmount_removes_the_prom_file_and_closes_the_port(tmp_path: Pat
     promdir = tmp_path / "textfile"
     promdir.mkdir()
     port = free_port()
-    with mounted(tmp_path, f"{OPTS},prom={promdir},metrics_listen=127.0.0.1:{port}") as mnt:
+    opts = f"{OPTS},prom={promdir},{PROM_INTERVAL},metrics_listen=127.0.0.1:{port}"
+    with mounted(tmp_path, opts) as mnt:
         wait_for(lambda: (promdir / "nvmefs.prom").exists(), 10, "the prom file")
         assert fetch(f"http://127.0.0.1:{port}/metrics")[1].startswith("# HELP nvmefs_info")
         subprocess.run(["umount", str(mnt)], check=True, timeout=10)
@@ -316,11 +341,38 @@ def test_a_port_in_use_or_a_missing_prom_dir_is_exit_2_in_one_line_with_nothing_
     assert not is_mounted(mnt) and not daemon_pids(mnt)
 
 
+def test_the_journal_and_syslog_counters_pass_promtool_check_metrics(tmp_path: Path) -> None:
+    # The outputs' counters, once they have something to count; the fleet tests above mount
+    # no syslog socket.
+    ring = DebugRing(16)
+    metrics = Metrics()
+    metrics.attach(ring)
+    metrics.journal = Journal.open(parse([f"journal={tmp_path / 'j.jsonl'}"], allow_fuse=False))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(tmp_path / "log"))
+        metrics.syslog = SyslogOutput.open(parse([f"syslog={tmp_path / 'log'}"], allow_fuse=False))
+        assert metrics.journal is not None and metrics.syslog is not None
+        metrics.journal.attach(ring)
+        metrics.syslog.attach(ring)
+        for i in range(3):
+            ring.append(HostEvent(NOTICE, f"n{i}"))
+        metrics.journal.close()
+        metrics.syslog.close()
+    text = metrics.exposition(Recorder(ring, Renderer(), source="sim")).decode()
+    promtool_check(text)
+    got = samples(text)
+    assert value(got, "nvmefs_journal_lines_total", source="sim") == 3
+    assert value(got, "nvmefs_syslog_messages_sent_total", source="sim") == 3
+    for name in ("journal_lost_entries", "journal_errors", "journal_rotations",
+                 "syslog_dropped_entries", "syslog_errors", "syslog_reconnects"):  # fmt: skip
+        assert value(got, f"nvmefs_{name}_total", source="sim") == 0
+
+
 def test_the_alerting_rules_pass_promtool_check_rules() -> None:
     p = subprocess.run([PROMTOOL, "check", "rules", str(RULES / "nvmefs.rules.yml")],
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "SUCCESS: 3 rules found" in p.stdout
+    assert f"SUCCESS: {alerts()} rules found" in p.stdout
 
 
 def test_the_alerting_rules_fire_in_promtool_test_rules() -> None:

@@ -78,6 +78,11 @@ class Outputs:
                 out = opener(opts)
                 if out is not None:
                     opened.append(out)
+                # The metrics count what the journal and syslog lost, for alerts.
+                if isinstance(out, Journal):
+                    metrics.journal = out
+                elif isinstance(out, SyslogOutput):
+                    metrics.syslog = out
         except BaseException:
             for done in opened:
                 done.close()

@@ -24,10 +24,17 @@ Theory of operation
   copy of the output after the fork while the daemon goes on writing.
 - The HTTP server is a trio accept loop on the socket open() bound, with no threads. It answers
   GET and HEAD of /metrics (any query string ignored) and 404 for any other path, one request per
-  connection (Connection: close). Slow or hostile clients cost bounded memory and time: a
-  request head over MAX_HEAD bytes is refused, a connection that is not done within
-  CONNECTION_TIMEOUT_S seconds is dropped, and at most MAX_CONNECTIONS are served at once (the
-  next wait in the kernel's accept backlog, not in the daemon).
+  connection (Connection: close). A scrape is answered at once whatever number of idle, slow or
+  hostile clients are connected, and they cost bounded memory, descriptors and tasks:
+  - The loop always accepts: a connection never waits in the kernel's accept backlog behind
+    others the daemon holds.
+  - A connection is first *waiting* (for its request head), then *answering* (the response is
+    sent, then the client's close awaited: see _linger). Each phase holds at most MAX_WAITING
+    and MAX_ANSWERING connections; a connection entering a full phase drops the oldest one in
+    it, which has had the longest chance. A scraper sends its request as soon as it connects
+    and reads the answer at once, so it is never the oldest for long.
+  - A request head must be whole within HEAD_TIMEOUT_S seconds of the accept (however slowly
+    it trickles in) and within MAX_HEAD bytes (else 431); the answer, within ANSWER_TIMEOUT_S.
 
 Every series carries a `source` label (the daemon's SOURCE): two daemons writing their files into
 one node_exporter textfile directory then never export the same series twice.
@@ -60,6 +67,8 @@ from nvmefs.engine.kernel import KernelEngine
 from nvmefs.errors import UsageError
 from nvmefs.linux import devices
 from nvmefs.options import Parsed
+from nvmefs.outputs.journal import Journal
+from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
@@ -67,17 +76,6 @@ from nvmefs.store.ring import EVENT, DebugRing
 
 log = logging.getLogger("nvmefs.metrics")
 
-# Every kind of host event, so each has a series (at 0) from the start: increase() over a series
-# ignores its first sample, so a kind that appeared only with its first event would not alert.
-HOST_KINDS = (
-    events.START,
-    events.HOST_ERROR,
-    events.TIMEOUT,
-    events.ABORT,
-    events.RESET,
-    events.NOTICE,
-    events.LOST,
-)
 # Absolute zero: SMART reports kelvin, Prometheus's convention is celsius.
 ZERO_CELSIUS_K = 273.15
 # How often the exposition may look in sysfs for the serial and model of a controller the engine
@@ -87,8 +85,14 @@ SYSFS_RETRY_S = 10.0
 
 # The HTTP server's bounds (see the module docstring).
 MAX_HEAD = 8192
-CONNECTION_TIMEOUT_S = 10.0
-MAX_CONNECTIONS = 16
+HEAD_TIMEOUT_S = 2.5
+ANSWER_TIMEOUT_S = 10.0
+MAX_WAITING = 32
+MAX_ANSWERING = 16
+# The kernel's queue of connections not yet accepted (capped at net.core.somaxconn): the loop
+# accepts at once, so it only absorbs a burst of connects, whose overflow would be dropped and
+# retried by the client a second later.
+BACKLOG = 1024
 # After the response, what the client still sends is read (and thrown away) for this long before
 # the socket closes: closing with unread data resets the connection, which can destroy the
 # response in flight.
@@ -110,8 +114,14 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        self.host_events: Counter[str] = Counter(dict.fromkeys(HOST_KINDS, 0))
+        # Every kind has a series (at 0) from the start: increase() ignores a series' first
+        # sample, so a kind that appeared only with its first event would not alert.
+        self.host_events: Counter[str] = Counter(dict.fromkeys(events.HOST_KINDS, 0))
         self.ring: DebugRing | None = None
+        # The daemon's other outputs, whose counters are exported when they are configured
+        # (Outputs.open sets them).
+        self.journal: Journal | None = None
+        self.syslog: SyslogOutput | None = None
         self._seen = 0
         # Controller name -> (serial, model) from sysfs, for controllers the engine does not
         # identify itself; only found ones are kept (a controller may appear later).
@@ -187,6 +197,7 @@ class Metrics:
             yield from self._engine_families(recorder, engine)
         yield from self._health_families(recorder)
         yield from self._workload_families(recorder)
+        yield from self._output_families(recorder)
 
     @staticmethod
     def _ring_families(recorder: Recorder) -> Iterator[Metric]:
@@ -374,6 +385,59 @@ class Metrics:
             end.add_metric(labels, p.last_pass_end)
             yield end
 
+    def _output_families(self, recorder: Recorder) -> Iterator[Metric]:
+        """The counters of the journal and the syslog output, those that are configured: an
+        output losing entries must be one an alert can see."""
+        counters: list[tuple[str, str, int]] = []
+        if (j := self.journal) is not None:
+            counters += [
+                ("nvmefs_journal_lines_total", "Entries written to the journal.", j.written),
+                (
+                    "nvmefs_journal_lost_entries_total",
+                    "Entries the journal never wrote (a write failed, or the ring overwrote "
+                    "them first).",
+                    j.lost,
+                ),
+                (
+                    "nvmefs_journal_errors_total",
+                    "Writes and syncs of the journal that failed.",
+                    j.errors,
+                ),
+                (
+                    "nvmefs_journal_rotations_total",
+                    "Times the journal's live file was rotated.",
+                    j.rotations,
+                ),
+            ]
+        if (s := self.syslog) is not None:
+            counters += [
+                (
+                    "nvmefs_syslog_messages_sent_total",
+                    "Entries sent to the syslog socket.",
+                    s.sent,
+                ),
+                (
+                    "nvmefs_syslog_dropped_entries_total",
+                    "Entries never sent to the syslog socket (the ring overwrote them first, "
+                    "or the socket refused the message).",
+                    s.dropped,
+                ),
+                (
+                    "nvmefs_syslog_errors_total",
+                    "Sends and connects to the syslog socket that failed.",
+                    s.errors,
+                ),
+                (
+                    "nvmefs_syslog_reconnects_total",
+                    "Times the syslog socket was connected again after it went away.",
+                    s.reconnects,
+                ),
+            ]
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(name, doc, labels=["source"])
+            counter.add_metric([recorder.source], value)
+            yield counter
+
 
 class RecorderCollector:
     """A prometheus_client collector over one recorder: each collect() reads it anew."""
@@ -419,12 +483,12 @@ def _bind(host: str, port: int) -> socket.socket:
         if not host:
             if socket.has_dualstack_ipv6():
                 return socket.create_server(
-                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128
+                    ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=BACKLOG
                 )
-            return socket.create_server(("", port), backlog=128)
+            return socket.create_server(("", port), backlog=BACKLOG)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        return socket.create_server(address[:2], family=family, backlog=128)
+        return socket.create_server(address[:2], family=family, backlog=BACKLOG)
     except socket.gaierror as e:
         raise UsageError(f"metrics_listen={shown}: cannot resolve {host}: {e.strerror}") from None
     except OSError as e:
@@ -455,7 +519,6 @@ class Exporter:
         self.listener = listener
         self._written: tuple[int, int] | None = None
         self._failing = False  # the last write of the prom file failed
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
 
     @classmethod
     def open(cls, opts: Parsed, metrics: Metrics | None = None) -> Exporter | None:
@@ -531,47 +594,58 @@ class Exporter:
     # -- HTTP ----------------------------------------------------------------------------------
 
     async def serve(self, recorder: Recorder) -> None:
-        """Accept connections on the listener until cancelled, MAX_CONNECTIONS at a time."""
+        """Accept connections on the listener until cancelled, each served by a task of its own
+        within the bounds of the module docstring."""
         assert self.listener is not None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.listener))
+        waiting, answering = Phase(MAX_WAITING), Phase(MAX_ANSWERING)
         async with trio.open_nursery() as nursery:
             while True:
-                await self._slots.acquire()
                 try:
                     stream = await listener.accept()
                 except OSError as e:  # out of descriptors or memory: not the listener's fault
-                    self._slots.release()
                     log.warning("metrics: accept failed: %s", e.strerror or e)
                     await trio.sleep(ACCEPT_RETRY_S)
                     continue
-                except BaseException:
-                    self._slots.release()
-                    raise
-                nursery.start_soon(self._connection, stream, recorder)
+                # Entered here, not in the task: the oldest waiting connection is dropped
+                # before the next accept, so a flood of accepts cannot outrun the bound.
+                scope = waiting.enter(trio.current_time() + HEAD_TIMEOUT_S)
+                nursery.start_soon(self._connection, stream, scope, waiting, answering, recorder)
 
-    async def _connection(self, stream: trio.SocketStream, recorder: Recorder) -> None:
+    async def _connection(
+        self,
+        stream: trio.SocketStream,
+        scope: trio.CancelScope,
+        waiting: Phase,
+        answering: Phase,
+        recorder: Recorder,
+    ) -> None:
+        # A client that went away, or was dropped, is owed no answer.
+        gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
         try:
-            # A client that went away is owed no answer.
-            gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-            with trio.move_on_after(CONNECTION_TIMEOUT_S), contextlib.suppress(*gone):
-                await self._exchange(stream, recorder)
+            with contextlib.suppress(*gone):
+                head: bytes | None = None
+                try:
+                    with scope:
+                        head = await _read_head(stream)
+                finally:
+                    waiting.leave(scope)
+                if head is None:
+                    return  # dropped, too slow, or closed before a whole request
+                scope = answering.enter(trio.current_time() + ANSWER_TIMEOUT_S)
+                try:
+                    with scope:
+                        await self._exchange(stream, head, recorder)
+                finally:
+                    answering.leave(scope)
         finally:
-            self._slots.release()
             await trio.aclose_forcefully(stream)
 
-    async def _exchange(self, stream: trio.SocketStream, recorder: Recorder) -> None:
-        head = bytearray()
-        while b"\r\n\r\n" not in head and b"\n\n" not in head:
-            if len(head) >= MAX_HEAD:
-                await _respond(stream, 431, "request head over 8 KiB\n")
-                await _linger(stream)
-                return
-            chunk = await stream.receive_some(MAX_HEAD - len(head))
-            if not chunk:
-                return  # closed before a whole request: nothing to answer
-            head += chunk
-        request = parse_head(bytes(head))
-        if request is None:
+    async def _exchange(self, stream: trio.SocketStream, head: bytes, recorder: Recorder) -> None:
+        """Answer the request `head` (as _read_head returned it), then linger."""
+        if not _ended(head):
+            await _respond(stream, 431, "request head over 8 KiB\n")
+        elif (request := parse_head(head)) is None:
             await _respond(stream, 400, "not an HTTP/1.x request\n")
         elif request.method not in ("GET", "HEAD"):
             await _respond(stream, 405, "only GET and HEAD\n", [("Allow", "GET, HEAD")])
@@ -583,6 +657,52 @@ class Exporter:
             await _respond(stream, 200, body, [("Content-Type", content_type)],
                            head_only=request.method == "HEAD")  # fmt: skip
         await _linger(stream)
+
+
+class Phase:
+    """The connections in one phase of their life (waiting for their request, or being
+    answered), at most `limit` of them: entering a full phase drops the oldest connection in it.
+
+    Invariant: `_scopes` holds the cancel scope of every connection in the phase, oldest first
+    (a dict keeps insertion order), and never more than `limit`; a scope removed from it by
+    enter() has been cancelled.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._scopes: dict[trio.CancelScope, None] = {}
+
+    def enter(self, deadline: float) -> trio.CancelScope:
+        """The scope of a connection entering the phase, cancelled at `deadline` (trio time)
+        or when a newer connection needs its place; the oldest is cancelled if it is full."""
+        while len(self._scopes) >= self.limit:
+            oldest = next(iter(self._scopes))
+            del self._scopes[oldest]
+            oldest.cancel()
+        scope = trio.CancelScope(deadline=deadline)
+        self._scopes[scope] = None
+        return scope
+
+    def leave(self, scope: trio.CancelScope) -> None:
+        """The connection of `scope` is out of the phase (whether it was dropped or not)."""
+        self._scopes.pop(scope, None)
+
+
+def _ended(head: bytes | bytearray) -> bool:
+    """Whether `head` holds the blank line that ends a request head."""
+    return b"\r\n\r\n" in head or b"\n\n" in head
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes | None:
+    """The request head, up to its blank line (what follows it in the same read too); the
+    first MAX_HEAD bytes if there is no blank line in them; None if the client closed first."""
+    head = bytearray()
+    while not _ended(head) and len(head) < MAX_HEAD:
+        chunk = await stream.receive_some(MAX_HEAD - len(head))
+        if not chunk:
+            return None  # closed before a whole request: nothing to answer
+        head += chunk
+    return bytes(head)
 
 
 class Request:

@@ -38,6 +38,9 @@ RESET = "reset"
 NOTICE = "notice"  # controller error-log entries, SMART critical warnings, device attach/detach
 LOST = "lost"  # trace events the kernel dropped before nvmefs read them (kernel source)
 
+# Every kind above, in the order shown.
+HOST_KINDS = (START, HOST_ERROR, TIMEOUT, ABORT, RESET, NOTICE, LOST)
+
 # The field of the notice a clear leaves: how many entries it removed. A journal's replay stops
 # there, as the ring's history did.
 CLEARED = "cleared"

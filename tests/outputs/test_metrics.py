@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import stat
 from collections.abc import AsyncIterator
@@ -19,8 +20,11 @@ from nvmefs.errors import UsageError
 from nvmefs.linux import devices
 from nvmefs.linux.devices import Controller
 from nvmefs.nvme.status import Translator
+from nvmefs.outputs import journal
 from nvmefs.outputs import metrics as m
+from nvmefs.outputs.journal import Journal
 from nvmefs.outputs.metrics import Exporter, Metrics, parse_head, write_atomically
+from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
@@ -134,7 +138,7 @@ def test_host_events_are_counted_from_attach_on_by_kind_and_nvme_entries_are_not
     ring.append(NvmeEvent(ST.decode(0x281), "sim0", 1))
     for kind in (events.TIMEOUT, events.TIMEOUT, events.LOST, events.HOST_ERROR):
         ring.append(HostEvent(kind, "x"))
-    expected = dict.fromkeys(m.HOST_KINDS, 0) | {
+    expected = dict.fromkeys(events.HOST_KINDS, 0) | {
         events.START: 1,
         events.TIMEOUT: 2,
         events.LOST: 1,
@@ -239,6 +243,85 @@ async def test_the_exposition_has_no_series_twice_and_every_series_has_a_source(
         got = samples(Metrics().exposition(rec))  # samples() refuses duplicates
     assert all(dict(ls).get("source") == "sim" for _, ls in got)
     assert all(n.startswith("nvmefs_") for n in names(got))
+
+
+def test_no_journal_or_syslog_metrics_without_those_outputs() -> None:
+    got = samples(Metrics().exposition(recorder(DebugRing(4))))
+    assert not {n for n in names(got) if n.startswith(("nvmefs_journal_", "nvmefs_syslog_"))}
+
+
+def test_the_journals_counters_are_exported_losses_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "FOLLOW_S", 0.0)  # a gone directory is seen at the next write
+    where = tmp_path / "d"
+    where.mkdir()
+    j = Journal.open(opts(f"journal={where}/j.jsonl", "journal_size=64K", "capacity=16"))
+    assert j is not None
+    ring = DebugRing(16)
+    rec = recorder(ring, source="sim")
+    metrics = Metrics()
+    metrics.journal = j
+    j.attach(ring)
+    for i in range(600):  # about 150 KB of lines in files of 64 KiB: rotated
+        ring.append(HostEvent(events.NOTICE, f"entry {i} " + "x" * 200))
+    got = samples(metrics.exposition(rec))
+    assert value(got, "nvmefs_journal_lines_total", source="sim") == j.written >= 592
+    assert value(got, "nvmefs_journal_rotations_total", source="sim") == j.rotations >= 2
+    assert value(got, "nvmefs_journal_lost_entries_total", source="sim") == 0
+    assert value(got, "nvmefs_journal_errors_total", source="sim") == 0
+    shutil.rmtree(where)  # from now on the journal cannot be written
+    for i in range(16):
+        ring.append(HostEvent(events.NOTICE, f"lost {i}"))
+    j.close()
+    assert j.lost >= 16 and j.errors >= 1
+    got = samples(metrics.exposition(rec))
+    assert value(got, "nvmefs_journal_lines_total", source="sim") == j.written
+    assert value(got, "nvmefs_journal_lost_entries_total", source="sim") == j.lost
+    assert value(got, "nvmefs_journal_errors_total", source="sim") == j.errors
+    assert value(got, "nvmefs_journal_rotations_total", source="sim") == j.rotations
+    assert not {n for n in names(got) if n.startswith("nvmefs_syslog_")}
+
+
+async def test_the_syslog_outputs_counters_are_exported_drops_included(tmp_path: Path) -> None:
+    path = str(tmp_path / "log")
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first.bind(path)
+    out = SyslogOutput.open(opts(f"syslog={path}"))
+    assert out is not None
+    ring = DebugRing(4)
+    rec = recorder(ring, source="sim")
+    metrics = Metrics()
+    metrics.syslog = out
+    out.attach(ring)
+    for i in range(10):  # before the sender runs: the ring keeps the last 4
+        ring.append(HostEvent(events.NOTICE, f"n{i}"))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.run, rec)
+            with trio.fail_after(5):
+                while out.sent < 4:
+                    await trio.sleep(0.01)
+            first.close()  # the syslog daemon stops, and goes
+            os.unlink(path)
+            ring.append(HostEvent(events.NOTICE, "after the restart"))
+            await trio.sleep(0.3)  # failed sends and connects
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as second:
+                second.bind(path)  # started again
+                with trio.fail_after(10):
+                    while out.sent < 5:
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        out.close()
+        first.close()
+    assert (out.sent, out.dropped, out.reconnects) == (5, 6, 1) and out.errors >= 2
+    got = samples(metrics.exposition(rec))
+    assert value(got, "nvmefs_syslog_messages_sent_total", source="sim") == 5
+    assert value(got, "nvmefs_syslog_dropped_entries_total", source="sim") == 6
+    assert value(got, "nvmefs_syslog_errors_total", source="sim") == out.errors
+    assert value(got, "nvmefs_syslog_reconnects_total", source="sim") == 1
+    assert not {n for n in names(got) if n.startswith("nvmefs_journal_")}
 
 
 # -- the prom file ------------------------------------------------------------------------------
@@ -454,37 +537,120 @@ async def test_a_client_that_asks_for_openmetrics_gets_it() -> None:
     assert body.endswith(b"# EOF\n") and b"nvmefs_ring_appended_total" in body
 
 
-async def test_an_idle_client_does_not_block_others_and_is_dropped_after_the_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(m, "CONNECTION_TIMEOUT_S", 0.5)
-    rec = recorder(DebugRing(8))
-    async with serving(rec) as port:
-        idle = await trio.open_tcp_stream("127.0.0.1", port)
-        await idle.send_all(b"GET /metr")  # and nothing more
-        with trio.fail_after(0.3):
-            code, _, _ = await request(port, get("/metrics"))
-        assert code == 200
-        with trio.fail_after(2):
-            assert await idle.receive_some() == b""  # closed by the server, unanswered
-        await idle.aclose()
+async def closed_by_server(stream: trio.SocketStream, within: float) -> bytes:
+    """What the server sent before closing `stream`, which it must do within `within` s."""
+    data = b""
+    with trio.fail_after(within):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return data
 
 
-async def test_connections_beyond_the_bound_wait_in_the_backlog(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(m, "MAX_CONNECTIONS", 2)
-    monkeypatch.setattr(m, "CONNECTION_TIMEOUT_S", 0.5)
+def server_sockets(port: int) -> int:
+    """The sockets of this process (the test's and the server's) connected from `port`."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if int(local.split(":")[1], 16) == port and state != "0A":  # not the listener
+            inodes.add(inode)
+    mine = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if fd.isdigit() and os.path.exists(f"/proc/self/fd/{fd}")}  # fmt: skip
+    return len({f"socket:[{i}]" for i in inodes} & mine)
+
+
+async def test_a_scrape_is_answered_at_once_whatever_number_of_idle_clients() -> None:
+    # Idle clients once held every slot for seconds each: 100 of them kept the scrape out of
+    # the accept backlog for about a minute. Now the oldest waiting one makes room.
     rec = recorder(DebugRing(8))
     async with serving(rec) as port:
-        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
-        await trio.sleep(0.1)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(100)]
         start = trio.current_time()
-        code, _, _ = await request(port, get("/metrics"))
-        # Served only once the idle ones were dropped: two connections at most at a time.
-        assert code == 200 and trio.current_time() - start >= 0.3
+        with trio.fail_after(2):
+            code, _, body = await request(port, get("/metrics"))
+        assert code == 200 and b"nvmefs_info" in body
+        assert trio.current_time() - start < 1
+        await trio.sleep(0.2)  # the dropped ones closed by now
+        # The server holds at most MAX_WAITING of them, whatever the number of clients.
+        assert server_sockets(port) <= m.MAX_WAITING
         for s in idle:
             await s.aclose()
+
+
+async def test_the_oldest_client_still_waiting_for_its_request_is_dropped_for_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(m, "MAX_WAITING", 2)
+    rec = recorder(DebugRing(8))
+    async with serving(rec) as port:
+        first = await trio.open_tcp_stream("127.0.0.1", port)
+        await first.send_all(b"GET /metr")  # and nothing more
+        second = await trio.open_tcp_stream("127.0.0.1", port)
+        await trio.sleep(0.1)
+        third = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await closed_by_server(first, 1) == b""  # unanswered
+        with trio.move_on_after(0.3):
+            await second.receive_some()
+            raise AssertionError("the second was dropped too")
+        # The second one is still served when its request comes, and the third too.
+        await second.send_all(get("/metrics"))
+        await third.send_all(get("/metrics"))
+        for s in (second, third):
+            assert (await closed_by_server(s, 2)).startswith(b"HTTP/1.1 200 OK\r\n")
+            await s.aclose()
+        await first.aclose()
+
+
+async def test_a_request_head_not_done_in_time_is_dropped_however_slowly_it_trickles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(m, "HEAD_TIMEOUT_S", 0.5)
+    rec = recorder(DebugRing(8))
+    async with serving(rec) as port:
+        slow = await trio.open_tcp_stream("127.0.0.1", port)
+        start = trio.current_time()
+        # A byte every 20 ms: 2.6 s for the whole head, were it not dropped.
+        with trio.fail_after(2), contextlib.suppress(trio.BrokenResourceError):
+            for byte in get("/metrics", "X-Slow: " + "x" * 100):
+                await slow.send_all(bytes([byte]))  # fails once the server has closed
+                await trio.sleep(0.02)
+            raise AssertionError("not dropped")
+        assert 0.5 <= trio.current_time() - start < 1
+        await slow.aclose()
+
+
+async def test_a_client_that_does_not_read_its_answer_makes_room_for_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It is held only until the bound of connections being answered is reached: then the
+    # oldest of them is dropped (its answer was sent by then, or never will be).
+    monkeypatch.setattr(m, "MAX_ANSWERING", 1)
+    monkeypatch.setattr(m, "LINGER_S", 30.0)
+    rec = recorder(DebugRing(8))
+    async with serving(rec) as port:
+        deaf = await trio.open_tcp_stream("127.0.0.1", port)
+        await deaf.send_all(get("/metrics"))  # and reads nothing, and does not close
+        await trio.sleep(0.2)
+        with trio.fail_after(1):
+            code, _, _ = await request(port, get("/metrics"))
+        assert code == 200
+        answer = await closed_by_server(deaf, 1)  # the answer, whole, then the end
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert f"Content-Length: {len(body)}".encode() in head
+        await deaf.aclose()
+
+
+async def test_an_answer_not_taken_in_time_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "ANSWER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(m, "LINGER_S", 30.0)
+    rec = recorder(DebugRing(8))
+    async with serving(rec) as port:
+        deaf = await trio.open_tcp_stream("127.0.0.1", port)
+        await deaf.send_all(get("/metrics"))
+        await trio.sleep(0.8)
+        assert (await closed_by_server(deaf, 0.5)).startswith(b"HTTP/1.1 200 OK\r\n")
+        await deaf.aclose()
 
 
 @pytest.mark.parametrize(
