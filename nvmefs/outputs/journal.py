@@ -4,17 +4,21 @@ Theory of operation. The journal holds every entry the ring gets, in sequence or
 object per line (the JSON-lines file's record, always with the full info text). Put it on
 another disk than the ones watched. A file never grows past `journal_size`: the line that
 would pass it goes to a new file, after the logrotate convention: PATH.(k) becomes PATH.(k+1),
-PATH becomes PATH.1, and PATH.(journal_keep) is the oldest kept. Shippers that follow files by
-inode and offset (rsyslog imfile, with inotify or by polling) read every line once, since
-a line is never changed or moved within a file once written.
+PATH becomes PATH.1, and PATH.(journal_keep) is the oldest kept; the next live file is made
+as .PATH.new first, out of the way of shippers' PATH* patterns. A line is never changed or
+removed once written, so shippers that follow files by inode and offset read every line once
+while they keep up (contrib/rsyslog/nvmefs-journal.conf gives rsyslog's imfile the settings
+for that, and says where it stops: a shipper that falls behind during a rotation may see a
+renamed file twice).
 
 When lines are written: the ring calls the journal after every append; the journal takes the
 new entries when the event loop next turns (a wake-up per burst, not per entry), or at once
 once half a ring is waiting, so that no entry is overwritten before it is written. Each write
-goes to the kernel with write(2): a crash or SIGKILL of the daemon loses nothing written,
-and a line cut short by one is cut off at the next start. fdatasync(2) follows every
-`journal_fsync` seconds when something was written (0: after every write), and at exit:
-that bounds what a power failure or kernel crash can take.
+goes to the kernel with write(2): a crash or SIGKILL of the daemon loses nothing written. A
+line cut short by one stays at the end of its file, without a newline, and the next start
+writes to a new file (replay does not count it; its number is given again). fdatasync(2), in a
+worker thread, follows every `journal_fsync` seconds when something was written (0: after
+every write), and at exit: that bounds what a power failure or kernel crash can take.
 
 At start the newest `capacity` entries (fewer if the journal has fewer, or where its sequence
 numbers have a gap) are replayed into the ring, marked as replayed, and the ring's sequence
@@ -242,6 +246,9 @@ class Journal:
         self._fd: int | None = fd
         st = os.fstat(fd)
         self._size, self._ident = st.st_size, (st.st_dev, st.st_ino)
+        # A line cut short ends the live file: the next write starts a new file rather than
+        # cut it off, since a shipper may have read its start (lines never change once there).
+        self._fresh_file = _ends_cut(path)
         self._renderer = Renderer(Clock("jiffies"), "full")
         self._ring: DebugRing | None = None
         self._last = 0  # the last sequence number written
@@ -265,8 +272,8 @@ class Journal:
 
     @classmethod
     def open(cls, opts: Parsed) -> Journal | None:
-        """Open, lock and check the journal, cut a line left cut short, and read what is to be
-        replayed; JournalError (one line) if it cannot be written or is not a journal."""
+        """Open, lock and check the journal and read what is to be replayed; JournalError
+        (one line) if it cannot be written or is not a journal."""
         path = opts["journal"]
         if path is None:
             return None
@@ -280,9 +287,8 @@ class Journal:
         try:
             # A rotation's new file, left by a daemon killed in it (PATH's lock is ours now).
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}.new")
+                os.unlink(new_name(path))
             _check_is_journal(path)
-            _cut_partial_line(fd, path)
             replayed, bad = read_newest(
                 path, opts["journal_keep"], opts["capacity"], opts["profile"]
             )
@@ -381,6 +387,9 @@ class Journal:
             os.close(old)
 
     def _write(self, lines: list[bytes]) -> None:
+        if self._fresh_file:
+            self._rotate()
+            self._fresh_file = False
         batch: list[bytes] = []
         size = self._size
         for line in lines:
@@ -416,7 +425,7 @@ class Journal:
         """PATH.(k) -> PATH.(k+1) down to PATH -> PATH.1, and a new, locked PATH. The new file
         is made and locked before any rename, so PATH always names a locked journal; if a step
         fails, the new file is taken away again and the live file stays as it was."""
-        new_path = f"{self.path}.new"
+        new_path = new_name(self.path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         fd = os.open(new_path, flags, 0o640)
         try:
@@ -556,8 +565,8 @@ def _open_locked(path: str) -> int:
 
 def _check_is_journal(path: str) -> None:
     """JournalError unless the file is empty or ends as a journal does: its last line an
-    nvmefs record (or the start of one, cut short). nvmefs cuts a last line and appends to the
-    file: that must never happen to a file that is something else."""
+    nvmefs record (or the start of one, cut short). nvmefs appends to the file and renames it:
+    that must never happen to a file that is something else."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -574,31 +583,22 @@ def _check_is_journal(path: str) -> None:
         return
     raise JournalError(
         f"journal {path} exists and is not an nvmefs journal (its last line is not an entry): "
-        "nvmefs appends to a journal and cuts its last line if it was cut short"
+        "nvmefs appends to a journal and rotates it"
     )
 
 
-def _cut_partial_line(fd: int, path: str) -> None:
-    """Cut a last line that has no newline: its write was cut short (the daemon was killed
-    in it), and its entry's number is given again by this run."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return
+def new_name(path: str) -> str:
+    """The name a rotation gives the next live file until it becomes PATH: hidden, so that
+    shippers following PATH* never pick it up under a name it will not keep."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.new")
+
+
+def _ends_cut(path: str) -> bool:
+    """Whether the file's last line has no newline: a write cut short by a kill."""
     with open(path, "rb") as f:
-        pos = size
-        while pos > 0:
-            step = min(READ_BLOCK, pos)
-            f.seek(pos - step)
-            block = f.read(step)
-            i = block.rfind(b"\n")
-            if i >= 0:
-                end = pos - step + i + 1
-                break
-            pos -= step
-        else:
-            end = 0
-    if end != size:
-        os.ftruncate(fd, end)
+        size = os.fstat(f.fileno()).st_size
+        return size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
 
 
 def _sync_dir(path: str) -> None:

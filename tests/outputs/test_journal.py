@@ -33,12 +33,14 @@ def nvme(slba: int) -> NvmeEvent:
 
 
 def journal_seqs(path: Path, keep: int) -> list[int]:
-    """Every seq in the journal's files, oldest file first."""
+    """Every seq in the journal's files, oldest file first (a line cut short by a kill, at
+    the end of a file with no newline, is no entry)."""
     out: list[int] = []
     for k in range(keep, -1, -1):
         f = Path(rotated(str(path), k))
         if f.exists():
-            out += [json.loads(line)["seq"] for line in f.read_bytes().splitlines()]
+            lines = f.read_bytes().split(b"\n")[:-1]
+            out += [json.loads(line)["seq"] for line in lines]
     return out
 
 
@@ -147,19 +149,24 @@ def test_host_events_round_trip(tmp_path: Path) -> None:
     j2.close()
 
 
-def test_a_line_cut_short_is_cut_off_and_its_number_given_again(tmp_path: Path) -> None:
+def test_a_line_cut_short_stays_and_the_next_entries_go_to_a_new_file(tmp_path: Path) -> None:
     path = tmp_path / "j.jsonl"
     j, ring = attached(path)
     for i in range(5):
         ring.append(nvme(i))
     j.close()
     whole = path.read_bytes()
-    path.write_bytes(whole + whole.splitlines(keepends=True)[-1][:40])  # a 6th, cut short
+    cut = whole + whole.splitlines(keepends=True)[-1][:40]  # a 6th, cut short by a kill
+    path.write_bytes(cut)
     j2, ring2 = attached(path)
-    assert path.read_bytes().startswith(whole)
     assert [e[SEQ] for e in ring2] == [1, 2, 3, 4, 5, 6]  # 6: the replay notice
     j2.close()
+    # Nothing a shipper may have read changes: the cut line stays where it was.
+    assert Path(f"{path}.1").read_bytes() == cut
     assert journal_seqs(path, 4) == [1, 2, 3, 4, 5, 6]
+    j3, ring3 = attached(path)  # and a third start replays across both files
+    assert [e[SEQ] for e in ring3] == [1, 2, 3, 4, 5, 6, 7]
+    j3.close()
 
 
 def test_replay_stops_at_a_gap_and_skips_unreadable_lines(tmp_path: Path) -> None:
@@ -265,7 +272,7 @@ def test_a_journal_moved_away_or_its_directory_recreated_is_followed(
         if r["kind"] == "nvme"
     ]
     assert sorted(slbas)[-1] == 399 and j.lost == 0 and j.errors == 0
-    assert not (d / "j.jsonl.new").exists()
+    assert not (d / ".j.jsonl.new").exists()
 
 
 @pytest.mark.parametrize(
@@ -331,8 +338,9 @@ def test_kernel_files_and_files_that_are_not_journals_are_refused(tmp_path: Path
     cut = tmp_path / "cut.jsonl"  # a journal whose first line was cut short by a kill
     cut.write_bytes(b'{"seq":1,"ticks":')
     j, ring = attached(cut)
+    ring.append(nvme(1))
     j.close()
-    assert cut.read_bytes() == b"" and len(ring) == 0  # cut off; nothing to replay
+    assert len(ring) == 1 and journal_seqs(cut, 4) == [1]  # the cut line is no entry
 
 
 def test_replay_goes_on_past_a_rotated_file_a_kill_left_missing(tmp_path: Path) -> None:
