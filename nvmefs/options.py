@@ -240,6 +240,7 @@ OPTIONS: dict[str, Option] = {
     "sim_abort": Option(_onoff, True, "whether the simulated controller honours Abort"),
     # device sources
     "transport": Option(_choice("auto", "uring", "ioctl"), "auto", "passthrough: uring or ioctl"),
+    "datapath": Option(_choice("auto", "compiled", "python"), "auto", "bulk reads: C or Python"),
     # the kernel source
     "trace_buffer_kb": Option(_int_range(4), None, "kernel: per-CPU trace buffer of the instance"),
     "kernel": Option(_onoff, False, "device sources: other processes' errors too", flag=True),

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from nvmefs.engine.base import EngineBase
+from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError
@@ -122,6 +123,8 @@ class Recorder:
                 ("latency_avg_us", f"{e.latency_avg_us:.1f}"),
                 ("latency_max_us", f"{s.latency_ns_max / 1000:.1f}"),
             ]
+            if isinstance(e, PassthroughEngine):  # which loop reads: compiled or python
+                rows.append(("datapath", e.datapath))
             for word, n in sorted(s.by_status.items()):
                 rows.append((f"status_0x{word:x}", n))
             for (admin, opcode), n in sorted(s.by_opcode.items()):

@@ -25,7 +25,8 @@ MAX_NLB = 0x10000  # blocks in one command (NLB is 16 bits, 0-based)
 MAX_NLB_BYTES = MAX_NLB * 512
 # Options of sources that send commands, meaningless for the kernel source.
 DEVICE_OPTIONS = (
-    "transport", "qd", "bs", "op", "passes", "interval", "rate", "io_timeout", "retries"
+    "transport", "datapath", "qd", "bs", "op", "passes", "interval", "rate", "io_timeout",
+    "retries",
 )  # fmt: skip
 
 
@@ -57,7 +58,7 @@ def open_source(source: str, opts: Parsed) -> Source:
     if "trace_buffer_kb" in opts.given and not opts["kernel"]:
         raise SourceError("option trace_buffer_kb is for the kernel source (or -o kernel) only")
     if source == "sim":
-        for name in ("transport", "kernel"):
+        for name in ("transport", "datapath", "kernel"):
             if name in opts.given:
                 raise SourceError(f"option {name} is for device sources only")
         plan = faults.load(opts["faults"]) if opts["faults"] else None
@@ -87,6 +88,8 @@ def open_source(source: str, opts: Parsed) -> Source:
     transport = opts["transport"]
     if transport == "auto":
         transport = "uring" if uring.supported() else "ioctl"
+    if opts["datapath"] == "compiled" and transport != "uring":
+        raise SourceError("option datapath=compiled needs io_uring passthrough (transport=uring)")
     # -o kernel: the same controller's errors of other processes too, from the tracepoints.
     spec = kernel.check(f"kernel:{device.controller.name}") if opts["kernel"] else None
     return Source(device.controller.name, device=device, transport=transport, kernel=spec)
@@ -122,7 +125,9 @@ def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> EngineBase:
     if src.sim is not None:
         return Engine(src.sim, ring, **kw)
     if src.device is not None:
-        return PassthroughEngine(src.device, ring, transport=src.transport, **kw)
+        return PassthroughEngine(
+            src.device, ring, transport=src.transport, datapath=opts["datapath"], **kw
+        )
     assert src.kernel is not None
     return kernel_engine(src.kernel, opts, ring)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from nvmefs.engine.base import Completion, EngineBase, Namespace
 from nvmefs.engine.kernel import KernelEngine
-from nvmefs.engine.passthrough import PassthroughEngine
+from nvmefs.engine.passthrough import Bulk, PassthroughEngine
 from nvmefs.errors import CommandError, EngineError, UsageError
 from nvmefs.linux import devices
 from nvmefs.nvme import commands as c
@@ -83,6 +84,39 @@ def _settle(progress: Progress, results: list[Completion | CommandError]) -> Non
     progress.failed += sum(1 for r in results if isinstance(r, CommandError) or not r.status.ok)
 
 
+def _compiled(engine: EngineBase) -> PassthroughEngine | None:
+    """The engine, if its bulk reads take the compiled loop."""
+    if isinstance(engine, PassthroughEngine) and engine.datapath == "compiled":
+        return engine
+    return None
+
+
+async def _run_compiled(
+    engine: PassthroughEngine,
+    progress: Progress,
+    job: Bulk,
+    *,
+    qd: int,
+    rate: float,
+    ratio: Callable[[Bulk], float] | None = None,
+) -> None:
+    """One job through the compiled loop, its progress added to `progress` after every turn."""
+    bytes0, commands0, failed0 = progress.bytes_done, progress.commands, progress.failed
+
+    def show() -> None:
+        progress.lba = job.lba
+        progress.bytes_done = bytes0 + job.bytes_done
+        progress.commands = commands0 + job.commands
+        progress.failed = failed0 + job.failed
+        if ratio is not None:
+            progress.pass_ratio = ratio(job)
+
+    try:
+        await engine.run_bulk(job, qd=qd, rate=rate, on_turn=show)
+    finally:
+        show()
+
+
 def _chunk_cmd(op: str, ns: Namespace, lba: int, nlb: int) -> Command:
     if op == "verify":
         return c.verify(ns.nsid, lba, nlb)
@@ -103,6 +137,7 @@ async def scrub(
     """Read (or verify) every LBA of every namespace in order, `bs` bytes per command."""
     progress.workload, progress.passes = "scrub", passes
     total = sum(ns.size for ns in engine.namespaces) or 1
+    fast = _compiled(engine)
     n = 0
     while passes == 0 or n < passes:
         n += 1
@@ -112,6 +147,16 @@ async def scrub(
         for ns in engine.namespaces:
             nlb = max(1, min(bs // ns.lba_size, 0x10000))
             progress.nsid, progress.nblocks, progress.lba = ns.nsid, ns.nblocks, 0
+            if fast is not None:
+                opcode = c.NVM_VERIFY if op == "verify" else c.NVM_READ
+                job = Bulk(ns.nsid, opcode, nlb, end=ns.nblocks)
+
+                def ratio(job: Bulk, done: int = before, lba_size: int = ns.lba_size) -> float:
+                    return (done + job.lba * lba_size) / total
+
+                await _run_compiled(fast, progress, job, qd=qd, rate=rate, ratio=ratio)
+                before += ns.size
+                continue
             lba = 0
             while lba < ns.nblocks:
                 cmds: list[Command] = []
@@ -154,6 +199,12 @@ async def randread(
     pacer = Pacer(rate)
     ns = engine.namespaces[0]
     nlb = max(1, min(bs // ns.lba_size, 0x10000, ns.nblocks))
+    fast = _compiled(engine)
+    if fast is not None:
+        job = Bulk(ns.nsid, c.NVM_READ, nlb, end=ns.nblocks, random=True, count=count, seed=seed)
+        await _run_compiled(fast, progress, job, qd=qd, rate=rate)
+        progress.state = "done"
+        return
     slots = ns.nblocks // nlb
     done = 0
     while count == 0 or done < count:

@@ -52,7 +52,9 @@ TARGETS = {  # key: (comparison, bound, what)
     "ring_bytes_per_entry": ("<=", 400, "bytes"),
     "daemon_rss_mb": ("<=", 80, "MB"),
     "vm_uring_vs_fio_qd1": (">=", 0.9, "x fio"),
-    "vm_uring_vs_fio_qd32": (">=", 0.8, "x fio"),
+    "vm_uring_vs_fio_qd32": (">=", 0.9, "x fio"),
+    "vm_scrub_vs_fio_128k_qd8": (">=", 0.95, "x fio MB/s"),
+    "vm_scrub_cpu_vs_fio": ("<=", 1.2, "x fio CPU/GiB"),
     "vm_kernel_source_overhead_qd1": (">=", 0.97, "x untraced"),
     "vm_kernel_source_overhead_qd32": (">=", 0.97, "x untraced"),
 }

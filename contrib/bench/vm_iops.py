@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""4 KiB random-read IOPS inside the test VM: nvmefs (uring, ioctl) beside fio's io_uring_cmd.
+"""Passthrough speed inside the test VM: nvmefs beside fio's io_uring_cmd, same boot, same device.
 
 Run it through the test bed, so every figure comes from the same VM boot and the same device:
     contrib/qemu/vm.py run -- .venv/bin/python contrib/bench/vm_iops.py [--seconds 10] [--json F]
-The device is the plain `nvmefs-slow` controller (a raw file, no injected errors). Prints a table
-and the ratios nvmefs/fio; the ceiling is QEMU's CPU emulation, so only ratios mean much.
+4 KiB random reads on the plain `nvmefs-slow` controller (a raw file, no injected errors): nvmefs
+through each data path (`uring` is the default one, compiled where it loads; `uring_python` the
+Python fallback; `ioctl`), nvmefs and fio alternating. Sequential 128 KiB reads at QD8 of the
+256 MiB `nvmefs-big`: a scrub beside fio, MB/s and CPU seconds per GiB read (nvmefs: the whole
+process over the scrub, every thread; fio: its job's usr+sys). Prints tables and the ratios
+nvmefs/fio, and says which data path ran; the ceiling is QEMU's CPU emulation, so only ratios
+mean much.
 
 The kernel source's cost: fio 4 KiB random reads through the block layer on the same device,
 without and with a `nvmefs kernel` mount (default policy, and log=all), alternating runs so that
@@ -35,6 +40,8 @@ from nvmefs.nvme.policy import LogPolicy
 from nvmefs.store.ring import DebugRing
 
 SERIAL = "nvmefs-slow"
+BIG = "nvmefs-big"  # 256 MiB: sequential throughput
+SEQ_PASSES = 4  # passes over BIG per sample: 1 GiB read
 
 
 def node() -> str:
@@ -44,15 +51,26 @@ def node() -> str:
     sys.exit(f"vm_iops: no controller {SERIAL}: run me inside contrib/qemu/vm.py")
 
 
-async def nvmefs_iops(path: str, transport: str, qd: int, seconds: float) -> float:
+async def nvmefs_iops(
+    path: str,
+    transport: str,
+    qd: int,
+    seconds: float,
+    datapath: str = "auto",
+    ran: list[str] | None = None,
+) -> float:
+    """Completions per second of a randread; `ran` gets the data path that ran."""
     engine = PassthroughEngine(
         devices.resolve(path),
         DebugRing(1024),
         transport=transport,
+        datapath=datapath,
         policy=LogPolicy("media"),
         queue_depth=qd + 1,
     )
     async with engine.running():
+        if ran is not None:
+            ran.append(engine.datapath)
         progress = workloads.Progress()
         with trio.move_on_after(1):  # warm-up
             await workloads.randread(engine, progress, bs=4096, qd=qd)
@@ -84,6 +102,55 @@ def fio_iops(path: str, qd: int, seconds: float, engine: str = "io_uring_cmd") -
         check=True,
     )
     return float(json.loads(out.stdout)["jobs"][0]["read"]["iops"])
+
+
+async def nvmefs_scrub(path: str, ran: list[str]) -> tuple[float, float]:
+    """(MB/s, CPU s per GiB) of SEQ_PASSES scrub passes, 128 KiB at QD8."""
+    engine = PassthroughEngine(
+        devices.resolve(path), DebugRing(1024), policy=LogPolicy("media"), queue_depth=9
+    )
+    async with engine.running():
+        ran.append(engine.datapath)
+        progress = workloads.Progress()
+        t0, cpu0 = time.monotonic(), time.process_time()
+        await workloads.scrub(engine, progress, bs=128 << 10, qd=8, passes=SEQ_PASSES)
+        wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        return progress.bytes_done / wall / 1e6, cpu / (progress.bytes_done / (1 << 30))
+
+
+def fio_seq(path: str) -> tuple[float, float]:
+    """(MB/s, CPU s per GiB) of fio reading the device SEQ_PASSES times, 128 KiB at QD8."""
+    out = subprocess.run(
+        ["fio", "--name=s", f"--filename={path}", "--ioengine=io_uring_cmd", "--cmd_type=nvme",
+         "--rw=read", "--bs=128k", "--iodepth=8", f"--loops={SEQ_PASSES}",
+         "--output-format=json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job = json.loads(out.stdout)["jobs"][0]
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
+    return float(job["read"]["bw_bytes"]) / 1e6, cpu / (job["read"]["io_bytes"] / (1 << 30))
+
+
+def sequential(res: dict[str, float], rounds: int) -> str:
+    """The scrub against fio, alternating (after one warm-up of each: the host's page cache)."""
+    path = controller(BIG).namespaces[0].generic
+    ran: list[str] = []
+    fio_seq(path)
+    trio.run(nvmefs_scrub, path, ran)
+    fio: list[tuple[float, float]] = []
+    ours: list[tuple[float, float]] = []
+    for _ in range(rounds):
+        fio.append(fio_seq(path))
+        ours.append(trio.run(nvmefs_scrub, path, ran))
+    res["vm_fio_read_MBps_128k_qd8"] = statistics.median(m for m, _ in fio)
+    res["vm_scrub_MBps_128k_qd8"] = statistics.median(m for m, _ in ours)
+    res["vm_fio_read_cpu_s_per_GiB"] = statistics.median(c for _, c in fio)
+    res["vm_scrub_cpu_s_per_GiB"] = statistics.median(c for _, c in ours)
+    res["vm_scrub_vs_fio_128k_qd8"] = (
+        res["vm_scrub_MBps_128k_qd8"] / res["vm_fio_read_MBps_128k_qd8"]
+    )
+    res["vm_scrub_cpu_vs_fio"] = res["vm_scrub_cpu_s_per_GiB"] / res["vm_fio_read_cpu_s_per_GiB"]
+    return ",".join(sorted(set(ran)))
 
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
@@ -163,23 +230,43 @@ def main() -> int:
         kernel_source_cost(args.seconds, res, rounds=4)
         print(" ".join(f"{k}={v:.3f}" for k, v in res.items()))
         return 0
+    ran: list[str] = []
+    rounds = 3
     for qd in (1, 32):
-        res[f"vm_fio_uring_cmd_iops_qd{qd}"] = fio_iops(path, qd, args.seconds)
-        for transport in ("uring", "ioctl"):
-            res[f"vm_{transport}_iops_qd{qd}"] = trio.run(
-                nvmefs_iops, path, transport, qd, args.seconds
-            )
-    print(f"{'load':<28} {'QD1':>10} {'QD32':>10}")
-    for name in ("fio_uring_cmd", "uring", "ioctl"):
-        print(
-            f"{name:<28} {res[f'vm_{name}_iops_qd1']:>10.0f} {res[f'vm_{name}_iops_qd32']:>10.0f}"
+        fio: list[float] = []
+        ours: list[float] = []
+        for _ in range(rounds):  # alternating, so that the test bed's drift hits both
+            fio.append(fio_iops(path, qd, args.seconds / 2))
+            ours.append(trio.run(nvmefs_iops, path, "uring", qd, args.seconds / 2, "auto", ran))
+        res[f"vm_fio_uring_cmd_iops_qd{qd}"] = statistics.median(fio)
+        res[f"vm_uring_iops_qd{qd}"] = statistics.median(ours)
+        res[f"vm_uring_python_iops_qd{qd}"] = trio.run(
+            nvmefs_iops, path, "uring", qd, args.seconds / 2, "python"
         )
-    for t in ("uring", "ioctl"):
+        res[f"vm_ioctl_iops_qd{qd}"] = trio.run(nvmefs_iops, path, "ioctl", qd, args.seconds / 2)
+    datapath = ",".join(sorted(set(ran)))
+    res["vm_uring_datapath_compiled"] = float(datapath == "compiled")
+    print(f"{'load':<28} {'QD1':>10} {'QD32':>10}")
+    labels = {"uring": f"uring ({datapath})", "uring_python": "uring (python)"}
+    for name in ("fio_uring_cmd", "uring", "uring_python", "ioctl"):
+        print(
+            f"{labels.get(name, name):<28} {res[f'vm_{name}_iops_qd1']:>10.0f}"
+            f" {res[f'vm_{name}_iops_qd32']:>10.0f}"
+        )
+    for t in ("uring", "uring_python", "ioctl"):
         for qd in (1, 32):
             res[f"vm_{t}_vs_fio_qd{qd}"] = (
                 res[f"vm_{t}_iops_qd{qd}"] / res[f"vm_fio_uring_cmd_iops_qd{qd}"]
             )
     print(" ".join(f"{k}={v:.2f}" for k, v in res.items() if "_vs_" in k))
+    seq_path = sequential(res, 5 if args.seconds >= 5 else 3)
+    print(f"{'128 KiB reads, QD8':<28} {'MB/s':>10} {'CPU s/GiB':>10}")
+    print(f"{'fio io_uring_cmd':<28} {res['vm_fio_read_MBps_128k_qd8']:>10.0f}"
+          f" {res['vm_fio_read_cpu_s_per_GiB']:>10.2f}")  # fmt: skip
+    print(f"{f'nvmefs scrub ({seq_path})':<28} {res['vm_scrub_MBps_128k_qd8']:>10.0f}"
+          f" {res['vm_scrub_cpu_s_per_GiB']:>10.2f}")  # fmt: skip
+    print(f"vm_scrub_vs_fio_128k_qd8={res['vm_scrub_vs_fio_128k_qd8']:.2f}"
+          f" vm_scrub_cpu_vs_fio={res['vm_scrub_cpu_vs_fio']:.2f}")  # fmt: skip
     kernel_source_cost(args.seconds / 2, res, rounds=2 if args.seconds < 5 else 3)
     print(" ".join(f"{k}={v:.3f}" for k, v in res.items() if "kernel_source" in k))
     if args.json:

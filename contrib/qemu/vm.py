@@ -14,6 +14,7 @@ Its controllers, found in the guest by serial number (/sys/class/nvme/*/serial):
     nvmefs-zns   zoned namespace (1 MiB zones, 768 KiB capacity, 2 open, 4 active)
     nvmefs-ro    read-only drive
     nvmefs-slow  an ordinary disk whose drive `slow` can be throttled to stall commands
+    nvmefs-big   256 MiB, an ordinary sparse disk: sequential throughput (contrib/bench)
 
 QMP: a guest can ask the host to run a QMP command (block_set_io_throttle, device_del, ...) by
 writing {"execute": ...} to WORK/qmp/req-N.json; the reply lands in WORK/qmp/rep-N.json.
@@ -57,7 +58,8 @@ def kernel() -> str:
 
 def make_disks() -> None:
     WORK.mkdir(exist_ok=True)
-    for name, size_mb in (("err", DISK_MB), ("pi", 16), ("zns", 16), ("ro", 16), ("slow", 16)):
+    sizes = (("err", DISK_MB), ("pi", 16), ("zns", 16), ("ro", 16), ("slow", 16), ("big", 256))
+    for name, size_mb in sizes:
         path = WORK / f"{name}.img"
         path.unlink(missing_ok=True)
         with open(path, "wb") as f:
@@ -96,6 +98,8 @@ def qemu_opts(qmp_sock: Path) -> str:
             "-device nvme,serial=nvmefs-ro,drive=ro",
             f"-drive file={w}/slow.img,if=none,id=slow,format=raw",
             "-device nvme,serial=nvmefs-slow,drive=slow",
+            f"-drive file={w}/big.img,if=none,id=big,format=raw",
+            "-device nvme,serial=nvmefs-big,drive=big",
         ]
     )
 

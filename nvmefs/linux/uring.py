@@ -3,6 +3,12 @@
 The ring is set up with SQE128/CQE32, as NVMe passthrough requires: the 72-byte nvme_uring_cmd
 rides in the SQE from byte 48, and the command's 64-bit result comes back in the big CQE. An
 eventfd registered with the ring wakes the reaper; there is no busy loop and no thread.
+
+This ring carries the engine's per-command I/O (single commands, retries, requeues after a
+hot-unplug) and, with `datapath=python`, the bulk reads too. The compiled bulk loop has its own
+ring, set up by liburing (bulk.c). This one stays on plain syscalls through cffi's ABI mode on
+purpose: it is the fallback where the compiled module was not built or does not load, and a
+fallback must not need what it falls back from.
 """
 
 from __future__ import annotations
