@@ -331,27 +331,36 @@ class EngineBase:
     ) -> list[Completion | CommandError]:
         """Run commands together to their final dispositions: one doorbell per burst, one
         wake-up for the whole batch, retries as the kernel's rule says (`retry=False`: none)."""
+        if not cmds:
+            return []
+        attempts = [0] * len(cmds)
+        if self.state not in ACCEPTING:
+            err = await self._wait_accepting()
+            if err is not None:
+                for cmd in cmds:
+                    self._log_failure(cmd, err, 0)
+                return [err] * len(cmds)
+        # The common case: the batch as given, every command on its first try, all clean.
+        done = await self._issue(list(cmds), attempts, keep_data, retry)
+        if done[0].waiter.clean:
+            return [p.completion for p in done]  # type: ignore[misc]
+        return await self._rounds(list(cmds), attempts, done, keep_data, retry)
+
+    async def _rounds(
+        self,
+        cmds: list[Command],
+        attempts: list[int],
+        done: list[Pending],
+        keep_data: bool,
+        retry: bool,
+    ) -> list[Completion | CommandError]:
+        """The rest of a batch, from its attempts `done` (one per command, in order): retries
+        by the disposition rule, requeues after a removal, until each command has its final
+        result. Any path that made the first attempts itself (the compiled loop) ends here."""
         n = len(cmds)
         results: list[Completion | CommandError | None] = [None] * n
-        attempts = [0] * n
         todo = list(range(n))
-        first = True
-        while todo:
-            if self.state not in ACCEPTING:
-                err = await self._wait_accepting()
-                if err is not None:
-                    for i in todo:
-                        results[i] = err
-                        self._log_failure(cmds[i], err, attempts[i])
-                    break
-            if first:  # the common case: the batch as given, every command on its first try
-                done = await self._issue(list(cmds), attempts, keep_data, retry)
-                if done[0].waiter.clean:
-                    return [p.completion for p in done]  # type: ignore[misc]
-                first = False
-            else:
-                done = await self._issue([cmds[i] for i in todo], [attempts[i] for i in todo],
-                                         keep_data, retry)  # fmt: skip
+        while True:
             again: list[int] = []
             requeued: list[tuple[int, Pending]] = []
             delay = 0.0
@@ -387,6 +396,17 @@ class EngineBase:
             if again and delay:
                 await trio.sleep(delay)
             todo = again
+            if not todo:
+                break
+            if self.state not in ACCEPTING:
+                err = await self._wait_accepting()
+                if err is not None:
+                    for i in todo:
+                        results[i] = err
+                        self._log_failure(cmds[i], err, attempts[i])
+                    break
+            done = await self._issue([cmds[i] for i in todo], [attempts[i] for i in todo],
+                                     keep_data, retry)  # fmt: skip
         return results  # type: ignore[return-value]
 
     # -- completion ----------------------------------------------------------------------------

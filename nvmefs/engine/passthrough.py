@@ -489,58 +489,9 @@ class PassthroughEngine(EngineBase):
         return await self._carry_on(self._first_attempts(job, ns, reports, generation, True))
 
     async def _carry_on(self, done: list[Pending]) -> list[Completion | CommandError]:
-        """submit_batch's loop, from attempts already made: retries by the disposition rule,
-        requeues after a removal, one result per command."""
-        n = len(done)
+        """The compiled loop's failed first attempts, on to their final results as any batch."""
         cmds = [p.cmd for p in done]
-        attempts = [p.attempt for p in done]
-        results: list[Completion | CommandError | None] = [None] * n
-        todo = list(range(n))
-        while todo:
-            again: list[int] = []
-            requeued: list[tuple[int, Pending]] = []
-            delay = 0.0
-            for i, p in zip(todo, done, strict=True):
-                comp = p.completion
-                if comp is None:
-                    if p.requeue:
-                        requeued.append((i, p))
-                    else:
-                        results[i] = p.error or CommandError("no completion")
-                    continue
-                if p.decision.final:
-                    results[i] = comp
-                    continue
-                self.stats.retries += 1
-                attempts[i] += 1
-                again.append(i)
-                delay = max(delay, p.decision.delay)
-            if requeued:
-                deadline = trio.current_time() + self.io_timeout
-                back = await self._back_after_removal(min(p.generation for _, p in requeued),
-                                                      deadline)  # fmt: skip
-                for i, p in requeued:
-                    if back:
-                        again.append(i)
-                    else:
-                        assert p.error is not None
-                        results[i] = p.error
-                        self._log_failure(p.cmd, p.error, p.attempt)
-                again.sort()
-            if again and delay:
-                await trio.sleep(delay)
-            todo = again
-            if not todo:
-                break
-            if self.state not in ACCEPTING:
-                err = await self._wait_accepting()
-                if err is not None:
-                    for i in todo:
-                        results[i] = err
-                        self._log_failure(cmds[i], err, attempts[i])
-                    break
-            done = await self._issue([cmds[i] for i in todo], [attempts[i] for i in todo], False)
-        return results  # type: ignore[return-value]
+        return await self._rounds(cmds, [p.attempt for p in done], done, False, True)
 
     async def _drain(self, job: Bulk, ns: Namespace, loop: bulk.Loop) -> None:
         """Stop the loop and wait (up to DRAIN_S, whatever cancelled us) for its commands in
