@@ -1,4 +1,9 @@
-"""Boots the QEMU test VM once and runs tests/vm inside it (real NVMe controllers)."""
+"""Boots the QEMU test VM and runs tests/vm inside it (real NVMe controllers).
+
+The guest has been seen to stall for good now and then (every process in it, not one test:
+see the stop notes of issue 13), more often on a loaded machine. A stalled guest is ended after
+STALL_S seconds without output and the tests that had not passed yet run once more in a new
+VM; every test must pass in one of the two, and a retry is reported loudly."""
 
 from __future__ import annotations
 
@@ -10,34 +15,44 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PASSED = REPO / "contrib/qemu/work/vm-passed.txt"  # the guest writes it: the checkout is shared
+STALL_S = 200  # boot, or a test (its own limit is 240 s), without a line: far longer than any
+STALLED = 125  # contrib/qemu/vm.py's exit status then
+TIMED_OUT = 124
+
+
+def run_vm(deselect: list[str]) -> tuple[int, str]:
+    cmd = [
+        sys.executable, str(REPO / "contrib/qemu/vm.py"), "run", "--timeout", "840",
+        "--stall", str(STALL_S), "--",
+        "env", "NVMEFS_IN_VM=1", f"NVMEFS_VM_PASSED={PASSED}", sys.executable, "-m", "pytest",
+        "tests/vm", "-v", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+        # A hung test fails on its own, with its stack, instead of the whole boot timing out.
+        "--timeout=240",
+        *(f"--deselect={nodeid}" for nodeid in deselect),
+    ]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    return p.returncode, p.stdout + p.stderr
 
 
 @pytest.mark.vm
 def test_vm_suite_passes_against_qemus_nvme_controllers() -> None:
-    cmd = [
-        sys.executable,
-        str(REPO / "contrib/qemu/vm.py"),
-        "run",
-        "--timeout",
-        "840",
-        "--",
-        "env",
-        "NVMEFS_IN_VM=1",
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests/vm",
-        "-v",
-        # A hung test fails on its own, with its stack, instead of the whole boot timing out.
-        "--timeout=240",
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "addopts=-ra",
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    out = p.stdout + p.stderr
+    PASSED.parent.mkdir(parents=True, exist_ok=True)
+    PASSED.write_text("")
+    code, out = run_vm([])
     print(out)
+    if code in (STALLED, TIMED_OUT):
+        passed = PASSED.read_text().split()
+        print(f"WARNING: the VM stalled after {len(passed)} tests passed: "
+              "running the rest in a new VM")  # fmt: skip
+        code, out = run_vm(passed)
+        print(out)
+        summary = re.findall(r"=+ (.*) in [\d.]+s", out)
+        assert code == 0 and summary, out[-4000:]
+        assert re.fullmatch(r"\d+ passed, \d+ deselected|\d+ passed", summary[-1]), summary[-1]
+        (collected,) = re.findall(r"collected (\d+) items", out)
+        assert len(set(PASSED.read_text().split())) == int(collected)  # each passed once
+        return
     summary = re.findall(r"=+ (.*) in [\d.]+s", out)
-    assert p.returncode == 0 and summary, out[-4000:]
+    assert code == 0 and summary, out[-4000:]
     assert re.fullmatch(r"\d+ passed", summary[-1]), summary[-1]  # nothing failed or skipped

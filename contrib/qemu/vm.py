@@ -189,15 +189,19 @@ def _lock() -> int:
     return fd
 
 
-def run(command: list[str], timeout: float, interactive: bool = False) -> int:
+# The exit status of a run whose guest printed nothing for --stall seconds (it is killed).
+STALLED = 125
+
+
+def run(command: list[str], timeout: float, interactive: bool = False, stall: float = 0) -> int:
     lock = _lock()
     try:
-        return _run(command, timeout, interactive)
+        return _run(command, timeout, interactive, stall)
     finally:
         os.close(lock)
 
 
-def _run(command: list[str], timeout: float, interactive: bool) -> int:
+def _run(command: list[str], timeout: float, interactive: bool, stall: float) -> int:
     make_disks()
     relay = QmpRelay(WORK / "qmp.sock")
     relay.start()
@@ -221,15 +225,32 @@ def _run(command: list[str], timeout: float, interactive: bool) -> int:
 
         killer = threading.Timer(timeout, kill_all)
         killer.start()
+        stalled = threading.Event()
+
+        def on_stall() -> None:
+            stalled.set()
+            kill_all()
+
+        watchdog: threading.Timer | None = None
         try:
             for line in proc.stdout:
+                if stall:  # every line the guest prints restarts the watchdog
+                    if watchdog is not None:
+                        watchdog.cancel()
+                    watchdog = threading.Timer(stall, on_stall)
+                    watchdog.start()
                 if not any(n in line for n in NOISE):
                     sys.stdout.write(line)
                     sys.stdout.flush()
             code = proc.wait()
         finally:
             killer.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             kill_all()  # nothing of this VM outlives it, whatever vng left behind
+        if stalled.is_set():
+            print(f"vm: the guest printed nothing for {stall:g} s: stalled", file=sys.stderr)
+            return STALLED
         if time.monotonic() > deadline:
             print(f"vm: timed out after {timeout:g} s", file=sys.stderr)
             return 124
@@ -243,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("run", help="run a command in a fresh VM")
     r.add_argument("--timeout", type=float, default=900)
+    r.add_argument("--stall", type=float, default=0, help="end a guest silent for S s (125)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("shell", help="an interactive VM with the test devices")
     args = p.parse_args(argv)
@@ -251,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("run: no COMMAND")
-    return run(command, args.timeout)
+    return run(command, args.timeout, stall=args.stall)
 
 
 if __name__ == "__main__":
