@@ -4,7 +4,8 @@
     contrib/qemu/vm.py run [--timeout S] -- COMMAND...  run COMMAND in a fresh VM; its exit status
     contrib/qemu/vm.py shell                             an interactive VM with the same devices
 
-The VM (virtme-ng, TCG, 2 vCPUs, 1 GiB) shares the host's root filesystem read-only, and this
+The VM (virtme-ng, TCG, 2 vCPUs, 2 GiB: with 1 GiB the guest, whose programs page in over
+9p, was seen to freeze for good now and then) shares the host's root filesystem read-only, and this
 checkout read-write at the same path, so the checkout's virtual environment runs in the guest.
 Its controllers, found in the guest by serial number (/sys/class/nvme/*/serial):
 
@@ -160,7 +161,7 @@ def vng_command(command: list[str], interactive: bool = False) -> list[str]:
     qmp_sock = WORK / "qmp.sock"
     vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
     cmd = [
-        vng, "--run", kernel(), "--disable-kvm", "--force-9p", "--memory", "1G", "--cpus", "2",
+        vng, "--run", kernel(), "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
         f"--rwdir={REPO}", "--cwd", str(REPO),
         "--append=nvme_core.io_timeout=30",
         # = form: the value starts with a dash and must not be taken for an option
