@@ -206,9 +206,7 @@ class Metrics:
             ("nvmefs_ring_capacity", "Entries the ring holds at most.", ring.capacity),
             ("nvmefs_ring_entries", "Entries the ring holds now.", ring.retained),
         ):
-            gauge = GaugeMetricFamily(name, doc, labels=["source"])
-            gauge.add_metric(labels, value)
-            yield gauge
+            yield single(GaugeMetricFamily, name, doc, labels, value)
         for name, doc, value in (
             ("nvmefs_ring_appended_total", "Entries appended to the ring.", ring.appended),
             (
@@ -222,9 +220,7 @@ class Metrics:
                 ring.cleared,
             ),
         ):
-            counter = CounterMetricFamily(name, doc, labels=["source"])
-            counter.add_metric(labels, value)
-            yield counter
+            yield single(CounterMetricFamily, name, doc, labels, value)
 
     def _engine_families(self, recorder: Recorder, engine: EngineBase) -> Iterator[Metric]:
         s, labels = engine.stats, [recorder.source]
@@ -255,9 +251,7 @@ class Metrics:
                 s.protocol_errors,
             ),
         ):
-            counter = CounterMetricFamily(name, doc, labels=["source"])
-            counter.add_metric(labels, value)
-            yield counter
+            yield single(CounterMetricFamily, name, doc, labels, value)
         errors = CounterMetricFamily(
             "nvmefs_errors_total",
             "Commands that ended with a failing NVMe status (after their retries), logged or "
@@ -360,9 +354,7 @@ class Metrics:
                 p.bytes_done,
             ),
         ):
-            counter = CounterMetricFamily(name, doc, labels=["source"])
-            counter.add_metric(labels, value)
-            yield counter
+            yield single(CounterMetricFamily, name, doc, labels, value)
         if p.workload != "scrub" and not p.passes_done:
             return  # no scrub in this daemon: no scrub metrics
         ratio = GaugeMetricFamily(
@@ -434,9 +426,20 @@ class Metrics:
                 ),
             ]
         for name, doc, value in counters:
-            counter = CounterMetricFamily(name, doc, labels=["source"])
-            counter.add_metric([recorder.source], value)
-            yield counter
+            yield single(CounterMetricFamily, name, doc, [recorder.source], value)
+
+
+def single(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    labels: list[str],
+    value: float,
+) -> Metric:
+    """A family of one sample, labelled with the daemon's `source` only."""
+    family = kind(name, doc, labels=["source"])
+    family.add_metric(labels, value)
+    return family
 
 
 class RecorderCollector:
