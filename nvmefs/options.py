@@ -135,6 +135,9 @@ def _log(text: str) -> str:
 
 # The syslog socket of `-o syslog` without a value: where journald and rsyslog listen.
 SYSLOG_SOCKET = "/dev/log"
+# The most rotated journal files kept: a rotation looks at and renames each of them, and that
+# work must stay small (keep more history with a larger journal_size instead).
+JOURNAL_KEEP_MAX = 100
 # The smallest journal_size: a file must hold many entries (a JSON line is under 1 KiB).
 JOURNAL_SIZE_MIN = 64 << 10
 # The name node_exporter's textfile collector reads (it takes only *.prom files).
@@ -271,7 +274,9 @@ OPTIONS: dict[str, Option] = {
     "metrics_listen": Option(_listen, None, "serve /metrics over HTTP at ADDR:PORT"),
     "journal": Option(str, None, "append every entry as a JSON line to this file", path=True),
     "journal_size": Option(_journal_size, 16 << 20, "rotate the journal at this size"),
-    "journal_keep": Option(_int_range(1, 1000), 4, "rotated journals kept (PATH.1 ...)"),
+    "journal_keep": Option(
+        _int_range(1, JOURNAL_KEEP_MAX), 4, "rotated journals kept (PATH.1 ...)"
+    ),
     "journal_fsync": Option(_float_min(0), 1.0, "seconds between fsyncs, 0 after every write"),
     "syslog": Option(_syslog, None, "entries to syslog: /dev/log or SOCKET", flag=True, path=True),
 }

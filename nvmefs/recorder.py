@@ -7,6 +7,7 @@ fs.py only maps files to these calls.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from nvmefs.engine.base import EngineBase
@@ -57,6 +58,8 @@ class Recorder:
         self._json = Rendered(lambda e: self.renderer.json_line(e), ring.capacity, limit)
         self._generation = 0  # bumped whenever rendered bytes change meaning
         self._fresh_size: tuple[object, int] = (None, 0)
+        # Lines of `stats` that parts above the recorder (the outputs) contribute.
+        self._status: list[Callable[[], list[tuple[str, object]]]] = []
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -81,6 +84,10 @@ class Recorder:
         self._text.clear()
         self._json.clear()
         self._generation += 1
+
+    def add_status(self, status: Callable[[], list[tuple[str, object]]]) -> None:
+        """Have `stats` show the (name, value) lines `status()` gives when it is read."""
+        self._status.append(status)
 
     def stats_stream(self) -> StaticStream:
         return StaticStream(self.stats_text().encode())
@@ -146,6 +153,8 @@ class Recorder:
             ("workload_polls", p.polls),
         ]
         rows += [(f"workload_{k}", v) for k, v in sorted(p.extra.items())]
+        for status in self._status:
+            rows += status()
         return "".join(f"{k} {v}\n" for k, v in rows)
 
     # -- control -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ object per line (the JSON-lines file's record, always with the full info text). 
 another disk than the ones watched. A file never grows past `journal_size`: the line that
 would pass it goes to a new file, after the logrotate convention: PATH.(k) becomes PATH.(k+1),
 PATH becomes PATH.1, and PATH.(journal_keep) is the oldest kept; the next live file is made
-as .PATH.new first, out of the way of shippers' PATH* patterns. A line is never changed or
+as .PATH.<random>.new first, out of the way of shippers' PATH* patterns. A line is never changed or
 removed once written, so shippers that follow files by inode and offset read every line once
 while they keep up (contrib/rsyslog/nvmefs-journal.conf gives rsyslog's imfile the settings
 for that, and says where it stops: a shipper that falls behind during a rotation may see a
@@ -24,6 +24,15 @@ At start the newest `capacity` entries (fewer if the journal has fewer, or where
 numbers have a gap) are replayed into the ring, marked as replayed, and the ring's sequence
 numbers continue after them: a restart loses nothing already journaled, and no number is used
 twice. A lock on the file keeps a second daemon from writing the same journal.
+
+Other users. The daemon is root and the journal's directory may be one other users can write
+in (a sticky /tmp): every file is opened through the directory checked at start
+(nvmefs/linux/safefiles.py), never through a link; a new file gets a name nobody can foresee;
+an existing file is adopted only if it is a journal of root's; a rotation renames only files
+that are ours, and a name in the chain another user holds with a directory costs that rotated
+file, not the journal. Replay reads only regular files of root's, a bounded block at a time,
+and passes over lines longer than MAX_LINE. `state` (writing, stalled, stopped) and its reason
+are in `stats` and the metrics, not only in a ring entry that scrolls away.
 """
 
 from __future__ import annotations
@@ -35,13 +44,14 @@ import json
 import logging
 import os
 import re
-import stat
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from nvmefs.errors import UsageError
+from nvmefs.linux.safefiles import SafeDir, UnsafePath
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Translator
 from nvmefs.options import Parsed
@@ -61,6 +71,17 @@ ERROR_REPORT_S = 60.0
 RECORD_START = b'{"seq":'
 # How often PATH is checked to still name the file written (see Journal._follow_path).
 FOLLOW_S = 1.0
+# What a line may hold and still count as blank: NUL bytes are what a crash can leave at a
+# file's end (blocks allocated, data never written).
+BLANK = b" \t\r\n\0"
+# How a journal file is opened: appended to, and read for the checks at start.
+LIVE_FLAGS = os.O_RDWR | os.O_APPEND
+FILE_MODE = 0o640
+# What the names of rotations' new files end with.
+NEW_SUFFIX = ".new"
+# The states of the journal (stats, metrics).
+WRITING, STALLED, STOPPED = "writing", "stalled", "stopped"
+STATES = (WRITING, STALLED, STOPPED)
 # Where a journal may not go: files there are the kernel's settings and devices.
 KERNEL_TREES = ("/proc", "/sys", "/dev")
 # The keys of a record that say what an entry is rather than carry a host event's fields.
@@ -79,34 +100,46 @@ def rotated(path: str, k: int) -> str:
     return path if k == 0 else f"{path}.{k}"
 
 
-def tail_lines(path: str, n: int) -> list[bytes]:
-    """The last `n` complete lines of a file (without newlines), oldest first; reads from the
-    end a block at a time, so a large file costs what the lines cost. A last line without
-    its newline is no line (the write that made it was cut short)."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below, read backwards
-    except FileNotFoundError:
-        return []
-    with f:
-        end = os.fstat(f.fileno()).st_size
-        pos, tail = end, b""
-        lines: list[bytes] = []
-        while pos > 0 and len(lines) < n + 1:
-            step = min(READ_BLOCK, pos)
-            pos -= step
-            f.seek(pos)
-            parts = (f.read(step) + tail).split(b"\n")
-            tail = parts[0]
-            lines = parts[1:] + lines
-        if pos == 0 and tail:
-            lines = [tail, *lines]
-        # What follows the last newline is a cut line (or b"" when the file ends with one).
-        complete = lines[:-1] if lines else []
-        return complete[-n:] if n else []
+def tail_lines(fd: int, n: int) -> tuple[list[bytes], int]:
+    """The last `n` complete lines of an open file (without newlines), oldest first, and how
+    many lines longer than MAX_LINE were passed over among them. Reads from the end a block at
+    a time and keeps at most MAX_LINE bytes of a line, so its cost is linear in what it reads
+    and its memory bounded whatever the file holds. A last line without its newline is no line
+    (the write that made it was cut short)."""
+    pos = os.fstat(fd).st_size
+    newest: list[bytes] = []  # newest first
+    skipped = 0
+    carry = b""  # the start of the line that the bytes already read begin inside
+    over = False  # that line is longer than MAX_LINE: its bytes are not kept
+    cut = True  # the next piece ended is what follows the file's last newline
+    while pos > 0 and len(newest) < n + 1:
+        step = min(READ_BLOCK, pos)
+        pos -= step
+        parts = (os.pread(fd, step, pos) + carry).split(b"\n")
+        carry = parts[0]
+        for line in reversed(parts[1:]):
+            if cut:
+                cut = False  # b"" after a final newline, or a line cut short
+            elif over:
+                skipped += 1
+            else:
+                newest.append(line)
+            over = False
+        if len(carry) > MAX_LINE:
+            over, carry = True, b""
+    if pos == 0 and not cut:  # the file's first line, whole (unless it was the cut one)
+        if over:
+            skipped += 1
+        else:
+            newest.append(carry)
+    return newest[:n][::-1] if n else [], skipped
 
 
 MAX_U64 = (1 << 64) - 1
 MAX_I64 = (1 << 63) - 1
+# A journal whose newest sequence number is past this is not continued: the run starts again at
+# 1 (with a notice), long before the numbers could outgrow what replay and JSON readers take.
+SEQ_RESTART = MAX_I64 - (1 << 32)
 # A journal line longer than this is not one of ours (they are under 1 KiB): not parsed.
 MAX_LINE = 64 << 10
 # The ranges of a record's integer fields (the NVMe fields' own widths).
@@ -195,30 +228,53 @@ class Replay:
         return (seq, mono, wall, event)
 
 
-def read_newest(path: str, keep: int, capacity: int, profile: str) -> tuple[list[Entry], int]:
-    """The newest entries of the journal, oldest first, and how many lines in their range
-    did not parse. At most `capacity`, with consecutive sequence numbers, and none older than
-    the newest clear (whose notice is the first): what the ring held when the journal ended."""
+@dataclass
+class History:
+    """What replay found in a journal: the newest entries (oldest first), lines that did not
+    parse or were too long, and rotated files passed over with the reason."""
+
+    entries: list[Entry] = field(default_factory=list)
+    bad: int = 0
+    refused: list[str] = field(default_factory=list)
+
+
+def read_newest(where: SafeDir, name: str, keep: int, capacity: int, profile: str) -> History:
+    """The newest entries of the journal `name` in `where`: at most `capacity`, with
+    consecutive sequence numbers, and none older than the newest clear (whose notice is the
+    first): what the ring held when the journal ended. A file that is not a regular file of
+    root's (a link, a FIFO, another user's) is not read; nor is a line over MAX_LINE."""
     replay = Replay(profile)
-    newest: list[Entry] = []  # newest first while collecting
-    bad = 0
+    found = History()
+    newest = found.entries  # newest first while collecting
     for k in range(keep + 1):
         want = capacity - len(newest)
         if want <= 0:
             break
-        # A missing file (a rotation cut short by a kill) is skipped: the sequence numbers
-        # say whether what follows it continues the history.
-        lines = tail_lines(rotated(path, k), want + 16)  # a few spare for bad lines
+        try:
+            fd = where.open_existing(rotated(name, k), os.O_RDONLY)
+        except FileNotFoundError:
+            # A rotation cut short by a kill leaves a gap in the names: the sequence numbers
+            # say whether what follows it continues the history.
+            continue
+        except (UnsafePath, OSError) as e:
+            found.refused.append(f"{rotated(name, k)}: {getattr(e, 'strerror', None) or e}")
+            continue
+        try:
+            lines, skipped = tail_lines(fd, want + 16)  # a few spare for bad lines
+        finally:
+            os.close(fd)
+        found.bad += skipped
         for line in reversed(lines):
-            if not line.strip():
+            if not line.strip(BLANK):
                 continue
             try:
                 entry = replay.entry(line)
             except (ValueError, KeyError, TypeError):
-                bad += 1
+                found.bad += 1
                 continue
             if newest and entry[SEQ] != newest[-1][SEQ] - 1:
-                return newest[::-1], bad  # a gap: what is older is not this run's history
+                found.entries = newest[::-1]  # a gap: what is older is not this run's history
+                return found
             newest.append(entry)
             ev = entry[EVENT]
             if len(newest) == capacity or (
@@ -226,29 +282,36 @@ def read_newest(path: str, keep: int, capacity: int, profile: str) -> tuple[list
                 and ev.kind == events.NOTICE
                 and events.CLEARED in ev.fields
             ):
-                return newest[::-1], bad
-    return newest[::-1], bad
+                found.entries = newest[::-1]
+                return found
+    found.entries = newest[::-1]
+    return found
 
 
 class Journal:
-    """The journal of one daemon: the open live file, its lock, and what is left to write.
+    """The journal of one daemon: its checked directory, the open live file, its lock, and
+    what is left to write.
 
     Invariant: every entry the ring got after `attach`, up to `_last`, was written to the
-    journal or counted in `lost` (and reported); `_fd` is the live file, locked."""
+    journal or counted in `lost` (and reported); `_fd` is the live file, locked, and a file
+    this process created or adopted as a journal of root's (see nvmefs/linux/safefiles.py);
+    every file operation goes through `_dir`, never through a path.
+    """
 
-    def __init__(self, path: str, fd: int, opts: Parsed, replayed: list[Entry], bad: int) -> None:
+    def __init__(self, path: str, where: SafeDir, fd: int, opts: Parsed, found: History) -> None:
         self.path = path
+        self.name = os.path.basename(path)
+        self._dir = where
         self.limit: int = opts["journal_size"]
         self.keep: int = opts["journal_keep"]
         self.fsync_interval: float = opts["journal_fsync"]
-        self.replayed = replayed
-        self.bad_lines = bad
+        self.found = found
         self._fd: int | None = fd
         st = os.fstat(fd)
         self._size, self._ident = st.st_size, (st.st_dev, st.st_ino)
         # A line cut short ends the live file: the next write starts a new file rather than
         # cut it off, since a shipper may have read its start (lines never change once there).
-        self._fresh_file = _ends_cut(path)
+        self._fresh_file = _ends_cut(fd)
         self._renderer = Renderer(Clock("jiffies"), "full")
         self._ring: DebugRing | None = None
         self._last = 0  # the last sequence number written
@@ -261,61 +324,101 @@ class Journal:
         self._busy = False  # in _drain: an entry the drain appends waits for the next
         self._error_reported = -ERROR_REPORT_S
         self._episode = 0  # entries lost since writing last failed (reported at recovery)
-        self._failing = False  # the last write failed: the next that succeeds says so
+        # What `stats` and the metrics show: WRITING, STALLED (the last write failed; `why`
+        # says why) or STOPPED (closed).
+        self.state = WRITING
+        self.why = ""
         # Public counters (metrics): lines written, rotations, write errors, entries lost.
         self.written = 0
         self.rotations = 0
         self.errors = 0
         self.lost = 0
+        self.squatted = 0  # rotated files removed early: another user held the next name
 
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, opts: Parsed) -> Journal | None:
         """Open, lock and check the journal and read what is to be replayed; JournalError
-        (one line) if it cannot be written or is not a journal."""
+        (one line) if it cannot be written safely or is not a journal."""
         path = opts["journal"]
         if path is None:
             return None
         if not path:
             raise JournalError("option journal needs a file path")
         path = os.path.abspath(path)
+        head, name = os.path.split(path)
         real = os.path.realpath(path)
         if any(real == d or real.startswith(d + "/") for d in KERNEL_TREES):
             raise JournalError(f"journal {path}: {real} is a kernel interface, not a file")
-        fd = _open_locked(path)
         try:
-            # A rotation's new file, left by a daemon killed in it (PATH's lock is ours now).
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(new_name(path))
-            _check_is_journal(path)
-            replayed, bad = read_newest(
-                path, opts["journal_keep"], opts["capacity"], opts["profile"]
-            )
+            where = SafeDir.open(head)
+        except FileNotFoundError:
+            raise JournalError(f"journal {path}: directory {head} does not exist") from None
+        except NotADirectoryError:
+            raise JournalError(f"journal {path}: {head} is not a directory") from None
+        except UnsafePath as e:
+            raise JournalError(f"journal {path}: {e}") from None
         except OSError as e:
-            os.close(fd)
+            raise JournalError(f"journal {path}: directory {head}: {e.strerror}") from None
+        try:
+            fd = _open_live(where, name)
+            try:
+                # Rotations' new files left by a daemon killed in one (the lock is ours now).
+                for stale in _stale_new_files(where, name):
+                    where.unlink_if_ours(stale)
+                found = read_newest(
+                    where, name, opts["journal_keep"], opts["capacity"], opts["profile"]
+                )
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            where.close()
             raise JournalError(f"journal {path}: {e.strerror}") from None
         except BaseException:
-            os.close(fd)
+            where.close()
             raise
-        return cls(path, fd, opts, replayed, bad)
+        return cls(path, where, fd, opts, found)
 
     def attach(self, ring: DebugRing) -> None:
         """Replay into the fresh ring, then journal every entry appended from here on."""
         self._ring = ring
         self._threshold = max(1, ring.capacity // 2)
-        ring.restore(self.replayed)
+        found = self.found
+        restart = bool(found.entries) and found.entries[-1][SEQ] > SEQ_RESTART
+        if not restart:
+            ring.restore(found.entries)
         self._last = ring.last_seq
         ring.subscribe(self._on_append)
         ring.before_clear(self._drain)  # what a clear takes away is journaled first
-        if self.replayed or self.bad_lines:
-            text = f"replayed {len(self.replayed)} entries from {self.path}"
-            if self.replayed:
-                text += f" (seq {self.replayed[0][SEQ]}..{self.replayed[-1][SEQ]})"
-            if self.bad_lines:
-                text += f", {self.bad_lines} unreadable lines skipped"
+        if found.entries or found.bad or found.refused:
+            text = f"replayed {0 if restart else len(found.entries)} entries from {self.path}"
+            if found.entries and not restart:
+                text += f" (seq {found.entries[0][SEQ]}..{found.entries[-1][SEQ]})"
+            if restart:
+                text += (
+                    f"; its sequence numbers reached {found.entries[-1][SEQ]}, near their "
+                    "limit: this run starts again at 1"
+                )
+            if found.bad:
+                text += f", {found.bad} unreadable lines skipped"
+            if found.refused:
+                text += f"; not read: {'; '.join(found.refused)}"
             ring.append(HostEvent(events.NOTICE, text))
-        self.replayed = []  # the ring holds them now
+        self.found = History()  # the ring holds them now
+
+    def status(self) -> list[tuple[str, object]]:
+        """The journal's lines of `stats`: its state, why it is not writing, its counters."""
+        return [
+            ("journal_state", self.state),
+            ("journal_problem", self.why or "none"),
+            ("journal_written", self.written),
+            ("journal_lost", self.lost),
+            ("journal_errors", self.errors),
+            ("journal_rotations", self.rotations),
+            ("journal_squatted", self.squatted),
+        ]
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -348,36 +451,67 @@ class Journal:
                 self._write([record(e).encode() for e in entries])
             except OSError as e:
                 self.errors += 1
-                self._failing = True
-                self._lose(len(entries) - (self.written - written), f"cannot write: {e.strerror}")
+                self.state, self.why = STALLED, f"cannot write: {e.strerror or e}"
+                self._lose(len(entries) - (self.written - written), self.why)
                 return
-            if self._failing:
-                self._failing = False
+            if self.state == STALLED:
+                self.state, self.why = WRITING, ""
                 self._note(f"writing again; {self._episode} entries lost in all")
                 self._episode = 0
         finally:
             self._busy = False
 
     def _follow_path(self) -> None:
-        """Reopen PATH if it no longer names the live file (logrotate or a person moved or
-        removed it, or its directory): nvmefs writes where the user looks. Looked at once a
-        second at most."""
+        """Write to a new PATH if PATH no longer names the live file (logrotate or a person
+        moved or removed it, or its directory): nvmefs writes where the user looks. Looked at
+        once a second at most; the directory is looked up again then (with its checks), so
+        one removed and made again is followed too. Whatever another user put at PATH is
+        replaced, never written to; if PATH cannot be had, the moved file goes on being
+        written; if the directory cannot be had, writing fails (and is reported) until it can.
+        """
         now = time.monotonic()
         if now - self._checked < FOLLOW_S:
             return
         self._checked = now
+        head = os.path.dirname(self.path)
         try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                return
-        except FileNotFoundError:
-            pass
+            where = SafeDir.open(head)
+        except UnsafePath as e:
+            raise OSError(errno.EACCES, str(e)) from None
+        except OSError as e:
+            raise OSError(e.errno, f"directory {head}: {e.strerror}") from None
+        if where.ident == self._dir.ident:
+            where.close()
+        else:
+            self._dir.close()
+            self._dir = where
+        st = self._dir.lstat(self.name)
+        if st is not None and (st.st_dev, st.st_ino) == self._ident:
+            return
         try:
-            fd = _open_locked(self.path)
-        except JournalError as e:  # the directory is gone, say: a write error like another
-            raise OSError(errno.EIO, str(e)) from None
+            fd = self._new_live_file()
+        except OSError as e:
+            self.errors += 1
+            self._report(
+                f"{self.path} was moved or removed and cannot be made again "
+                f"({e.strerror or e}): writing on to the moved file"
+            )
+            return
         self._replace_fd(fd)
         self._note(f"{self.path} was moved or removed: writing to a new {self.path}")
+
+    def _new_live_file(self) -> int:
+        """A new, empty, locked live file renamed to PATH (over whatever is there)."""
+        fd, tmp = self._dir.create_temp(f".{self.name}.", NEW_SUFFIX, LIVE_FLAGS, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._dir.rename(tmp, self.name)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self._dir.unlink(tmp)
+            raise
+        return fd
 
     def _replace_fd(self, fd: int) -> None:
         old = self._fd
@@ -387,16 +521,16 @@ class Journal:
             os.close(old)
 
     def _write(self, lines: list[bytes]) -> None:
-        if self._fresh_file:
-            self._rotate()
+        if self._fresh_file and self._try_rotate():
             self._fresh_file = False
         batch: list[bytes] = []
         size = self._size
         for line in lines:
             if size and size + len(line) > self.limit:
                 self._flush(batch)
-                batch, size = [], 0
-                self._rotate()
+                batch = []
+                if self._try_rotate():
+                    size = 0
             batch.append(line)
             size += len(line)
         self._flush(batch)
@@ -421,25 +555,40 @@ class Journal:
         self.written += len(batch)
         self.dirty = True
 
+    def _try_rotate(self) -> bool:
+        """Rotate; if that fails, go on writing the live file past journal_size rather than
+        lose entries (reported, with the reason); whether it rotated."""
+        try:
+            self._rotate()
+        except OSError as e:
+            self.errors += 1
+            self._report(
+                f"cannot rotate {self.path} ({e.strerror or e}): writing on past journal_size"
+            )
+            return False
+        return True
+
     def _rotate(self) -> None:
         """PATH.(k) -> PATH.(k+1) down to PATH -> PATH.1, and a new, locked PATH. The new file
-        is made and locked before any rename, so PATH always names a locked journal; if a step
-        fails, the new file is taken away again and the live file stays as it was."""
-        new_path = new_name(self.path)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        fd = os.open(new_path, flags, 0o640)
+        is made (under a name nobody can foresee) and locked before any rename, so PATH always
+        names a locked journal; if a step fails, the new file is taken away again and the live
+        file stays as it was. Only files that are ours are renamed: a name another user took
+        in the chain is replaced by the rename into it, never moved along it."""
+        d, name = self._dir, self.name
+        fd, tmp = d.create_temp(f".{name}.", NEW_SUFFIX, LIVE_FLAGS, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for k in range(self.keep - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(rotated(self.path, k), rotated(self.path, k + 1))
-            with contextlib.suppress(FileNotFoundError):  # moved away behind our back
-                os.rename(self.path, rotated(self.path, 1))
-            os.rename(new_path, self.path)
+                if d.is_ours(rotated(name, k)):
+                    self._move(rotated(name, k), rotated(name, k + 1))
+            st = d.lstat(name)
+            if st is not None and (st.st_dev, st.st_ino) == self._ident:
+                self._move(name, rotated(name, 1))
+            d.rename(tmp, name)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(new_path)
+                d.unlink(tmp)
             raise
         # What was written to the old file goes to disk with the next sync, from a duplicate.
         old = self._dup_for_sync()
@@ -447,7 +596,24 @@ class Journal:
             self._pending_syncs.append(old)
         self._replace_fd(fd)
         self.rotations += 1
-        _sync_dir(self.path)
+        d.sync()
+
+    def _move(self, old: str, new: str) -> None:
+        """Rename a journal file of the chain one place on. If another user holds the new
+        name with what a rename cannot replace (a directory), the file is removed instead:
+        the chain is shorter than journal_keep there, and the journal goes on (reported)."""
+        try:
+            self._dir.rename(old, new)
+        except OSError as e:
+            st = self._dir.lstat(new)
+            if st is None or self._dir.is_ours(new):
+                raise
+            self._dir.unlink(old)
+            self.squatted += 1
+            self._report(
+                f"{self._dir.join(new)} is held by uid {st.st_uid} ({e.strerror}): "
+                f"{self._dir.join(old)} was removed instead of rotated"
+            )
 
     def _take_syncs(self) -> list[int]:
         """The descriptors the next sync is to sync (and close): duplicates, all of them."""
@@ -472,7 +638,8 @@ class Journal:
 
     def _report(self, text: str) -> None:
         """A journal problem, in the daemon's log and the ring, at most once a minute (the
-        count of entries lost goes on, and the notice of recovery gives the total)."""
+        count of entries lost goes on, and the notice of recovery gives the total; `state`
+        and `why` say it at any time)."""
         now = time.monotonic()
         if now - self._error_reported >= ERROR_REPORT_S:
             self._error_reported = now
@@ -497,6 +664,7 @@ class Journal:
 
     async def run(self, recorder: Recorder) -> None:
         """Write what the ring gets, and sync it every journal_fsync seconds, until cancelled."""
+        recorder.add_status(self.status)
         while True:
             due = self._synced + self.fsync_interval - time.monotonic()
             with trio.move_on_after(max(due, 0) if self.dirty else FOLLOW_S):
@@ -517,6 +685,8 @@ class Journal:
             self.errors += 1
         os.close(self._fd)
         self._fd = None
+        self._dir.close()
+        self.state, self.why = STOPPED, ""
 
 
 def _datasync_all(fds: list[int]) -> str:
@@ -532,80 +702,103 @@ def _datasync_all(fds: list[int]) -> str:
     return failed
 
 
-def _open_locked(path: str) -> int:
-    """The live journal file, opened for appending and locked; JournalError if it is not a
-    regular file in an existing directory, or another nvmefs writes it."""
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise JournalError(f"journal {path}: directory {parent} does not exist")
-    try:
-        # O_NONBLOCK: a FIFO in its place must not hang the mount before the check below.
-        fd = os.open(
-            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o640
-        )
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # a FIFO nobody reads
-            raise JournalError(f"journal {path} is not a regular file") from None
-        raise JournalError(f"journal {path}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise JournalError(f"journal {path} is not a regular file")
-        os.set_blocking(fd, True)
+def _open_live(where: SafeDir, name: str) -> int:
+    """The live journal file, opened for appending and locked: the file at `name` if it may be
+    adopted (a regular file of root's, one link, not writable by others, and a journal), or a
+    new one if there is none; JournalError with the reason otherwise."""
+    path = where.join(name)
+    for _ in range(2):  # once more if a file appears between the look and the create
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JournalError(f"journal {path} is being written by another nvmefs") from None
-        except OSError as e:
-            raise JournalError(f"journal {path}: cannot lock it: {e.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+            fd = where.open_existing(name, LIVE_FLAGS)
+        except FileNotFoundError:
+            try:
+                fd = where.create_new(name, LIVE_FLAGS, FILE_MODE)
+            except FileExistsError:
+                continue
+        except UnsafePath as e:
+            raise JournalError(f"journal {e}") from None
+        try:
+            _check_is_journal(fd, path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JournalError(f"journal {path} is being written by another nvmefs") from None
+            except OSError as e:
+                raise JournalError(f"journal {path}: cannot lock it: {e.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise JournalError(f"journal {path}: another process keeps creating it")
 
 
-def _check_is_journal(path: str) -> None:
-    """JournalError unless the file is empty or ends as a journal does: its last line an
-    nvmefs record (or the start of one, cut short). nvmefs appends to the file and renames it:
-    that must never happen to a file that is something else."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return
-        f.seek(max(0, size - MAX_LINE))
-        tail = f.read()
-    lines = tail.split(b"\n")
-    cut = lines.pop()  # after the last newline: b"" or a line cut short
-    if lines:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            Replay(tables.DEFAULT_PROFILE).entry(lines[-1])
-            return
-    elif cut.startswith(RECORD_START):
+def _check_is_journal(fd: int, path: str) -> None:
+    """JournalError unless the file is empty or ends as a journal does: its last line that is
+    not blank (NUL bytes, which a crash can leave at a file's end, count as blank) an nvmefs
+    record, or the start of one cut short. nvmefs appends to the file and renames it: that
+    must never happen to a file that is something else."""
+    size = os.fstat(fd).st_size
+    if size == 0:
         return
+    start = max(0, size - MAX_LINE)
+    lines = os.pread(fd, size - start, start).split(b"\n")
+    if start > 0:
+        lines.pop(0)  # begins inside a line
+    cut = lines.pop()  # after the last newline: b"" or a line cut short
+    if cut.strip(BLANK) and cut.startswith(RECORD_START):
+        return
+    for line in reversed(lines):
+        if not line.strip(BLANK):
+            continue
+        if _is_record(line):
+            return
+        break
     raise JournalError(
         f"journal {path} exists and is not an nvmefs journal (its last line is not an entry): "
         "nvmefs appends to a journal and rotates it"
     )
 
 
+def _is_record(line: bytes) -> bool:
+    """Whether a line is a journal record: one replay takes, or one whose sequence number
+    outgrew what replay takes (the journal is still ours: its run starts again at 1)."""
+    if not line.startswith(RECORD_START):
+        return False
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        Replay(tables.DEFAULT_PROFILE).entry(line)
+        return True
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(rec, dict)
+        and type(rec.get("seq")) is int
+        and rec["seq"] > MAX_I64
+        and isinstance(rec.get("kind"), str)
+    )
+
+
+def _stale_new_files(where: SafeDir, name: str) -> list[str]:
+    """Names of rotations' new files (`.NAME.<random>.new`, or the `.NAME.new` of older
+    versions) in the journal's directory."""
+    prefix = f".{name}."
+    return [
+        n
+        for n in os.listdir(where.fd)
+        if n.startswith(prefix) and n.endswith(NEW_SUFFIX) and len(n) > len(prefix)
+    ]
+
+
 def new_name(path: str) -> str:
-    """The name a rotation gives the next live file until it becomes PATH: hidden, so that
-    shippers following PATH* never pick it up under a name it will not keep."""
+    """The pattern of the names a rotation gives the next live file until it becomes PATH
+    (`*` stands for a random part): hidden, so that shippers following PATH* never pick it
+    up under a name it will not keep."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.new")
+    return os.path.join(head, f".{tail}.*{NEW_SUFFIX}")
 
 
-def _ends_cut(path: str) -> bool:
+def _ends_cut(fd: int) -> bool:
     """Whether the file's last line has no newline: a write cut short by a kill."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
-
-
-def _sync_dir(path: str) -> None:
-    """Make the renames of a rotation durable."""
-    with contextlib.suppress(OSError):
-        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"

@@ -43,10 +43,11 @@ one node_exporter textfile directory then never export the same series twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
-import tempfile
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -66,7 +67,9 @@ from nvmefs.engine.base import EngineBase
 from nvmefs.engine.kernel import KernelEngine
 from nvmefs.errors import UsageError
 from nvmefs.linux import devices
+from nvmefs.linux.safefiles import SafeDir, UnsafePath
 from nvmefs.options import Parsed
+from nvmefs.outputs.journal import STATES as JOURNAL_STATES
 from nvmefs.outputs.journal import Journal
 from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
@@ -427,6 +430,16 @@ class Metrics:
             ]
         for name, doc, value in counters:
             yield single(CounterMetricFamily, name, doc, [recorder.source], value)
+        if j is not None:
+            state = GaugeMetricFamily(
+                "nvmefs_journal_state",
+                "1 for the journal's state now: writing, stalled (its writes fail: entries are "
+                "being lost) or stopped.",
+                labels=["source", "state"],
+            )
+            for name in JOURNAL_STATES:
+                state.add_metric([recorder.source, name], 1 if j.state == name else 0)
+            yield state
 
 
 def single(
@@ -461,21 +474,44 @@ def _shown_listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _check_prom(path: str) -> None:
-    """UsageError unless a prom file can be written at `path` (as run() writes it)."""
+def _prom_dir(path: str) -> SafeDir:
+    """The checked directory of the prom file; OSError (an UnsafePath is one: EACCES) if it
+    cannot be had or is not safe."""
+    try:
+        return SafeDir.open(os.path.dirname(path) or ".")
+    except UnsafePath as e:
+        raise PermissionError(errno.EACCES, str(e)) from None
+
+
+def _open_prom_dir(path: str) -> SafeDir:
+    """The checked directory of the prom file at `path` (see nvmefs/linux/safefiles.py);
+    UsageError in one line unless a prom file can be written there (as run() writes it)."""
     where = os.path.dirname(path) or "."
-    if not os.path.exists(where):
-        raise UsageError(f"prom={path}: directory {where} does not exist")
-    if not os.path.isdir(where):
-        raise UsageError(f"prom={path}: {where} is not a directory")
-    if os.path.isdir(path):
-        raise UsageError(f"prom={path}: is a directory")
-    try:  # what run() does, so a read-only filesystem or an ACL is found now, not later
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=where)
+    try:
+        d = SafeDir.open(where)
+    except FileNotFoundError:
+        raise UsageError(f"prom={path}: directory {where} does not exist") from None
+    except NotADirectoryError:
+        raise UsageError(f"prom={path}: {where} is not a directory") from None
+    except UnsafePath as e:
+        raise UsageError(f"prom={path}: {e}") from None
     except OSError as e:
-        raise UsageError(f"prom={path}: cannot write in {where}: {e.strerror}") from None
-    os.close(fd)
-    os.unlink(tmp)
+        raise UsageError(f"prom={path}: directory {where}: {e.strerror}") from None
+    try:
+        st = d.lstat(os.path.basename(path))
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"prom={path}: is a directory")
+        # What run() does, so a read-only filesystem or an ACL is found now, not later.
+        try:
+            fd, tmp = d.create_temp(f".{os.path.basename(path)}.", ".tmp", os.O_WRONLY, 0o600)
+        except OSError as e:
+            raise UsageError(f"prom={path}: cannot write in {where}: {e.strerror}") from None
+        os.close(fd)
+        d.unlink(tmp)
+    except BaseException:
+        d.close()
+        raise
+    return d
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -532,7 +568,7 @@ class Exporter:
         if prom is None and listen is None:
             return None
         if prom is not None:
-            _check_prom(prom)
+            _open_prom_dir(prom).close()
         listener = _bind(*listen) if listen is not None else None
         return cls(
             metrics or Metrics(), prom=prom, interval=opts["prom_interval"], listener=listener
@@ -571,7 +607,12 @@ class Exporter:
         the ring when it starts failing) if it cannot be written."""
         assert self.prom is not None
         try:
-            self._written = write_atomically(self.prom, self.metrics.exposition(recorder))
+            # The directory is looked up and checked at every write: it may have been removed
+            # and made again (or made unsafe) since the last.
+            with contextlib.closing(_prom_dir(self.prom)) as where:
+                self._written = write_atomically(
+                    where, os.path.basename(self.prom), self.metrics.exposition(recorder)
+                )
         except OSError as e:
             if not self._failing:
                 self._failing = True
@@ -588,10 +629,8 @@ class Exporter:
         """Remove the prom file if it is still the one this process wrote last."""
         if self.prom is None or self._written is None:
             return
-        with contextlib.suppress(OSError):
-            st = os.stat(self.prom)
-            if (st.st_dev, st.st_ino) == self._written:
-                os.unlink(self.prom)
+        with contextlib.suppress(OSError), contextlib.closing(_prom_dir(self.prom)) as where:
+            where.unlink_if_ours(os.path.basename(self.prom), self._written)
         self._written = None
 
     # -- HTTP ----------------------------------------------------------------------------------
@@ -773,21 +812,21 @@ async def _linger(stream: trio.SocketStream) -> None:
                 got += len(chunk)
 
 
-def write_atomically(path: str, data: bytes) -> tuple[int, int]:
-    """Replace the file at `path` with `data`, readable by all: a temporary file in the same
-    directory, renamed over it, so a reader sees the old file or the new one, never a part.
+def write_atomically(where: SafeDir, name: str, data: bytes) -> tuple[int, int]:
+    """Replace the file `name` in `where` with `data`, readable by all: a new file under a
+    name nobody can foresee in the same directory, renamed over it, so a reader sees the old
+    file or the new one, never a part, and no link another user planted is ever followed.
     Returns the new file's (device, inode). The temporary name does not end in .prom, so
     node_exporter never reads it; it is removed if anything fails."""
-    where = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=where)
+    fd, tmp = where.create_temp(f".{name}.", ".tmp", os.O_WRONLY, PROM_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, PROM_MODE)  # mkstemp makes it 0600
+            os.fchmod(fd, PROM_MODE)  # whatever the umask took away
             f.write(data)
             st = os.fstat(fd)
-        os.replace(tmp, path)
+        where.rename(tmp, name)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            where.unlink(tmp)
         raise
     return st.st_dev, st.st_ino

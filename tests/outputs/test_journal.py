@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,8 +12,16 @@ import pytest
 import trio
 
 from nvmefs import options
+from nvmefs.linux.safefiles import SafeDir
 from nvmefs.nvme.status import Translator
-from nvmefs.outputs.journal import Journal, JournalError, read_newest, rotated, tail_lines
+from nvmefs.outputs.journal import (
+    History,
+    Journal,
+    JournalError,
+    read_newest,
+    rotated,
+    tail_lines,
+)
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
@@ -52,14 +61,31 @@ def attached(path: Path, capacity: int = 64, extra: str = "") -> tuple[Journal, 
     return j, ring
 
 
+def tail(path: Path, n: int) -> list[bytes]:
+    """tail_lines of a file, asserting that no line was too long."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lines, skipped = tail_lines(fd, n)
+    finally:
+        os.close(fd)
+    assert skipped == 0
+    return lines
+
+
+def newest(path: Path, keep: int = 4, capacity: int = 100) -> History:
+    with contextlib.closing(SafeDir.open(str(path.parent))) as where:
+        return read_newest(where, path.name, keep, capacity, "linux-7.1")
+
+
 def test_tail_lines_gives_complete_lines_only(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"a\nbb\nccc\ncut")
-    assert tail_lines(str(f), 2) == [b"bb", b"ccc"]
-    assert tail_lines(str(f), 10) == [b"a", b"bb", b"ccc"]
+    assert tail(f, 2) == [b"bb", b"ccc"]
+    assert tail(f, 10) == [b"a", b"bb", b"ccc"]
     f.write_bytes(b"")
-    assert tail_lines(str(f), 3) == []
-    assert tail_lines(str(tmp_path / "none"), 3) == []
+    assert tail(f, 3) == []
+    f.write_bytes(b"no newline at all")
+    assert tail(f, 3) == []
 
 
 def test_tail_lines_across_read_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +95,7 @@ def test_tail_lines_across_read_blocks(tmp_path: Path, monkeypatch: pytest.Monke
     lines = [f"line {i}".encode() * (i % 4 + 1) for i in range(50)]
     (tmp_path / "f").write_bytes(b"\n".join(lines) + b"\n")
     for n in (1, 3, 17, 50, 80):
-        assert tail_lines(str(tmp_path / "f"), n) == lines[-n:]
+        assert tail(tmp_path / "f", n) == lines[-n:]
 
 
 def test_every_entry_is_written_once_in_order(tmp_path: Path) -> None:
@@ -174,8 +200,8 @@ def test_replay_stops_at_a_gap_and_skips_unreadable_lines(tmp_path: Path) -> Non
     r = Renderer()
     lines = [r.json_line((s, 1, 2, nvme(s))) for s in (1, 2, 5, 6)]
     path.write_text(lines[0] + lines[1] + lines[2] + "not json\n" + lines[3])
-    entries, bad = read_newest(str(path), 4, 100, "linux-7.1")
-    assert [e[SEQ] for e in entries] == [5, 6] and bad == 1
+    found = newest(path)
+    assert [e[SEQ] for e in found.entries] == [5, 6] and found.bad == 1
 
 
 def test_a_second_daemon_cannot_write_the_same_journal(tmp_path: Path) -> None:
@@ -272,7 +298,7 @@ def test_a_journal_moved_away_or_its_directory_recreated_is_followed(
         if r["kind"] == "nvme"
     ]
     assert sorted(slbas)[-1] == 399 and j.lost == 0 and j.errors == 0
-    assert not (d / ".j.jsonl.new").exists()
+    assert not [f for f in d.iterdir() if f.name.endswith(".new")]
 
 
 @pytest.mark.parametrize(
@@ -348,5 +374,70 @@ def test_replay_goes_on_past_a_rotated_file_a_kill_left_missing(tmp_path: Path) 
     r = Renderer()
     Path(f"{path}.2").write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (1, 2)))
     path.write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (3, 4)))
-    entries, bad = read_newest(str(path), 4, 100, "linux-7.1")
-    assert [e[SEQ] for e in entries] == [1, 2, 3, 4] and bad == 0
+    found = newest(path)
+    assert [e[SEQ] for e in found.entries] == [1, 2, 3, 4] and found.bad == 0
+
+
+def test_a_journal_near_the_end_of_its_numbers_starts_a_new_run(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    r = Renderer()
+    top = (1 << 63) - 1
+    path.write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (top - 2, top - 1, top)))
+    j, ring = attached(path)
+    (notice,) = list(ring)
+    assert notice[SEQ] == 1 and "this run starts again at 1" in notice[EVENT].message
+    ring.append(nvme(1))
+    j.close()
+    j, ring = attached(path)  # the next start replays the new run only
+    assert [e[SEQ] for e in ring][:2] == [1, 2] and len(ring) == 3
+    j.close()
+
+
+def test_a_journal_whose_numbers_outgrew_replay_is_still_a_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    line = Renderer().json_line((1 << 63, 1, 2, nvme(1)))
+    path.write_text(line)
+    j, ring = attached(path)  # an earlier version went past 2**63 - 1: not refused
+    assert "1 unreadable lines skipped" in next(iter(ring))[EVENT].message
+    j.close()
+
+
+@pytest.mark.parametrize("tail", [b"\0\0\0\0\n", b"\0" * 5000, b"\n\0\0\n\n"])
+def test_nul_bytes_a_crash_left_at_the_end_are_skipped_not_refused(
+    tmp_path: Path, tail: bytes
+) -> None:
+    path = tmp_path / "j.jsonl"
+    r = Renderer()
+    path.write_bytes("".join(r.json_line((s, 1, 2, nvme(s))) for s in (1, 2)).encode() + tail)
+    j, ring = attached(path)
+    assert [e[SEQ] for e in ring][:2] == [1, 2]
+    ring.append(nvme(3))
+    j.close()
+    # What follows the NULs starts a new file (the last line had no newline) or follows them.
+    written = [
+        json.loads(line)["seq"]
+        for f in (path, Path(f"{path}.1"))
+        if f.exists()
+        for line in f.read_bytes().split(b"\n")
+        if line.strip(b"\0")
+    ]
+    assert sorted(written) == [1, 2, 3, 4]  # 3 is the notice of the replay
+
+
+def test_journal_keep_is_bounded() -> None:
+    with pytest.raises(options.OptionError, match="journal_keep"):
+        options.parse(["journal=/tmp/x.jsonl", "journal_keep=1000"], allow_fuse=False)
+
+
+def test_a_rotated_file_of_another_user_is_not_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    r = Renderer()
+    Path(f"{path}.1").write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (1, 2)))
+    os.chown(f"{path}.1", 12345, 12345)  # as if another user had put it there
+    path.write_text("".join(r.json_line((s, 1, 2, nvme(s))) for s in (3, 4)))
+    j, ring = attached(path)
+    entries = list(ring)
+    assert [e[SEQ] for e in entries][:2] == [3, 4]
+    assert "not read: j.jsonl.1: " in entries[2][EVENT].message
+    assert "owned by uid 12345" in entries[2][EVENT].message
+    j.close()

@@ -19,6 +19,7 @@ from nvmefs.engine.kernel import KernelEngine, KernelSpec
 from nvmefs.errors import UsageError
 from nvmefs.linux import devices
 from nvmefs.linux.devices import Controller
+from nvmefs.linux.safefiles import SafeDir
 from nvmefs.nvme.status import Translator
 from nvmefs.outputs import journal
 from nvmefs.outputs import metrics as m
@@ -329,9 +330,10 @@ async def test_the_syslog_outputs_counters_are_exported_drops_included(tmp_path:
 
 def test_write_atomically_replaces_the_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
     path = tmp_path / "nvmefs.prom"
-    first = write_atomically(str(path), b"a 1\n")
+    where = SafeDir.open(str(tmp_path))
+    first = write_atomically(where, path.name, b"a 1\n")
     with open(path, "rb") as old:
-        second = write_atomically(str(path), b"b 2\n")
+        second = write_atomically(where, path.name, b"b 2\n")
         assert old.read() == b"a 1\n"  # a reader of the old file reads all of it
     assert path.read_bytes() == b"b 2\n"
     assert first != second and second == (path.stat().st_dev, path.stat().st_ino)
@@ -343,7 +345,7 @@ def test_write_atomically_fails_whole_without_a_temporary_left(tmp_path: Path) -
     path = tmp_path / "nvmefs.prom"
     path.mkdir()  # a directory cannot be replaced by a file
     with pytest.raises(OSError):
-        write_atomically(str(path), b"a 1\n")
+        write_atomically(SafeDir.open(str(tmp_path)), path.name, b"a 1\n")
     assert os.listdir(tmp_path) == ["nvmefs.prom"]
 
 
@@ -452,7 +454,7 @@ async def test_close_leaves_the_prom_file_and_run_leaves_one_it_did_not_write(
     exporter.write_prom(rec)
     exporter.close()  # the parent's copy after the fork: the daemon goes on with the file
     assert (tmp_path / "nvmefs.prom").exists()
-    write_atomically(str(tmp_path / "nvmefs.prom"), b"# another writer's file\n")
+    write_atomically(SafeDir.open(str(tmp_path)), "nvmefs.prom", b"# another writer's file\n")
     exporter.remove_prom()
     assert (tmp_path / "nvmefs.prom").read_text() == "# another writer's file\n"
 

@@ -1,0 +1,219 @@
+"""A local user against the files the root daemon writes (issue 18, items 1-4 and 8).
+
+Each test plays an unprivileged user (tests/hostile.py: a real account, commands through
+setpriv) against a real mount, under the kernel's fs.protected_* settings both as a stock host
+has them and all off: nvmefs must hold without them. A victim file of root's outside the
+journal's directory must never change (content, size, inode and mtime compared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import hostile
+from tests.hostile import HostileUser
+from tests.mounts import daemon_pids, is_mounted, mounted, run_nvmefs, stats, wait_for
+
+pytestmark = pytest.mark.fuse
+
+STORM = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
+STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0"
+SECRET = b"root's secret\n"
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Iterator[Path]:
+    path, before = hostile.victim(tmp_path, SECRET)
+    yield path
+    assert hostile.unchanged(path, before, SECRET), "the victim file was written"
+
+
+def consecutive(seqs: list[int]) -> bool:
+    return seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True
+
+
+def journal_seqs(d: Path, name: str, keep: int) -> list[int]:
+    out: list[int] = []
+    for k in range(keep, -1, -1):
+        f = d / (f"{name}.{k}" if k else name)
+        if f.exists() and not f.is_symlink():
+            out += [json.loads(line)["seq"] for line in f.read_bytes().split(b"\n")[:-1]]
+    return out
+
+
+@contextlib.contextmanager
+def storm(tmp_path: Path, journal: Path, extra: str = "") -> Iterator[Path]:
+    with mounted(tmp_path, f"{STORM_OPTS},journal={journal},journal_keep=3{extra}", STORM) as mnt:
+        yield mnt
+
+
+def rotations(mnt: Path) -> int:
+    return int(stats(mnt)["journal_rotations"])
+
+
+def test_links_at_every_name_a_user_can_foresee_never_redirect_a_write(
+    tmp_path: Path, hostile_user: HostileUser, protected: str, victim: Path
+) -> None:
+    with hostile.public_dir() as d:  # a /tmp of its own: root's, sticky, writable by all
+        # The names earlier versions used for a rotation's new file, and the rotated names.
+        for name in (".hj.jsonl.new", "hj.jsonl.1", "hj.jsonl.2", "hj.jsonl.3", "hj.jsonl.4"):
+            hostile_user.run("ln", "-s", str(victim), str(d / name))
+        with storm(tmp_path, d / "hj.jsonl", ",journal_size=64K") as mnt:
+            wait_for(lambda: rotations(mnt) >= 6, 60, "six rotations")
+            s = stats(mnt)
+            assert s["journal_state"] == "writing" and s["journal_lost"] == "0", s
+            # The chain holds journals only: each link in it was replaced by a rotation.
+            for k in (1, 2, 3):
+                st = (d / f"hj.jsonl.{k}").lstat()
+                assert stat.S_ISREG(st.st_mode) and st.st_uid == 0
+        assert (d / "hj.jsonl.4").is_symlink()  # past journal_keep: never touched
+        assert consecutive(journal_seqs(d, "hj.jsonl", 3))
+
+
+PLANTS = {
+    "symlink": "is a symbolic link",
+    "user-file": "owned by uid",
+    "hardlink": "hard links",
+    "fifo": "not a regular file",
+    "dir-symlink": "is a symbolic link owned by uid",
+    "user-dir": "owned by uid",
+    "world-writable-dir": "writable by every user",
+}
+# The prom file is never opened, only replaced by a rename: what is planted at its name does
+# not matter, where it goes does.
+PROM_PLANTS = ("dir-symlink", "user-dir", "world-writable-dir")
+
+
+@pytest.mark.parametrize(
+    ("option", "plant"),
+    [("journal", p) for p in PLANTS] + [("prom", p) for p in PROM_PLANTS],
+)
+def test_a_path_a_user_could_turn_is_refused_before_mounting(
+    tmp_path: Path,
+    hostile_user: HostileUser,
+    protected: str,
+    victim: Path,
+    plant: str,
+    option: str,
+) -> None:
+    message = PLANTS[plant]
+    name = "hj.jsonl" if option == "journal" else "h.prom"
+    owner = hostile_user.uid if plant == "user-dir" else 0
+    mode = 0o777 if plant == "world-writable-dir" else 0o755 if plant == "user-dir" else 0o1777
+    with hostile.public_dir(mode, owner) as d:
+        path = d / name
+        if plant == "symlink":
+            hostile_user.run("ln", "-s", str(victim), str(path))
+        elif plant == "user-file":
+            hostile_user.run("sh", "-c", f"printf '' > {path} && chmod 666 {path}")
+        elif plant == "hardlink":  # as root: protected_hardlinks keeps the user from it
+            os.link(victim, path)
+        elif plant == "fifo":
+            hostile_user.run("mkfifo", str(path))
+        elif plant == "dir-symlink":
+            hostile_user.run("ln", "-s", str(victim.parent), str(d / "link"))
+            path = d / "link" / name
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        started = time.monotonic()
+        p = run_nvmefs("sim", str(mnt), "-o", f"workload=idle,{option}={path}", timeout=30)
+        assert time.monotonic() - started < 20  # a FIFO never blocks the start
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+        assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not is_mounted(mnt) and not daemon_pids(mnt)
+        if plant == "hardlink":
+            os.unlink(path)
+
+
+def test_after_a_move_a_link_a_user_puts_at_path_is_replaced_never_written(
+    tmp_path: Path, hostile_user: HostileUser, protected: str, victim: Path
+) -> None:
+    with hostile.public_dir() as d:
+        path = d / "hj.jsonl"
+        with storm(tmp_path, path, ",journal_size=64M") as mnt:
+            wait_for(lambda: path.stat().st_size > 10_000, 30, "journal lines")
+            for i in range(3):
+                # What logrotate does, and a user quick enough to take the name at once.
+                os.rename(path, d / f"moved.{i}")
+                hostile_user.run("ln", "-s", str(victim), str(path), check=False)
+                wait_for(
+                    lambda: not path.is_symlink() and path.exists() and path.stat().st_size > 0,
+                    10,
+                    "a new journal at PATH",
+                )
+            st = path.lstat()
+            assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_nlink == 1
+            s = stats(mnt)
+            assert s["journal_state"] == "writing" and s["journal_lost"] == "0", s
+
+
+def test_a_directory_at_a_foreseeable_name_stops_nothing(
+    tmp_path: Path, hostile_user: HostileUser, protected: str
+) -> None:
+    with hostile.public_dir() as d:
+        path = d / "hj.jsonl"
+        for name in (".hj.jsonl.new", "hj.jsonl.1", ".hj.jsonl.0.new"):
+            hostile_user.run("mkdir", str(d / name))
+        with storm(tmp_path, path, ",journal_size=64K") as mnt:
+            wait_for(lambda: rotations(mnt) >= 4, 60, "four rotations")
+            s = stats(mnt)
+            assert s["journal_state"] == "writing" and s["journal_lost"] == "0", s
+            assert int(s["journal_squatted"]) >= 1  # hj.jsonl.1 could not be had: said so
+        assert (d / "hj.jsonl.1").is_dir()  # another user's: left alone
+        # And the next start goes on with the same journal.
+        with mounted(tmp_path, f"workload=idle,journal={path}", name="again") as mnt:
+            recs = [json.loads(ln) for ln in (mnt / "nvme_circular_buffer.jsonl").open()]
+        replayed = [r["seq"] for r in recs if r.get("replayed")]
+        assert replayed and consecutive([*replayed, recs[len(replayed)]["seq"]])
+
+
+def test_a_fifo_and_a_huge_line_in_rotated_files_cost_nothing_at_start(
+    tmp_path: Path, hostile_user: HostileUser, protected: str
+) -> None:
+    from nvmefs.nvme.status import Translator
+    from nvmefs.store.events import NvmeEvent
+    from nvmefs.store.render import Renderer
+
+    r = Renderer()
+    status = Translator().decode(0x281)
+
+    def line(seq: int) -> bytes:
+        ev = NvmeEvent(status, "sim0", 1, 1, 7, 0x02, False, seq, 8, 0)
+        return r.json_line((seq, 1, 2, ev)).encode()
+
+    with hostile.public_dir() as d:
+        path = d / "hj.jsonl"
+        path.write_bytes(line(6) + line(7))
+        path.chmod(0o640)
+        # PATH.1: root's, with a 256 MiB line (sparse) between its entries.
+        with open(d / "hj.jsonl.1", "wb") as f:
+            f.write(line(1) + line(2) + line(3))
+            f.seek(256 << 20, os.SEEK_CUR)
+            f.write(b"x\n" + line(4) + line(5))
+        (d / "hj.jsonl.1").chmod(0o640)
+        hostile_user.run("mkfifo", str(d / "hj.jsonl.2"))
+        started = time.monotonic()
+        with mounted(tmp_path, f"workload=idle,journal={path}") as mnt:
+            took = time.monotonic() - started
+            (pid,) = daemon_pids(mnt)
+            hwm = int(
+                next(
+                    ln.split()[1]
+                    for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if ln.startswith("VmHWM:")
+                )
+            )
+            recs = [json.loads(ln) for ln in (mnt / "nvme_circular_buffer.jsonl").open()]
+        assert took < 20, took
+        assert hwm < 200 << 10, f"{hwm} kB at the peak"  # the line was never held
+        assert [x["seq"] for x in recs if x.get("replayed")] == [1, 2, 3, 4, 5, 6, 7]
+        notice = recs[7]["message"]
+        assert "1 unreadable lines skipped" in notice and "hj.jsonl.2" in notice, notice
