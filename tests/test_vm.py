@@ -36,6 +36,7 @@ def run_vm(deselect: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.vm
+@pytest.mark.timeout(2 * 900 + 60)  # two boots at most (see the module docstring)
 def test_vm_suite_passes_against_qemus_nvme_controllers() -> None:
     PASSED.parent.mkdir(parents=True, exist_ok=True)
     PASSED.write_text("")
