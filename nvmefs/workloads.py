@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +15,7 @@ from nvmefs.engine.passthrough import Bulk, PassthroughEngine
 from nvmefs.errors import CommandError, EngineError, UsageError
 from nvmefs.linux import devices
 from nvmefs.nvme import commands as c
+from nvmefs.nvme import lbas
 from nvmefs.nvme.commands import Command
 from nvmefs.nvme.layouts import ERROR_LOG_ENTRY_SIZE, ffi, u128
 from nvmefs.nvme.status import Translator
@@ -157,13 +158,13 @@ async def scrub(
                 await _run_compiled(fast, progress, job, qd=qd, rate=rate, ratio=ratio)
                 before += ns.size
                 continue
+            chunks = lbas.in_order(0, ns.nblocks, nlb)
             lba = 0
             while lba < ns.nblocks:
                 cmds: list[Command] = []
-                while lba < ns.nblocks and len(cmds) < qd:
-                    count = min(nlb, ns.nblocks - lba)
-                    cmds.append(_chunk_cmd(op, ns, lba, count))
-                    lba += count
+                for slba, count in itertools.islice(chunks, qd):
+                    cmds.append(_chunk_cmd(op, ns, slba, count))
+                    lba = slba + count
                 results = await engine.submit_batch(cmds)
                 _settle(progress, results)
                 nbytes = sum((cmd.nlb or 0) * ns.lba_size for cmd in cmds)
@@ -195,7 +196,6 @@ async def randread(
     One batch of qd at a time: every batch costs a fixed overhead in Python, which lanes taking
     turns (to keep the device busy while a batch is refilled) only multiply."""
     progress.workload, progress.state = "randread", "running"
-    rng = random.Random(seed)
     pacer = Pacer(rate)
     ns = engine.namespaces[0]
     nlb = max(1, min(bs // ns.lba_size, 0x10000, ns.nblocks))
@@ -205,11 +205,12 @@ async def randread(
         await _run_compiled(fast, progress, job, qd=qd, rate=rate)
         progress.state = "done"
         return
-    slots = ns.nblocks // nlb
+    # The compiled loop's sequence (nvme/lbas.py): one seed, the same LBAs on every data path.
+    slbas = lbas.random_lbas(seed, 0, ns.nblocks, nlb)
     done = 0
     while count == 0 or done < count:
         batch = qd if count == 0 else min(qd, count - done)
-        cmds = [c.read(ns.nsid, rng.randrange(slots) * nlb, nlb, ns.lba_size) for _ in range(batch)]
+        cmds = [c.read(ns.nsid, slba, nlb, ns.lba_size) for slba in itertools.islice(slbas, batch)]
         results = await engine.submit_batch(cmds)
         _settle(progress, results)
         done += batch

@@ -25,9 +25,9 @@ send batches through submit_batch. Both give the same ring entries and counters.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -50,6 +50,7 @@ from nvmefs.linux import bulk, devices, passthru, uring
 from nvmefs.linux.devices import DeviceSource
 from nvmefs.linux.passthru import PASSTHRU64, RESULT_MASK, BufferPool, HostBuffer
 from nvmefs.nvme import commands as c
+from nvmefs.nvme import lbas
 from nvmefs.nvme.commands import Command
 from nvmefs.nvme.status import STATUS_MASK
 from nvmefs.store import events
@@ -418,18 +419,20 @@ class PassthroughEngine(EngineBase):
         j = loop.job
         cmds: list[Command] = []
         if job.random:
-            rng = random.Random(int(j.seed))
-            slots = (job.end - job.start) // job.nlb
+            # Where the loop's generator stands (nvme/lbas.py): the LBAs it would have sent.
+            state = int(j.seed)
+            slots = lbas.random_slot_count(job.start, job.end, job.nlb)
             while len(cmds) < loop.qd and slots and not self._finished(j):
-                cmds.append(self._command(job, ns, job.start + rng.randrange(slots) * job.nlb,
-                                          job.nlb))  # fmt: skip
+                state, slba = lbas.random_lba(state, job.start, slots, job.nlb)
+                cmds.append(self._command(job, ns, slba, job.nlb))
                 j.sent += 1
-            j.seed = rng.getrandbits(64)
+            j.seed = state
         else:
-            while len(cmds) < loop.qd and j.next < j.end:
-                nlb = min(job.nlb, int(j.end - j.next))
-                cmds.append(self._command(job, ns, int(j.next), nlb))
-                j.next += nlb
+            for slba, nlb in itertools.islice(
+                lbas.in_order(int(j.next), int(j.end), job.nlb), loop.qd
+            ):
+                cmds.append(self._command(job, ns, slba, nlb))
+                j.next = slba + nlb
             j.low = j.next
         return cmds
 

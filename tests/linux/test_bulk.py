@@ -8,6 +8,7 @@ What the commands do on a real controller is the VM's part (tests/vm/test_bulk.p
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from nvmefs.linux import bulk, uring
 from nvmefs.linux.bulk import Loop, Report
+from nvmefs.nvme import lbas
 
 pytestmark = pytest.mark.skipif(not uring.supported(), reason="no io_uring passthrough rings")
 
@@ -89,6 +91,28 @@ def test_random_job_sends_count_commands_on_slot_boundaries(refusing: int) -> No
     assert len(reports) == 300 == loop.job.sent
     assert all(16 <= r.slba < 416 and (r.slba - 16) % 8 == 0 and r.nlb == 8 for r in reports)
     assert len({r.slba for r in reports}) > 40  # spread over the 50 slots
+
+
+def test_random_job_sends_the_lbas_the_python_sequence_gives(refusing: int) -> None:
+    # One seed, the same LBAs on both data paths (nvmefs/nvme/lbas.py is the definition).
+    loop = loop_for(refusing, qd=8, start=16, end=16 + 8 * 1000, random=1, count=500, seed=99)
+    reports = run_all(loop)
+    state = int(loop.job.seed)
+    loop.close()
+    sent = [r.slba for r in sorted(reports, key=lambda r: r.tag)]
+    assert sent == list(itertools.islice(lbas.random_lbas(99, 16, 16 + 8 * 1000, 8), 500))
+    s = 99  # and the loop's state is where the Python generator stands after as many draws
+    for _ in range(500):
+        s, _slba = lbas.random_lba(s, 16, 1000, 8)
+    assert state == s
+
+
+def test_in_order_job_sends_the_python_sequence(refusing: int) -> None:
+    loop = loop_for(refusing, start=3, end=101)
+    reports = run_all(loop)
+    loop.close()
+    sent = [(r.slba, r.nlb) for r in sorted(reports, key=lambda r: r.tag)]
+    assert sent == list(lbas.in_order(3, 101, 8))
 
 
 def test_budget_and_stop_hold_back_submission(refusing: int) -> None:
