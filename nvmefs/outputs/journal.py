@@ -58,7 +58,7 @@ from nvmefs.options import Parsed
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
-from nvmefs.store.render import Clock, Renderer
+from nvmefs.store.render import RECORD_KEYS, Clock, Renderer
 from nvmefs.store.ring import EVENT, SEQ, DebugRing, Entry
 
 log = logging.getLogger("nvmefs")
@@ -84,11 +84,6 @@ WRITING, STALLED, STOPPED = "writing", "stalled", "stopped"
 STATES = (WRITING, STALLED, STOPPED)
 # Where a journal may not go: files there are the kernel's settings and devices.
 KERNEL_TREES = ("/proc", "/sys", "/dev")
-# The keys of a record that say what an entry is rather than carry a host event's fields.
-RECORD_KEYS = frozenset(
-    {"seq", "ticks", "jiffies", "monotonic_ns", "wall_ns", "wall", "kind", "info", "message"}
-    | {"replayed"}
-)
 
 
 class JournalError(UsageError):
@@ -156,6 +151,12 @@ NVME_STRS = ("ctrl", "disk", "op")
 _STATUS = re.compile(r"0x[0-9a-f]{1,4}")
 
 
+def _no_constant(name: str) -> Any:
+    # NaN and +-Infinity are not JSON (RFC 8259): a line holding them is not one nvmefs wrote,
+    # and replayed they would make the JSON views emit them to strict parsers.
+    raise ValueError(f"{name} is not JSON")
+
+
 def _int(rec: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = rec[key]
     if type(value) is not int or not lo <= value <= hi:  # bool is an int too: not here
@@ -195,7 +196,7 @@ class Replay:
         if len(line) > MAX_LINE:
             raise ValueError("line too long")
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, parse_constant=_no_constant)
         except RecursionError:  # nested beyond what the parser takes
             raise ValueError("nested too deep") from None
         if not isinstance(rec, dict):

@@ -5,13 +5,19 @@ append callback does O(1) work: it wakes the sender task if that task is idle, n
 (nothing is rendered or copied on append). The sender keeps `last`, the sequence number of the
 last entry it has dealt with, and reads what follows with `ring.read_after(last, BATCH)`: the
 ring itself is the queue, so the backlog is bounded by the ring's capacity and costs no memory
-of its own. An entry the ring overwrites (or `clear` removes) before the sender reaches it,
-because the syslog daemon was slow, full or gone, is counted in `dropped`; the next time the
-socket accepts a message, one message "nvmefs: N entries not sent to syslog" goes out first, at
-the place of the gap. So, for this run's entries (those the ring held at `attach` and those
-appended since), at every moment
+of its own. An entry the ring overwrites (or `clear` removes) before the sender reads it,
+because the syslog daemon was slow, full or gone, is counted in `dropped` from that moment on,
+though the sender, parked on a full socket, learns of it (as `read_after`'s missed count) only
+at its next read: `dropped` adds the entries the ring no longer holds past `read`, the newest
+entry the sender has read. The next time the socket accepts a message, one message "nvmefs: N
+entries not sent to syslog" goes out first, at the place of the gap. So, for the entries after
+the ring's oldest at `attach`, at every moment
 
-    entries == sent + dropped + (entries after `last`, still to send)
+    entries == sent + dropped + skipped + pending
+
+where `skipped` counts the replayed entries passed over (below) and `pending` the entries after
+`last` still to send: those the sender holds, read but not yet sent, and those the ring holds
+past `read`.
 
 The socket is a connected, non-blocking AF_UNIX datagram socket. A full socket (EAGAIN: the
 daemon is not reading) parks the sender in `wait_writable`, never the trio loop; the entries wait
@@ -21,10 +27,11 @@ seconds; the entry being sent is retried on the new socket. No socket error leav
 "Sent" means the kernel took the datagram: what a daemon had not yet read when it stopped is
 lost unseen, as for every syslog(3) caller.
 
-Entries replayed from the journal (marked `replayed`) are not sent and not counted: the daemon
-that recorded them sent them. The journal restores them before our `attach` (it is opened
-first) and appends a notice saying so, which is this run's and is sent: so `attach` starts at
-the ring's oldest entry and the flag, not the order, decides.
+Entries replayed from the journal (marked `replayed`) are not sent, only counted in `skipped`:
+the daemon that recorded them sent them. The journal restores them before our `attach` (it is
+opened first) and appends a notice saying so, which is this run's and is sent: so `attach`
+starts at the ring's oldest entry and the flag, not the order, decides. (A replayed entry the
+ring overwrote before the sender read it can no longer be told apart: it counts as dropped.)
 
 The message (RFC 5424 section 6), for an entry of wall time `wall_ns`:
 
@@ -34,9 +41,12 @@ PRI is facility daemon (3) * 8 + the severity of SEVERITY; TIMESTAMP is the entr
 in UTC with microseconds; MSGID is the entry's kind ("nvme", "start", "host-error"...); the
 structured data's SD-ID uses 32473, the private enterprise number RFC 5612 reserves for
 documentation: a site that wants its own registers one and nothing else changes; INFO is the
-entry's info text, as in the ring's text file. Every part is printable ASCII and capped, so a
-message is at most MESSAGE_MAX bytes, whole: under rsyslog's default maxMessageSize (8 KiB)
-and far under a datagram's limit.
+entry's info text, as in the ring's text file but all in printable ASCII (render.info's ascii
+form: the one escaping rule of the text outputs, with every character outside ASCII escaped
+too). Every part is printable ASCII and capped, so a message is at most MESSAGE_MAX bytes,
+whole, with no newline to split it: under rsyslog's default maxMessageSize (8 KiB) and far
+under a datagram's limit. PARAM-VALUEs are that ASCII form with '"', '\\' and ']' escaped as
+RFC 5424 section 6.3.3 asks.
 """
 
 from __future__ import annotations
@@ -59,8 +69,8 @@ from nvmefs.options import Parsed
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import NvmeEvent
-from nvmefs.store.render import info
-from nvmefs.store.ring import DebugRing, Entry
+from nvmefs.store.render import INFO_MAX, cap, escape, info
+from nvmefs.store.ring import SEQ, DebugRing, Entry
 
 log = logging.getLogger("nvmefs")
 
@@ -105,9 +115,9 @@ NAME_MAX = 32
 HOSTNAME_MAX = 255
 VALUE_MAX = 64  # a param value, before escaping (status names are up to 51 characters)
 PARAMS_MAX = 16  # params of one message (an NVMe entry has at most 15)
-TEXT_MAX = 255  # the info text's own cap (render.INFO_MAX), as bytes of UTF-8
+TEXT_MAX = INFO_MAX  # the MSG: the info text's own cap, escaped to ASCII before the cap
 # Header <= 7 + 27 + 255 + 6 + 10 + 32 + 5 spaces = 342; structured data <= 14 + 16 * (1 + 32
-# + 3 + 2 * 64) = 2638; MSG <= 1 + 4 * 255 = 1021 (at most 4 characters per byte of UTF-8).
+# + 3 + 2 * 64) = 2638; MSG <= 1 + 255.
 MESSAGE_MAX = 4096
 
 # Entries read from the ring per step: the loop yields between steps.
@@ -127,21 +137,10 @@ class SyslogError(UsageError):
 
 
 def printable(text: str) -> str:
-    """`text` as printable ASCII: any other character as a \\xNN, \\uNNNN or \\UNNNNNNNN escape."""
-    if text.isascii() and text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if 0x20 <= o < 0x7F:
-            out.append(ch)
-        elif o < 0x100:
-            out.append(f"\\x{o:02x}")
-        elif o < 0x10000:
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(f"\\U{o:08x}")
-    return "".join(out)
+    """`text` as printable ASCII: the text outputs' one escaping rule (render.escape), with
+    every character outside printable ASCII escaped (\\xNN, \\uNNNN, \\UNNNNNNNN) and the
+    backslash as \\\\, so the escapes can be undone exactly."""
+    return escape(text, ascii_only=True)
 
 
 def sd_name(text: str) -> str:
@@ -153,11 +152,12 @@ def sd_name(text: str) -> str:
 
 def sd_value(value: Any) -> str:
     """`value` as a PARAM-VALUE: printable ASCII, capped at VALUE_MAX characters, then '"', '\\'
-    and ']' escaped with a backslash (RFC 5424 section 6.3.3). Capped first, so no escape is
-    cut in half."""
+    and ']' escaped with a backslash (RFC 5424 section 6.3.3). Capped first and never inside
+    an escape, so no escape is cut in half; a receiver that undoes RFC 5424's escapes has the
+    value in the text outputs' form."""
     if type(value) is int:  # most params: nothing to check
         return str(value)
-    text = printable(str(value))[:VALUE_MAX]
+    text = cap(printable(str(value)), VALUE_MAX)
     if '"' in text or "\\" in text or "]" in text:
         text = text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
     return text
@@ -200,7 +200,9 @@ def message(
     text: str,
 ) -> bytes:
     """One RFC 5424 message of facility daemon, printable ASCII of at most MESSAGE_MAX bytes.
-    Params whose value is None are left out; at most PARAMS_MAX are kept."""
+    Params whose value is None are left out; at most PARAMS_MAX are kept. `text`, the MSG, is
+    an entry's info text in its ASCII form (render.info(..., ascii_only=True)), or any text made
+    here."""
     if not (0 < len(host) <= HOSTNAME_MAX and host.isascii() and host.isprintable()) or (
         " " in host
     ):
@@ -214,9 +216,12 @@ def message(
         if not (name.isidentifier() and name.isascii() and len(name) <= NAME_MAX):
             name = sd_name(name)  # the params nvmefs makes need no change
         sd.append(f'{name}="{sd_value(value)}"')
-    # The info text is capped at TEXT_MAX bytes already; the cap here keeps the bound true
-    # whatever the caller passes.
-    msg = printable(text.encode()[:TEXT_MAX].decode("utf-8", "ignore"))
+    # The info text is escaped and capped already (render.info(..., ascii_only=True)); what is not
+    # printable ASCII is escaped here too, so that a caller's raw text cannot split the
+    # message (its backslashes are then escaped once more), and the cap keeps the bound.
+    if not (text.isascii() and text.isprintable()):
+        text = printable(text)
+    msg = cap(text, TEXT_MAX)
     pri = FACILITY_DAEMON * 8 + sev
     return (
         f"<{pri}>1 {timestamp(wall_ns)} {host} {APP_NAME} {pid} {sd_name(msgid)} "
@@ -253,9 +258,8 @@ def entry_params(seq: int, event: Any) -> list[tuple[str, Any]]:
 def entry_message(entry: Entry, host: str, pid: int) -> bytes:
     """A ring entry as its RFC 5424 message."""
     seq, _mono_ns, wall_ns, event = entry
-    return message(
-        severity(event), wall_ns, host, pid, event.kind, entry_params(seq, event), info(event)
-    )
+    text = info(event, ascii_only=True)
+    return message(severity(event), wall_ns, host, pid, event.kind, entry_params(seq, event), text)
 
 
 def not_sent_message(n: int, wall_ns: int, host: str, pid: int) -> bytes:
@@ -327,19 +331,22 @@ class SyslogOutput:
     Counters, for metrics: `sent` entries delivered, `dropped` entries that never will be (they
     left the ring first, or the socket refused the message), `errors` failed sends and
     connects (EAGAIN excluded: it is waited for, not failed), `reconnects` sockets made after
-    the first. `sock` is the connected socket, None while reconnecting. See the module
-    docstring for the invariant that ties the counters to the ring.
+    the first; and `skipped`, replayed entries passed over. `sock` is the connected socket,
+    None while reconnecting. See the module docstring for the invariant that ties the counters
+    to the ring: `last` <= `read`, and every entry up to `last` was sent, dropped or skipped.
     """
 
     def __init__(self, path: str, sock: socket.socket | None = None) -> None:
         self.path = path
         self.sent = 0
-        self.dropped = 0
+        self.skipped = 0
         self.errors = 0
         self.reconnects = 0
         self.sock = sock
         self._ring: DebugRing | None = None
-        self._last = 0
+        self._last = 0  # the last entry dealt with: sent, dropped or skipped
+        self._read = 0  # the newest entry read from the ring; those after _last are in hand
+        self._dropped = 0  # dropped entries the sender has learnt of (see `dropped`)
         self._unreported = 0  # dropped entries the syslog has not been told about yet
         self._host = hostname()
         self._pid = os.getpid()
@@ -347,6 +354,25 @@ class SyslogOutput:
         self._unsubscribe: Callable[[], None] | None = None
         self._delay = RETRY_MIN
         self._closed = False
+
+    @property
+    def overtaken(self) -> int:
+        """Entries the ring no longer holds that the sender has not read: lost already, though
+        the sender learns of them only at its next read (it may be parked on a full socket)."""
+        ring = self._ring
+        return 0 if ring is None else max(0, ring.first_seq - 1 - self._read)
+
+    @property
+    def dropped(self) -> int:
+        """Entries that never will be sent, counted the moment the ring lets them go: those the
+        sender has learnt of, and those overtaken since it last read."""
+        return self._dropped + self.overtaken
+
+    @property
+    def pending(self) -> int:
+        """Entries still to send (or to skip): read and held by the sender, or in the ring."""
+        ring = self._ring
+        return 0 if ring is None else ring.last_seq - self._last - self.overtaken
 
     @classmethod
     def open(cls, opts: Parsed) -> SyslogOutput | None:
@@ -362,7 +388,7 @@ class SyslogOutput:
         """Send the ring's entries of this run, those it holds and those to come (in the
         daemon: its pid is the PROCID)."""
         self._ring = ring
-        self._last = ring.first_seq - 1
+        self._last = self._read = ring.first_seq - 1
         self._pid = os.getpid()
         self._host = hostname()
         self._unsubscribe = ring.subscribe(self._wake)
@@ -384,10 +410,7 @@ class SyslogOutput:
             if ring.last_seq == self._last and not self._unreported:
                 self._waiter = trio.Event()
                 await self._waiter.wait()
-            missed, entries = ring.read_after(self._last, BATCH)
-            if missed:
-                self._last += missed
-                self._drop(missed)
+            entries = self._take(ring, BATCH)
             if self._unreported:
                 n = self._unreported
                 # Told once: a report the socket refuses as such is not retried (`dropped`
@@ -398,7 +421,7 @@ class SyslogOutput:
                 seq, _mono_ns, _wall_ns, event = entry
                 # The list holds the entry even if the ring overwrites its slot meanwhile.
                 if event.replayed:
-                    pass
+                    self.skipped += 1
                 elif await self._deliver(entry_message(entry, self._host, self._pid)):
                     self.sent += 1
                 else:
@@ -407,8 +430,19 @@ class SyslogOutput:
             # Between batches: a storm must not keep the engine and the readers waiting.
             await trio.lowlevel.checkpoint()
 
+    def _take(self, ring: DebugRing, limit: int | None = None) -> list[Entry]:
+        """Read what follows `last` (at most `limit` entries): what the ring let go of is
+        dropped, the entries returned are in hand. The one place the ring is read, so that
+        `read` always marks the newest entry read."""
+        missed, entries = ring.read_after(self._last, limit)
+        if missed:
+            self._last += missed
+            self._drop(missed)
+        self._read = entries[-1][SEQ] if entries else self._last
+        return entries
+
     def _drop(self, n: int) -> None:
-        self.dropped += n
+        self._dropped += n
         self._unreported += n
 
     async def _deliver(self, data: bytes) -> bool:
@@ -465,10 +499,7 @@ class SyslogOutput:
         ring, sock = self._ring, self.sock
         if ring is None or sock is None:
             return
-        missed, entries = ring.read_after(self._last)
-        if missed:
-            self._last += missed
-            self._drop(missed)
+        entries = self._take(ring)
         try:
             if self._unreported:
                 n = self._unreported
@@ -476,7 +507,9 @@ class SyslogOutput:
                 self._unreported -= n
             for entry in entries:
                 seq, _mono_ns, _wall_ns, event = entry
-                if not event.replayed:
+                if event.replayed:
+                    self.skipped += 1
+                else:
                     sock.send(entry_message(entry, self._host, self._pid))
                     self.sent += 1
                 self._last = seq

@@ -1,4 +1,9 @@
-"""What a ring entry records. Plain data: rendering lives in render.py."""
+"""What a ring entry records. Plain data: rendering lives in render.py.
+
+The strings of an event (ctrl, disk, op; kind, message, field keys and values) are held as
+they came, whatever characters they hold: from this run, from a journal replayed, from the
+kernel. Nothing here cleans them; render.py escapes every one of them, by one rule, where it
+puts them into text."""
 
 from __future__ import annotations
 

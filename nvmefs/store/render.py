@@ -4,6 +4,17 @@ The text line is the seed's `[<ticks>] <info>\\n`. With the default clock the ti
 kernel's jiffies counter would read at that moment (INITIAL_JIFFIES + uptime * HZ), so a line
 can be held next to dmesg and next to the seed's `[4295386259]` numbers. The info text is capped
 at 255 bytes, the seed's `char info[256]`.
+
+One escaping rule, `escape`, holds for every text this module makes, whatever the entry's source
+(live, replayed from a journal, read from the kernel): every string an event carries is escaped
+as `info` puts it in the text, and the rest of the text is what nvmefs makes from numbers and
+its own tables, plain printable ASCII. So a text line is one entry: it has no character but its
+final newline that a terminal, a pager or a line splitter acts on (no C0 or C1 control, no DEL,
+no line or paragraph separator, no bidi control that reorders what is shown), and what was
+escaped can be read back exactly, as the backslash itself is escaped. JSON lines need no rule
+of their own: json.dumps escapes every control character and, with its default ensure_ascii,
+everything outside ASCII, so a JSON line is one line of ASCII that gives the strings back as
+they were.
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ import datetime
 import gzip
 import json
 import os
+import re
+import unicodedata
 from typing import Any
 
 from nvmefs.nvme import tables
@@ -26,6 +39,12 @@ SEED_PREFIX = "Specific NVMe error encountered: Status = "
 # What the text line of an entry replayed from the journal ends with (the seed format, whose
 # lines are the bare status, shows none).
 REPLAYED_MARK = " (replayed)"
+# The keys of a host event's JSON record that are the record's own: no field of the event is
+# written under one of them.
+RECORD_KEYS = frozenset(
+    {"seq", "ticks", "jiffies", "monotonic_ns", "wall_ns", "wall", "kind", "info", "message"}
+    | {"replayed"}
+)
 
 
 def kernel_hz(release: str | None = None) -> int:
@@ -87,11 +106,74 @@ def _iso(wall_ns: int) -> str:
     return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _cap(info: str) -> str:
-    raw = info.encode()
-    if len(raw) <= INFO_MAX:
-        return info
-    return raw[:INFO_MAX].decode("utf-8", "ignore")
+# -- the escaping rule ---------------------------------------------------------------------------
+
+# The Unicode categories `escape` shows as escapes, besides the backslash:
+#   Cc  C0 controls (newline, ESC...), DEL and the C1 controls U+0080-U+009F (U+009B is a CSI,
+#       U+0085 a line end to str.splitlines): they break or drive a terminal;
+#   Zl, Zp  U+2028 and U+2029, which editors, browsers and str.splitlines take as line ends;
+#   Cf  format characters: the bidi marks, embeddings, overrides and isolates (U+061C, U+200E,
+#       U+200F, U+202A-U+202E, U+2066-U+2069) reorder the rest of the line as a terminal shows
+#       it (the "Trojan Source" attack), and the others (zero-width characters, the BOM, tag
+#       characters) are invisible: either way what an administrator reads is not what is there;
+#   Cs  lone surrogates (JSON's "\ud800" makes one): no UTF-8 can hold them;
+#   Cn  unassigned code points: whatever a later Unicode makes of them (a new format character,
+#       say) is escaped already.
+# Every other character is shown as it is (the text file is UTF-8): letters of any script,
+# spaces, symbols, private-use characters.
+ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Cn"})
+# What is not printable ASCII, or is the backslash: the characters `escape` looks at.
+_NOT_PLAIN = re.compile(r"[^ -\[\]-~]")
+# A text cut in an escape: a backslash that starts an escape (after any escaped backslashes)
+# and the part of the escape that made it before the cut.
+_CUT_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\(?:x[0-9a-f]?|u[0-9a-f]{0,3}|U[0-9a-f]{0,7})?)\Z")
+
+
+def escape_code(ch: str) -> str:
+    """The escape of one character: \\xNN below U+0100, \\uNNNN in the BMP, \\UNNNNNNNN above
+    (Python's own forms, lowercase hex)."""
+    o = ord(ch)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    if o < 0x10000:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def _escape_one(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch == "\\":
+        return "\\\\"
+    return escape_code(ch) if unicodedata.category(ch) in ESCAPED_CATEGORIES else ch
+
+
+def _escape_ascii(m: re.Match[str]) -> str:
+    ch = m.group()
+    return "\\\\" if ch == "\\" else escape_code(ch)
+
+
+def escape(text: str, ascii_only: bool = False) -> str:
+    """`text` as the text outputs show it: the backslash as \\\\, each character of
+    ESCAPED_CATEGORIES as its `escape_code`, and (with `ascii_only`, for outputs that take ASCII
+    only) every other character outside printable ASCII as its `escape_code` too.
+
+    The result has no character of ESCAPED_CATEGORIES, and every backslash in it starts one
+    whole escape: the text is unambiguous, and undoing the escapes gives `text` back."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to look at
+    return _NOT_PLAIN.sub(_escape_ascii if ascii_only else _escape_one, text)
+
+
+def cap(text: str, limit: int = INFO_MAX) -> str:
+    """An escaped text cut to at most `limit` bytes of UTF-8, never inside a character or an
+    escape (half an escape would make what follows the text, the replayed mark, say, look
+    escaped)."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    cut = raw[:limit].decode("utf-8", "ignore")
+    m = _CUT_ESCAPE.search(cut)
+    return cut if m is None else cut[: m.start(1)]
 
 
 # What depends only on the status word (or only on the opcode) is built once, not per line.
@@ -127,52 +209,65 @@ def _opcode_text(opcode: int, admin: bool) -> str:
     return text
 
 
-def nvme_info(ev: NvmeEvent, fmt: str = "full") -> str:
+def nvme_info(ev: NvmeEvent, fmt: str = "full", ascii_only: bool = False) -> str:
+    """The info text of an NVMe completion: its status, then its context, at most INFO_MAX
+    bytes. Its strings (ctrl, disk, op) are escaped by `escape`; the rest is what nvmefs makes
+    (numbers, status and opcode names from its tables), plain printable ASCII."""
     st = ev.status
     if fmt == "seed":
         return f"{SEED_PREFIX}0x{st.status:x}"
     if None not in (ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retries):
         # The common case, a completion with all its context, in one formatting step.
         text = (
-            f"{_status_text(st)} ctrl={ev.ctrl} nsid={ev.nsid} qid={ev.qid} cid={ev.cid} "
-            f"{_opcode_text(ev.opcode, ev.admin)} slba={ev.slba} nlb={ev.nlb} retries={ev.retries}"  # type: ignore[arg-type]
+            f"{_status_text(st)} ctrl={escape(ev.ctrl, ascii_only)} nsid={ev.nsid} qid={ev.qid} "  # type: ignore[arg-type]
+            f"cid={ev.cid} {_opcode_text(ev.opcode, ev.admin)} slba={ev.slba} nlb={ev.nlb} "  # type: ignore[arg-type]
+            f"retries={ev.retries}"
         )
-        return text if len(text) <= INFO_MAX and text.isascii() else _cap(text)
+        return text if len(text) <= INFO_MAX and text.isascii() else cap(text)
     parts = [_status_text(st)]
-    for key in ("ctrl", "disk", "nsid", "qid", "cid"):
+    if ev.ctrl is not None:
+        parts.append(f"ctrl={escape(ev.ctrl, ascii_only)}")
+    if ev.disk is not None:
+        parts.append(f"disk={escape(ev.disk, ascii_only)}")
+    for key in ("nsid", "qid", "cid"):
         value = getattr(ev, key)
         if value is not None:
             parts.append(f"{key}={value}")
     if ev.opcode is not None:
         parts.append(_opcode_text(ev.opcode, ev.admin))
     elif ev.op is not None:
-        parts.append(f"op={ev.op}")
+        parts.append(f"op={escape(ev.op, ascii_only)}")
     for key in ("slba", "nlb", "retries"):
         value = getattr(ev, key)
         if value is not None:
             parts.append(f"{key}={value}")
-    return _cap(" ".join(parts))
+    return cap(" ".join(parts))
 
 
 # Fields of host events the text line leaves out: their message says it already.
 TEXT_SILENT_FIELDS = frozenset({CLEARED})
-# Control characters in a host event's text (a path with a newline, say) are shown escaped: a
-# line of the text file is one entry, and no message may forge another.
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 
 
-def host_info(ev: HostEvent) -> str:
+def host_info(ev: HostEvent, ascii_only: bool = False) -> str:
+    """The info text of a host event: its kind, message and fields, at most INFO_MAX bytes.
+    Every one of its strings (kind, message, each field's key and value) is escaped by
+    `escape`, whatever made the event: nvmefs, a journal replayed, the kernel."""
     extra = " ".join(
-        f"{k}={v}" for k, v in ev.fields.items() if v is not None and k not in TEXT_SILENT_FIELDS
+        f"{escape(str(k), ascii_only)}={escape(str(v), ascii_only)}"
+        for k, v in ev.fields.items()
+        if v is not None and k not in TEXT_SILENT_FIELDS
     )
-    text = f"nvmefs {ev.kind}: {ev.message}" + (f" {extra}" if extra else "")
-    return _cap(text.translate(_CONTROL))
+    text = f"nvmefs {escape(ev.kind, ascii_only)}: {escape(ev.message, ascii_only)}"
+    return cap(f"{text} {extra}" if extra else text)
 
 
-def info(event: Any, fmt: str = "full") -> str:
+def info(event: Any, fmt: str = "full", ascii_only: bool = False) -> str:
+    """The info text of an entry's event, as every text output shows it: one line's worth,
+    every string of the event escaped by `escape` (with `ascii_only`, all of it printable ASCII),
+    at most INFO_MAX bytes."""
     if isinstance(event, NvmeEvent):
-        return nvme_info(event, fmt)
-    return host_info(event)
+        return nvme_info(event, fmt, ascii_only)
+    return host_info(event, ascii_only)
 
 
 def missed_info(missed: int) -> str:
@@ -235,7 +330,9 @@ class Renderer:
             )
         elif isinstance(event, HostEvent):
             rec["message"] = event.message
-            rec.update(event.fields)
+            # A field never takes the place of the record's own keys (a field "seq" would
+            # renumber the entry in the journal).
+            rec.update((k, v) for k, v in event.fields.items() if k not in RECORD_KEYS)
         if event.replayed:
             rec["replayed"] = True
         return rec

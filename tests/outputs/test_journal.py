@@ -315,6 +315,7 @@ def test_a_journal_moved_away_or_its_directory_recreated_is_followed(
         '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"nvme","status":"0x281","ctrl":[1]}',
         '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"notice","message":"m","x":{"a":1}}',
         '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":7,"message":"m"}',
+        '{"seq":3,"monotonic_ns":1,"wall_ns":1,"kind":"notice","message":"m","x":NaN}',
         "x" * 100_000,
     ],
 )

@@ -165,12 +165,31 @@ def test_host_event_fields_become_params_and_values_are_escaped() -> None:
         {"ctrl": "nvme0", "odd": 'a"b\\c]d', "bad name=x": 1, "none": None, "seq": 99},
     )
     raw = entry_message((7, 0, WALL, ev), "h", 1)
-    assert b'odd="a\\"b\\\\c\\]d"' in raw  # RFC 5424 section 6.3.3
+    # RFC 5424 section 6.3.3 escapes '"', '\\' and ']' of the value in the text outputs' form,
+    # where the backslash is \\\\ already: a value's "\\x0a" and its newline stay apart.
+    assert b'odd="a\\"b\\\\\\\\c\\]d"' in raw
     f = parse(raw)
     # A key that is no SD-NAME loses what SD-NAMEs cannot hold; None is left out; the
     # entry's own seq is not overridden by a field of that name.
-    assert f["params"] == {"seq": "7", "ctrl": "nvme0", "odd": 'a"b\\c]d', "badnamex": "1"}
+    assert f["params"] == {"seq": "7", "ctrl": "nvme0", "odd": 'a"b\\\\c]d', "badnamex": "1"}
     assert f["msg"] == info(ev)
+
+
+def test_a_value_with_a_backslash_and_one_with_a_newline_stay_apart() -> None:
+    ev = HostEvent(events.NOTICE, "m", {"a": "x\\x0ay", "b": "x\ny"})
+    f = parse(entry_message((1, 0, WALL, ev), "h", 1))
+    assert f["params"] == {"seq": "1", "a": "x\\\\x0ay", "b": "x\\x0ay"}
+    assert f["msg"] == "nvmefs notice: m a=x\\\\x0ay b=x\\x0ay"
+
+
+def test_the_forged_ctrl_of_issue_18_is_one_message_with_no_control_character() -> None:
+    ev = nvme(ctrl="nvme0\n[1] Specific NVMe error encountered: FORGED2\x1b[31m")
+    raw = entry_message((1, 0, WALL, ev), "h", 1)
+    assert raw.isascii() and all(0x20 <= b < 0x7F for b in raw)
+    f = parse(raw)
+    ctrl = "nvme0\\x0a[1] Specific NVMe error encountered: FORGED2\\x1b[31m"
+    assert f["params"]["ctrl"] == ctrl  # type: ignore[index]
+    assert f" ctrl={ctrl} " in str(f["msg"])
 
 
 def test_text_outside_printable_ascii_is_escaped_not_sent_raw() -> None:
@@ -212,11 +231,14 @@ def test_any_event_is_a_valid_message_within_the_bound(
     host: str, kind: str, text: str, fields: dict[str, object]
 ) -> None:
     ev = HostEvent(kind, text, fields)
-    raw = message(
-        4, WALL, syslog.hostname(host), 2**22, kind, [("seq", 1), *fields.items()], info(ev)
-    )
+    params = [("seq", 1), *fields.items()]
+    raw = message(4, WALL, syslog.hostname(host), 2**22, kind, params, info(ev, ascii_only=True))
     assert len(raw) <= MESSAGE_MAX
-    parse(raw)
+    assert parse(raw).get("msg", "") == info(ev, ascii_only=True)  # the entry's info, in ASCII
+    for msg in (info(ev), text):  # not ASCII, or raw: still one valid message
+        raw = message(4, WALL, syslog.hostname(host), 2**22, kind, params, msg)
+        assert len(raw) <= MESSAGE_MAX
+        parse(raw)
 
 
 def test_the_worst_case_message_is_within_the_bound() -> None:
@@ -347,6 +369,66 @@ async def test_a_full_socket_blocks_neither_the_loop_nor_memory_and_the_gap_is_r
     at = parsed.index(reports[0])
     assert seqs == [*range(1, at + 1), *range(at + missing + 1, total + 1)]
     assert out.errors == 0
+
+
+async def test_the_dropped_count_grows_while_the_receiver_is_stalled_not_when_it_resumes(
+    receiver: tuple[socket.socket, str],
+) -> None:
+    rsock, path = receiver
+    ring = DebugRing(32)
+    out = SyslogOutput(path, connect(path))
+    out.attach(ring)
+
+    def invariant() -> None:
+        assert out.sent + out.dropped + out.skipped + out.pending == ring.last_seq
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.run, recorder_of(ring))
+        for i in range(500):  # far past what the socket and the ring hold
+            ring.append(HostEvent(events.NOTICE, f"n{i}"))
+            await trio.sleep(0)
+            invariant()
+        # The receiver reads nothing: the sender is parked on the full socket, and the ring
+        # has let go of entries it never sent. They are dropped now, not at the next read.
+        stalled_sent = out.sent
+        assert stalled_sent < 100
+        assert out.dropped > 0
+        assert out.dropped >= ring.first_seq - 1 - stalled_sent - syslog.BATCH
+        before = out.dropped
+        for i in range(50):
+            ring.append(HostEvent(events.NOTICE, f"m{i}"))  # each overwrites one not sent
+            assert out.dropped == before + i + 1
+            invariant()
+        await trio.sleep(0.05)
+        assert out.sent == stalled_sent and out.dropped == before + 50  # still parked
+        stalled_dropped = out.dropped
+        got: list[bytes] = []
+        nursery.start_soon(collect, rsock, got)  # the receiver resumes
+        with trio.fail_after(10):
+            while out.pending or not any(b"not-sent" in m for m in got):
+                assert out.dropped == stalled_dropped  # no jump: they were counted already
+                await trio.sleep(0.001)
+            await trio.sleep(0.1)
+            got.extend(drain(rsock))
+        nursery.cancel_scope.cancel()
+    invariant()
+    assert out.dropped == stalled_dropped and out.sent == 550 - stalled_dropped
+    reports = [p for p in map(parse, got) if p["msgid"] == "not-sent"]
+    assert [r["params"]["not_sent"] for r in reports] == [str(stalled_dropped)]  # type: ignore[index]
+
+
+def test_replayed_entries_are_skipped_and_the_counters_add_up(
+    receiver: tuple[socket.socket, str],
+) -> None:
+    _rsock, path = receiver
+    ring = DebugRing(8)
+    ring.restore([(s, 0, WALL, HostEvent(events.NOTICE, "earlier", replayed=True)) for s in (1, 2)])
+    out = SyslogOutput(path, connect(path))
+    out.attach(ring)
+    ring.append(HostEvent(events.NOTICE, "this run"))
+    assert (out.sent, out.dropped, out.skipped, out.pending) == (0, 0, 0, 3)
+    out.close()
+    assert (out.sent, out.dropped, out.skipped, out.pending) == (1, 0, 2, 0)
 
 
 async def test_a_restarted_syslog_daemon_gets_every_entry_after_a_reconnect(tmp_path: Path) -> None:
