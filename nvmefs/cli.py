@@ -18,9 +18,11 @@ import dataclasses
 import errno
 import json
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -34,7 +36,7 @@ from nvmefs.options import ArgParser
 from nvmefs.sources import Source, build_engine, open_source, running
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.render import Clock, Renderer
-from nvmefs.store.ring import EVENT, SEQ, DebugRing
+from nvmefs.store.ring import EVENT, Cursor, DebugRing
 from nvmefs.workloads import Progress
 
 PROG = "nvmefs"
@@ -118,32 +120,69 @@ def cmd_scrub(argv: Sequence[str]) -> int:
         return 130
 
 
-class Printer:
-    """Writes every entry appended to a ring to stdout as it comes; counts the errors.
+# How often an idle printer looks whether its reader left.
+HANGUP_CHECK_S = 1.0
 
-    Invariant: `found` counts every entry that is not a success, written or not. When stdout
-    fails, writing stops (`failed` says why, "" for a reader that left: EPIPE) and `on_fail`
-    is called once; counting goes on."""
+
+def _hung_up(stream: Any) -> bool:
+    """Whether the far end of an output stream is gone (poll says POLLERR or POLLHUP)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    p = select.poll()
+    p.register(fd, 0)  # no events asked: only errors and hang-ups are reported
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+
+
+class Printer:
+    """Writes every entry appended to a ring to stdout, from a task of its own (`run`), and
+    counts the errors.
+
+    Invariant: `found` counts every entry that is not a success, written or not, and every
+    entry the ring overwrote before the printer took it (it cannot tell what those were: it
+    counts them as found, so the exit status never says "nothing found" after losing entries).
+    When stdout fails, writing stops (`failed` says why, "" for a reader that left: EPIPE) and
+    `on_fail` is called once; counting goes on."""
 
     def __init__(self, ring: DebugRing, renderer: Renderer) -> None:
-        self.ring = ring
         self.renderer = renderer
+        self.cursor = Cursor(ring, 0)  # every entry, the first included
         self.found = 0  # entries that are not a success: errors and host events
-        self.printed = 0  # sequence number of the last entry handled
         self.failed: str | None = None
         self.on_fail: Callable[[], None] | None = None
-        ring.subscribe(self.emit)
+        self._wake = trio.Event()
+        ring.subscribe(self._wake.set)
 
-    def emit(self) -> None:
-        _missed, entries = self.ring.read_after(self.printed)
+    async def run(self) -> None:
+        """Print entries as they come, until cancelled (then `drain()` prints the rest). While
+        idle, a reader that left (a pipe closed at its end) is noticed within HANGUP_CHECK_S,
+        as a write would notice it."""
+        while self.failed is None:
+            with trio.move_on_after(HANGUP_CHECK_S):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = trio.Event()
+                self.drain()
+            elif _hung_up(sys.stdout):
+                self._write("")  # fails as a write to a closed pipe does: EPIPE
+
+    def drain(self) -> None:
+        """Print what the ring got since the last call."""
+        missed, entries = self.cursor.take()
         out = []
+        if missed:
+            self.found += missed
+            if self.failed is None:
+                first = entries[0] if entries else None
+                mono, wall = (first[1], first[2]) if first else (0, 0)
+                out.append(self.renderer.missed_line(missed, mono, wall))
         for entry in entries:
             event = entry[EVENT]
             if not isinstance(event, NvmeEvent) or not event.status.ok:
                 self.found += 1
             if self.failed is None:
                 out.append(self.renderer.line(entry))
-            self.printed = entry[SEQ]
         if out:
             self._write("".join(out))
 
@@ -151,6 +190,8 @@ class Printer:
         try:
             if sys.stdout is None:  # started with stdout closed
                 raise OSError(errno.EBADF, "closed")
+            if not text:
+                raise OSError(errno.EPIPE, "the reader left")
             sys.stdout.write(text)
             sys.stdout.flush()
         except OSError as e:
@@ -173,10 +214,12 @@ async def _scrub(src: Source, opts: options.Parsed) -> int:
     async with running(src, engine, opts), trio.open_nursery() as nursery:
         # Output fails only on writing an entry, so something was found: the status is known.
         printer.on_fail = nursery.cancel_scope.cancel
+        nursery.start_soon(printer.run)
         if sys.stderr.isatty():
             nursery.start_soon(_progress_bar, progress)
         await workloads.run("scrub", engine, progress, opts)
         nursery.cancel_scope.cancel()
+    printer.drain()  # what the engine logged as it stopped
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     if printer.failed:
@@ -217,9 +260,11 @@ async def _watch(src: Source, opts: options.Parsed) -> str | None:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(printer.run)
             if opts["workload"] != "idle":
                 await workloads.run(opts["workload"], engine, progress, opts)
             await workloads.run("idle", engine, progress, opts)
+    printer.drain()  # what the engine logged as it stopped
     return printer.failed
 
 

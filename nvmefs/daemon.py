@@ -11,7 +11,6 @@ running. SIGTERM, SIGINT and an external umount end the daemon with the mount go
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
 import logging
@@ -34,9 +33,9 @@ from nvmefs.outputs import Outputs
 from nvmefs.recorder import Recorder
 from nvmefs.sources import Source, build_engine, open_source, running
 from nvmefs.store import events
-from nvmefs.store.events import HostEvent, NvmeEvent
-from nvmefs.store.render import Clock, Renderer, info
-from nvmefs.store.ring import EVENT, DebugRing
+from nvmefs.store.events import HostEvent
+from nvmefs.store.render import Clock, Renderer
+from nvmefs.store.ring import DebugRing
 
 log = logging.getLogger("nvmefs")
 
@@ -311,8 +310,6 @@ def _run(
             f"log={opts['log']} profile={opts['profile']} workload={opts['workload']}",
         )
     )
-    if opts["kmsg"]:
-        _mirror_to_kmsg(ring)
     try:
         mainloop.run(_serve, recorder, src, engine, outputs, mountpoint, fuse_opts, opts, ready)
     except NvmefsError as e:  # setup refused or the controller did not come up
@@ -379,25 +376,3 @@ async def _workload(engine: EngineBase, recorder: Recorder, opts: options.Parsed
         log.exception("workload failed")
         progress.state = "failed"
         recorder.ring.append(HostEvent(events.HOST_ERROR, f"workload failed: {e!r}"))
-
-
-def _mirror_to_kmsg(ring: DebugRing) -> None:
-    try:
-        fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as e:
-        log.warning("kmsg: cannot open /dev/kmsg: %s", e.strerror)
-        return
-    last = 0  # from the start entry on: the seed's driver announced itself in dmesg too
-
-    def mirror() -> None:
-        nonlocal last
-        _, entries = ring.read_after(last)
-        for entry in entries:
-            ev = entry[EVENT]
-            level = 4 if not isinstance(ev, NvmeEvent) or not ev.status.ok else 6
-            with contextlib.suppress(OSError):  # best effort: the ring has the entry anyway
-                os.write(fd, f"<{level}>nvmefs: {info(ev)}\n".encode())
-            last = entry[0]
-
-    ring.subscribe(mirror)
-    mirror()

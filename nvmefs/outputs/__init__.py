@@ -1,4 +1,4 @@
-"""The fleet outputs of the mount daemon: a durable journal, syslog, Prometheus metrics.
+"""The outputs of the mount daemon: a durable journal, syslog, Prometheus metrics, the kernel log.
 
 Each output is opened before the daemon forks (`Outputs.open`), so a bad path, port or socket
 is one line and exit 2 with nothing started; attached to the ring once it exists (`attach`: the
@@ -18,6 +18,7 @@ import trio
 from nvmefs.errors import UsageError
 from nvmefs.options import Parsed
 from nvmefs.outputs.journal import Journal
+from nvmefs.outputs.kmsg import KmsgOutput
 from nvmefs.outputs.metrics import Exporter, Metrics
 from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
@@ -72,6 +73,7 @@ class Outputs:
             Journal.open,
             SyslogOutput.open,
             functools.partial(Exporter.open, metrics=metrics),
+            KmsgOutput.open,
         ]
         try:
             for opener in openers:
@@ -83,6 +85,8 @@ class Outputs:
                     metrics.journal = out
                 elif isinstance(out, SyslogOutput):
                     metrics.syslog = out
+                elif isinstance(out, KmsgOutput):
+                    metrics.kmsg = out
         except BaseException:
             for done in opened:
                 done.close()

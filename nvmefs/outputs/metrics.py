@@ -71,11 +71,12 @@ from nvmefs.linux.safefiles import SafeDir, UnsafePath
 from nvmefs.options import Parsed
 from nvmefs.outputs.journal import STATES as JOURNAL_STATES
 from nvmefs.outputs.journal import Journal
+from nvmefs.outputs.kmsg import KmsgOutput
 from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
-from nvmefs.store.ring import EVENT, DebugRing
+from nvmefs.store.ring import EVENT, Cursor, DebugRing
 
 log = logging.getLogger("nvmefs.metrics")
 
@@ -125,7 +126,8 @@ class Metrics:
         # (Outputs.open sets them).
         self.journal: Journal | None = None
         self.syslog: SyslogOutput | None = None
-        self._seen = 0
+        self.kmsg: KmsgOutput | None = None
+        self._cursor: Cursor | None = None
         # Controller name -> (serial, model) from sysfs, for controllers the engine does not
         # identify itself; only found ones are kept (a controller may appear later).
         self._identities: dict[str, tuple[str, str]] = {}
@@ -139,19 +141,18 @@ class Metrics:
         if self.ring is not None:
             raise ValueError("Metrics is attached to another ring already")
         self.ring = ring
-        self._seen = ring.last_seq
+        self._cursor = Cursor(ring)
         ring.subscribe(self._on_append)
 
     def _on_append(self) -> None:
-        # Called after every append, on the completion path: only the new entries are looked
-        # at (one, unless another listener appended from its own callback).
-        assert self.ring is not None
-        _, entries = self.ring.read_after(self._seen)
+        # Called after every append, on the completion path: a count per new entry, nothing
+        # else (one entry, unless another listener appended from its own callback).
+        assert self._cursor is not None
+        _, entries = self._cursor.take()
         for entry in entries:
             ev = entry[EVENT]
             if isinstance(ev, HostEvent) and not ev.replayed:
                 self.host_events[ev.kind] += 1
-        self._seen = self.ring.last_seq
 
     # -- the exposition ------------------------------------------------------------------------
 
@@ -426,6 +427,16 @@ class Metrics:
                     "nvmefs_syslog_reconnects_total",
                     "Times the syslog socket was connected again after it went away.",
                     s.reconnects,
+                ),
+            ]
+        if (k := self.kmsg) is not None:
+            counters += [
+                ("nvmefs_kmsg_lines_total", "Entries mirrored to the kernel log.", k.written),
+                (
+                    "nvmefs_kmsg_dropped_entries_total",
+                    "Entries not mirrored to the kernel log: over its rate limit (10 lines per "
+                    "5 s unless printk.devkmsg=on), or all of them under printk.devkmsg=off.",
+                    k.dropped,
                 ),
             ]
         for name, doc, value in counters:

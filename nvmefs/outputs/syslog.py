@@ -3,13 +3,13 @@
 Theory of operation: the output is one more reader of the ring, like an open file. The ring's
 append callback does O(1) work: it wakes the sender task if that task is idle, nothing more
 (nothing is rendered or copied on append). The sender keeps `last`, the sequence number of the
-last entry it has dealt with, and reads what follows with `ring.read_after(last, BATCH)`: the
+last entry it has dealt with, and reads what follows through its ring cursor (BATCH at a time): the
 ring itself is the queue, so the backlog is bounded by the ring's capacity and costs no memory
 of its own. An entry the ring overwrites (or `clear` removes) before the sender reads it,
 because the syslog daemon was slow, full or gone, is counted in `dropped` from that moment on,
-though the sender, parked on a full socket, learns of it (as `read_after`'s missed count) only
-at its next read: `dropped` adds the entries the ring no longer holds past `read`, the newest
-entry the sender has read. The next time the socket accepts a message, one message "nvmefs: N
+though the sender, parked on a full socket, learns of it (as the cursor's missed count) only
+at its next read: `dropped` adds the entries the ring no longer holds past the cursor, the
+newest entry the sender has read. The next time the socket accepts a message, one message "nvmefs: N
 entries not sent to syslog" goes out first, at the place of the gap. So, for the entries after
 the ring's oldest at `attach`, at every moment
 
@@ -17,7 +17,7 @@ the ring's oldest at `attach`, at every moment
 
 where `skipped` counts the replayed entries passed over (below) and `pending` the entries after
 `last` still to send: those the sender holds, read but not yet sent, and those the ring holds
-past `read`.
+past the cursor.
 
 The socket is a connected, non-blocking AF_UNIX datagram socket. A full socket (EAGAIN: the
 daemon is not reading) parks the sender in `wait_writable`, never the trio loop; the entries wait
@@ -70,7 +70,7 @@ from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.render import INFO_MAX, cap, escape, info
-from nvmefs.store.ring import SEQ, DebugRing, Entry
+from nvmefs.store.ring import Cursor, DebugRing, Entry
 
 log = logging.getLogger("nvmefs")
 
@@ -333,7 +333,8 @@ class SyslogOutput:
     connects (EAGAIN excluded: it is waited for, not failed), `reconnects` sockets made after
     the first; and `skipped`, replayed entries passed over. `sock` is the connected socket,
     None while reconnecting. See the module docstring for the invariant that ties the counters
-    to the ring: `last` <= `read`, and every entry up to `last` was sent, dropped or skipped.
+    to the ring: `last` <= the cursor's place, and every entry up to `last` was sent, dropped
+    or skipped.
     """
 
     def __init__(self, path: str, sock: socket.socket | None = None) -> None:
@@ -345,7 +346,9 @@ class SyslogOutput:
         self.sock = sock
         self._ring: DebugRing | None = None
         self._last = 0  # the last entry dealt with: sent, dropped or skipped
-        self._read = 0  # the newest entry read from the ring; those after _last are in hand
+        # Where the sender stands in the ring: the entries after _last up to its place are
+        # in hand (read, not yet sent).
+        self._cursor: Cursor | None = None
         self._dropped = 0  # dropped entries the sender has learnt of (see `dropped`)
         self._unreported = 0  # dropped entries the syslog has not been told about yet
         self._host = hostname()
@@ -359,8 +362,7 @@ class SyslogOutput:
     def overtaken(self) -> int:
         """Entries the ring no longer holds that the sender has not read: lost already, though
         the sender learns of them only at its next read (it may be parked on a full socket)."""
-        ring = self._ring
-        return 0 if ring is None else max(0, ring.first_seq - 1 - self._read)
+        return 0 if self._cursor is None else self._cursor.overtaken
 
     @property
     def dropped(self) -> int:
@@ -388,7 +390,8 @@ class SyslogOutput:
         """Send the ring's entries of this run, those it holds and those to come (in the
         daemon: its pid is the PROCID)."""
         self._ring = ring
-        self._last = self._read = ring.first_seq - 1
+        self._last = ring.first_seq - 1
+        self._cursor = Cursor(ring, self._last)
         self._pid = os.getpid()
         self._host = hostname()
         self._unsubscribe = ring.subscribe(self._wake)
@@ -434,11 +437,11 @@ class SyslogOutput:
         """Read what follows `last` (at most `limit` entries): what the ring let go of is
         dropped, the entries returned are in hand. The one place the ring is read, so that
         `read` always marks the newest entry read."""
-        missed, entries = ring.read_after(self._last, limit)
+        assert self._cursor is not None and self._cursor.ring is ring
+        missed, entries = self._cursor.take(limit)
         if missed:
             self._last += missed
             self._drop(missed)
-        self._read = entries[-1][SEQ] if entries else self._last
         return entries
 
     def _drop(self, n: int) -> None:

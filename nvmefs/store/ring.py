@@ -8,22 +8,33 @@ moves `start` forward one entry at a time and counts it as dropped; `clear()` mo
 
     appended == retained + dropped + cleared
 
-A reader keeps the last sequence number it has seen; `read_after(n)` tells it how many entries
-after n are gone (it was overtaken) and hands back the ones that are still there.
+Every consumer of the ring (the FUSE views, the journal, syslog, the metrics, the kmsg mirror,
+the CLI printer) reads it through a `Cursor`: its place in the ring, the last sequence number it
+took. `take()` hands back how many entries after that place are gone (it was overtaken) and the
+ones still there, and moves the place past both. A consumer is woken after appends by a
+listener (`subscribe`), which must only note that there is work (set an event, add to a count):
+it runs on the completion path. A listener that raises is isolated: the others still run, the
+append and the batch it belongs to go on, and the failure is counted (`listener_errors`) and
+logged at most once a minute.
 
 An entry is the tuple (seq, monotonic_ns, wall_ns, event): nothing is formatted on append.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+log = logging.getLogger("nvmefs")
 
 Entry = tuple[int, int, int, Any]
 SEQ, MONO_NS, WALL_NS, EVENT = range(4)
 
 DEFAULT_CAPACITY = 1024
+# A failing listener is logged at most once per this many seconds (it is counted every time).
+LISTENER_LOG_S = 60.0
 
 
 class DebugRing:
@@ -32,12 +43,14 @@ class DebugRing:
     __slots__ = (
         "_before_clear",
         "_buf",
+        "_listener_logged",
         "_listeners",
         "_next",
         "_start",
         "capacity",
         "cleared",
         "dropped",
+        "listener_errors",
     )
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
@@ -51,6 +64,8 @@ class DebugRing:
         self.cleared = 0
         self._listeners: list[Callable[[], None]] = []
         self._before_clear: list[Callable[[], None]] = []
+        self.listener_errors = 0  # listeners that raised (see the module docstring)
+        self._listener_logged = -LISTENER_LOG_S
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -63,8 +78,20 @@ class DebugRing:
             self.dropped += 1
         if self._listeners:
             for wake in self._listeners:
-                wake()
+                try:
+                    wake()
+                except Exception:  # a consumer's bug must not break the producer's batch
+                    self._listener_failed(wake)
         return seq
+
+    def _listener_failed(self, wake: Callable[[], None]) -> None:
+        self.listener_errors += 1
+        now = time.monotonic()
+        if now - self._listener_logged >= LISTENER_LOG_S:
+            self._listener_logged = now
+            log.exception(
+                "a ring listener (%r) failed (%d failures so far)", wake, self.listener_errors
+            )
 
     def restore(self, entries: list[Entry]) -> None:
         """Fill an unused ring with entries of an earlier run (oldest first, consecutive
@@ -163,3 +190,37 @@ class DebugRing:
         else:
             entries = buf[lo:] + buf[: lo + n - cap]
         return missed, entries  # type: ignore[return-value]  # window slots are never None
+
+
+class Cursor:
+    """One consumer's place in a ring: every entry after `last` is still to be taken.
+
+    Invariant: each entry with a sequence number up to `last` was either handed to this
+    consumer by `take()` or counted in the missed count `take()` returned (and in `missed`).
+    """
+
+    __slots__ = ("last", "missed", "ring")
+
+    def __init__(self, ring: DebugRing, last: int | None = None) -> None:
+        self.ring = ring
+        # From now on, unless told where to start (0: every entry the ring still holds).
+        self.last = ring.last_seq if last is None else last
+        self.missed = 0
+
+    def take(self, limit: int | None = None) -> tuple[int, list[Entry]]:
+        """(missed, entries): how many entries after `last` are gone, and those still there
+        (oldest first, at most `limit`); `last` moves past both."""
+        missed, entries = self.ring.read_after(self.last, limit)
+        self.last += missed + len(entries)
+        self.missed += missed
+        return missed, entries
+
+    @property
+    def pending(self) -> int:
+        """Entries after `last` the ring still holds: what `take()` would hand back."""
+        return self.ring.last_seq - max(self.last, self.ring.first_seq - 1)
+
+    @property
+    def overtaken(self) -> int:
+        """Entries after `last` the ring no longer holds: what `take()` would count missed."""
+        return max(0, self.ring.first_seq - 1 - self.last)
