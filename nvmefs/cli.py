@@ -152,7 +152,12 @@ class Printer:
         self.failed: str | None = None
         self.on_fail: Callable[[], None] | None = None
         self._wake = trio.Event()
-        ring.subscribe(self._wake.set)
+        ring.subscribe(self._on_append)
+
+    def _on_append(self) -> None:
+        # On the completion path: wake the task (the event is replaced after each wake-up, so
+        # it is looked up at every call), nothing more.
+        self._wake.set()
 
     async def run(self) -> None:
         """Print entries as they come, until cancelled (then `drain()` prints the rest). While

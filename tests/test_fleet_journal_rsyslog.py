@@ -29,11 +29,11 @@ SNIPPET_JOURNAL = "/var/lib/nvmefs/journal.jsonl"
 
 # Every read fails with a media error, once (no retries): one entry per read. Random 4 KiB
 # reads at 0.8 MB/s, one at a time: about 200 entries a second, each a JSON line of about
-# 750 bytes, so a 64 KiB journal file rotates about twice a second. journal_keep holds all
-# that a test writes: the files are the whole record to compare with.
+# 750 bytes, so a 128 KiB journal file rotates about once a second. journal_keep (100, the
+# most it takes) holds all that a test writes: the files are the whole record to compare with.
 FAILS = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
 WORKLOAD = "log=all,workload=randread,bs=4K,qd=1,retries=0,rate=0.8"
-ROTATION = "journal_size=64K,journal_keep=200"
+ROTATION = "journal_size=128K,journal_keep=100"
 # What the snippet's input gives each message: "TAG|FACILITY|SEVERITY|line".
 FIELDS = "%syslogtag%|%syslogfacility-text%|%syslogseverity-text%|%msg%\\n"
 

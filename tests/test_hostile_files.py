@@ -168,11 +168,14 @@ def test_a_directory_at_a_foreseeable_name_stops_nothing(
             assert s["journal_state"] == "writing" and s["journal_lost"] == "0", s
             assert int(s["journal_squatted"]) >= 1  # hj.jsonl.1 could not be had: said so
         assert (d / "hj.jsonl.1").is_dir()  # another user's: left alone
-        # And the next start goes on with the same journal.
+        # The history is the live file alone now (each rotation had to drop the one before):
+        # the next start replays its complete lines and goes on after them.
+        kept = [json.loads(ln)["seq"] for ln in path.read_bytes().split(b"\n")[:-1]]
         with mounted(tmp_path, f"workload=idle,journal={path}", name="again") as mnt:
             recs = [json.loads(ln) for ln in (mnt / "nvme_circular_buffer.jsonl").open()]
         replayed = [r["seq"] for r in recs if r.get("replayed")]
-        assert replayed and consecutive([*replayed, recs[len(replayed)]["seq"]])
+        assert replayed == kept
+        assert consecutive([*replayed, recs[len(replayed)]["seq"]])
 
 
 def test_a_fifo_and_a_huge_line_in_rotated_files_cost_nothing_at_start(

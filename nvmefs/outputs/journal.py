@@ -59,7 +59,7 @@ from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.render import RECORD_KEYS, Clock, Renderer
-from nvmefs.store.ring import EVENT, SEQ, DebugRing, Entry
+from nvmefs.store.ring import EVENT, SEQ, Cursor, DebugRing, Entry
 
 log = logging.getLogger("nvmefs")
 
@@ -79,6 +79,11 @@ LIVE_FLAGS = os.O_RDWR | os.O_APPEND
 FILE_MODE = 0o640
 # What the names of rotations' new files end with.
 NEW_SUFFIX = ".new"
+# The most entries the journal holds in memory beyond the ring while its task is behind (a
+# storm, a stalled disk): references to the ring's entries, about 20 MiB at the most.
+BACKLOG_MAX = 1 << 16
+# A write that has not returned after this many seconds makes the journal's state "stalled".
+STALL_S = 2.0
 # The states of the journal (stats, metrics).
 WRITING, STALLED, STOPPED = "writing", "stalled", "stopped"
 STATES = (WRITING, STALLED, STOPPED)
@@ -293,8 +298,10 @@ class Journal:
     """The journal of one daemon: its checked directory, the open live file, its lock, and
     what is left to write.
 
-    Invariant: every entry the ring got after `attach`, up to `_last`, was written to the
-    journal or counted in `lost` (and reported); `_fd` is the live file, locked, and a file
+    Invariant: every entry the ring got after `attach`, up to the cursor's place, was written to
+    the journal, or is in `_backlog` or in the batch being written, or was counted in `lost`
+    (and reported); nothing here writes on the completion path (the ring's listener and its
+    before-clear hook only move entries into `_backlog`); `_fd` is the live file, locked, and a file
     this process created or adopted as a journal of root's (see nvmefs/linux/safefiles.py);
     every file operation goes through `_dir`, never through a path.
     """
@@ -315,20 +322,26 @@ class Journal:
         self._fresh_file = _ends_cut(fd)
         self._renderer = Renderer(Clock("jiffies"), "full")
         self._ring: DebugRing | None = None
-        self._last = 0  # the last sequence number written
+        self._cursor: Cursor | None = None
         self._threshold = 1
+        # Entries taken from the ring before the task could write them (a storm filling half
+        # the ring, a clear): references only, at most BACKLOG_MAX.
+        self._backlog: list[Entry] = []
+        # Notices for the ring from the worker thread, appended by the task (the ring is not
+        # thread-safe): (kind, text).
+        self._notes: list[tuple[str, str]] = []
         self.dirty = False  # written since the last fdatasync
         self._synced = time.monotonic()
         self._checked = time.monotonic()  # when PATH was last seen to name the live file
         self._pending_syncs: list[int] = []  # duplicates of rotated files' descriptors
         self._wake = trio.Event()
-        self._busy = False  # in _drain: an entry the drain appends waits for the next
         self._error_reported = -ERROR_REPORT_S
         self._episode = 0  # entries lost since writing last failed (reported at recovery)
         # What `stats` and the metrics show: WRITING, STALLED (the last write failed; `why`
         # says why) or STOPPED (closed).
         self.state = WRITING
         self.why = ""
+        self._writing_since: float | None = None  # when the write in progress began
         # Public counters (metrics): lines written, rotations, write errors, entries lost.
         self.written = 0
         self.rotations = 0
@@ -388,11 +401,11 @@ class Journal:
         self._threshold = max(1, ring.capacity // 2)
         found = self.found
         restart = bool(found.entries) and found.entries[-1][SEQ] > SEQ_RESTART
-        if not restart:
+        if found.entries and not restart:
             ring.restore(found.entries)
-        self._last = ring.last_seq
+        self._cursor = Cursor(ring)
         ring.subscribe(self._on_append)
-        ring.before_clear(self._drain)  # what a clear takes away is journaled first
+        ring.before_clear(self._keep_all)  # what a clear takes away is journaled all the same
         if found.entries or found.bad or found.refused:
             text = f"replayed {0 if restart else len(found.entries)} entries from {self.path}"
             if found.entries and not restart:
@@ -409,11 +422,22 @@ class Journal:
             ring.append(HostEvent(events.NOTICE, text))
         self.found = History()  # the ring holds them now
 
+    def current_state(self) -> tuple[str, str]:
+        """(state, why): STALLED also while a write has been in progress for STALL_S or more
+        (a disk that does not answer), which no error says."""
+        since = self._writing_since
+        if self.state == WRITING and since is not None:
+            took = time.monotonic() - since
+            if took >= STALL_S:
+                return STALLED, f"a write has not returned for {took:.0f} s"
+        return self.state, self.why
+
     def status(self) -> list[tuple[str, object]]:
         """The journal's lines of `stats`: its state, why it is not writing, its counters."""
+        state, why = self.current_state()
         return [
-            ("journal_state", self.state),
-            ("journal_problem", self.why or "none"),
+            ("journal_state", state),
+            ("journal_problem", why or "none"),
             ("journal_written", self.written),
             ("journal_lost", self.lost),
             ("journal_errors", self.errors),
@@ -424,43 +448,71 @@ class Journal:
     # -- writing -------------------------------------------------------------------------------
 
     def _on_append(self) -> None:
-        ring = self._ring
-        assert ring is not None
-        if ring.last_seq - self._last >= self._threshold and not self._busy:
-            self._drain()
-        else:
-            self._wake.set()
+        # On the completion path: a wake-up, and past half a ring the entries' references
+        # moved aside so the ring cannot overtake them while the task is busy. Never a write.
+        cursor = self._cursor
+        assert cursor is not None
+        if cursor.pending >= self._threshold:
+            self._keep_all()
+        self._wake.set()
 
-    def _drain(self) -> None:
-        """Write every entry not yet written (the ring still holds them: see _on_append and
-        the before-clear hook)."""
-        ring = self._ring
-        if ring is None or self._fd is None or self._busy:
+    def _keep_all(self) -> None:
+        """Move what the cursor has into the backlog (bounded: the oldest beyond BACKLOG_MAX
+        are counted lost)."""
+        assert self._cursor is not None
+        missed, entries = self._cursor.take()
+        if missed:  # the ring overtook the journal
+            self._lose(missed, "entries overtaken before they were written")
+        self._backlog += entries
+        over = len(self._backlog) - BACKLOG_MAX
+        if over > 0:
+            del self._backlog[:over]
+            self._lose(over, "the journal fell too far behind")
+        self._wake.set()
+
+    def _collect(self) -> list[Entry]:
+        """The entries to write next, oldest first: the backlog, then what the cursor has."""
+        self._keep_all()
+        entries, self._backlog = self._backlog, []
+        return entries
+
+    def _render(self, entries: list[Entry]) -> tuple[list[bytes], int]:
+        """The lines of entries (on the event loop, between the engine's turns: the fair share
+        of the loop that keeps the journal up with a storm), and how many entries they are."""
+        record = self._renderer.json_line
+        return [record(e).encode() for e in entries], len(entries)
+
+    def _write_lines(self, batch: tuple[list[bytes], int]) -> None:
+        """Write rendered lines (in the task's worker thread, or at close): following PATH,
+        rotating, counting what cannot be written."""
+        lines, n = batch
+        if self._fd is None:
+            self._lose(n, "the journal is closed")
             return
-        self._busy = True
+        written = self.written
+        self._writing_since = time.monotonic()
         try:
-            missed, entries = ring.read_after(self._last)
-            if missed:  # cannot happen (see the invariant); counted and reported if it does
-                self._lose(missed, "entries overtaken before they were written")
-            if not entries:
-                return
-            self._last = entries[-1][SEQ]
-            record = self._renderer.json_line
-            written = self.written
-            try:
-                self._follow_path()
-                self._write([record(e).encode() for e in entries])
-            except OSError as e:
-                self.errors += 1
-                self.state, self.why = STALLED, f"cannot write: {e.strerror or e}"
-                self._lose(len(entries) - (self.written - written), self.why)
-                return
-            if self.state == STALLED:
-                self.state, self.why = WRITING, ""
-                self._note(f"writing again; {self._episode} entries lost in all")
-                self._episode = 0
+            self._follow_path()
+            if lines:
+                self._write(lines)
+        except OSError as e:
+            self.errors += 1
+            self.state, self.why = STALLED, f"cannot write: {e.strerror or e}"
+            self._lose(n - (self.written - written), self.why)
+            return
         finally:
-            self._busy = False
+            self._writing_since = None
+        if self.state == STALLED and lines:
+            self.state, self.why = WRITING, ""
+            self._note(f"writing again; {self._episode} entries lost in all")
+            self._episode = 0
+
+    def _post_notes(self) -> None:
+        """Append the notices the writing made to the ring (on the event loop's thread)."""
+        notes, self._notes = self._notes, []
+        if self._ring is not None:
+            for kind, text in notes:
+                self._ring.append(HostEvent(kind, text))
 
     def _follow_path(self) -> None:
         """Write to a new PATH if PATH no longer names the live file (logrotate or a person
@@ -634,8 +686,7 @@ class Journal:
 
     def _note(self, text: str) -> None:
         log.warning("journal: %s", text)
-        if self._ring is not None:
-            self._ring.append(HostEvent(events.NOTICE, f"journal: {text}"))
+        self._notes.append((events.NOTICE, f"journal: {text}"))
 
     def _report(self, text: str) -> None:
         """A journal problem, in the daemon's log and the ring, at most once a minute (the
@@ -645,8 +696,7 @@ class Journal:
         if now - self._error_reported >= ERROR_REPORT_S:
             self._error_reported = now
             log.warning("journal: %s", text)
-            if self._ring is not None:
-                self._ring.append(HostEvent(events.HOST_ERROR, f"journal: {text}"))
+            self._notes.append((events.HOST_ERROR, f"journal: {text}"))
 
     # -- syncing -------------------------------------------------------------------------------
 
@@ -664,23 +714,41 @@ class Journal:
                 self._report(f"cannot sync {self.path}: {failed}")
 
     async def run(self, recorder: Recorder) -> None:
-        """Write what the ring gets, and sync it every journal_fsync seconds, until cancelled."""
+        """Write what the ring gets, and sync it every journal_fsync seconds, until cancelled.
+        Lines are rendered here, on the loop; writing them (and rotating, following PATH)
+        happens in a worker thread: a slow or stalled disk holds up this task only, never the
+        engine or the FUSE files; the ring and the backlog hold what comes meanwhile, and what
+        they cannot is counted lost."""
         recorder.add_status(self.status)
         while True:
             due = self._synced + self.fsync_interval - time.monotonic()
             with trio.move_on_after(max(due, 0) if self.dirty else FOLLOW_S):
                 await self._wake.wait()
             self._wake = trio.Event()
-            self._drain()
+            batch = self._render(self._collect())
+            # Only the system calls go to the thread; not abandoned on cancel: the thread
+            # owns the file until it returns.
+            await trio.to_thread.run_sync(self._write_lines, batch)
+            self._post_notes()
             if self.dirty and time.monotonic() - self._synced >= self.fsync_interval:
                 await self._sync()
+            self._post_notes()
+
+    def drain(self) -> None:
+        """Write what is waiting, on the caller's thread (what one turn of the task does, less
+        the worker thread): for the end of the daemon and for tests."""
+        if self._cursor is not None:
+            self._write_lines(self._render(self._collect()))
+        self._post_notes()
 
     def close(self) -> None:
-        """Write what is left, sync and close; idempotent. The last sync is on the caller's
-        thread: the daemon is ending, and what it wrote should be on disk when it has."""
+        """Write what is left, sync and close; idempotent. This last write and sync are on the
+        caller's thread: the daemon is ending, and what it wrote should be on disk when it
+        has."""
         if self._fd is None:
             return
-        self._drain()
+        self.drain()
+        self.drain()  # the notices the first one appended
         fds = self._take_syncs()
         if fds and _datasync_all(fds):
             self.errors += 1

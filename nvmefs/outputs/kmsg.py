@@ -86,7 +86,12 @@ class KmsgOutput:
     def attach(self, ring: DebugRing) -> None:
         """Mirror what is appended from now on (this run's start entry first)."""
         self._cursor = Cursor(ring)
-        ring.subscribe(self._wake.set)
+        ring.subscribe(self._on_append)
+
+    def _on_append(self) -> None:
+        # On the completion path: wake the task (the event is replaced after each wake-up, so
+        # it is looked up at every call), nothing more.
+        self._wake.set()
 
     async def run(self, recorder: Recorder) -> None:
         """Mirror entries as they come, within the budget, until cancelled."""

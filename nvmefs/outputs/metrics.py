@@ -448,8 +448,9 @@ class Metrics:
                 "being lost) or stopped.",
                 labels=["source", "state"],
             )
+            now, _why = j.current_state()
             for name in JOURNAL_STATES:
-                state.add_metric([recorder.source, name], 1 if j.state == name else 0)
+                state.add_metric([recorder.source, name], 1 if now == name else 0)
             yield state
 
 

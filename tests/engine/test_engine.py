@@ -356,3 +356,28 @@ async def test_an_interrupt_held_back_fires_on_unmask_while_entries_wait(
             sim.unmask_interrupt(1)  # the entry still waits: the interrupt fires now
             with trio.fail_after(1):
                 await done.wait()
+
+
+async def test_a_listener_that_raises_mid_batch_breaks_nothing() -> None:
+    # Every read fails once, without retries: each command of the batch is one entry.
+    plan = '[[fault]]\nopcode = "read"\nlba = [0, 100000]\nstatus = 0x4281\n'
+    async with sim_engine(plan) as (engine, _sim, ring):
+        calls = 0
+
+        def flaky() -> None:  # a consumer's bug: raises on every third append
+            nonlocal calls
+            calls += 1
+            if calls % 3 == 0:
+                raise RuntimeError("a consumer's bug")
+
+        ring.subscribe(flaky)
+        before_entries, before = ring.appended, engine.stats.completions
+        cmds = [c.read(1, lba * 8, 8, 512) for lba in range(32)]
+        results = await engine.submit_batch(cmds)
+        assert len(results) == 32
+        entries = [e for e in ring if isinstance(e[EVENT], NvmeEvent)][-32:]
+        assert ring.appended - before_entries == 32 and calls == 32
+        assert sorted(e[EVENT].slba for e in entries) == [lba * 8 for lba in range(32)]
+        assert engine.stats.completions - before == 32
+        assert sum(engine.stats.failed.values()) >= 32
+        assert ring.listener_errors == 32 // 3

@@ -253,12 +253,14 @@ def test_write_errors_are_counted_and_reported_not_raised(tmp_path: Path) -> Non
         ring.subscribe(lambda: seen.setdefault(ring.last_seq, list(ring)[-1][EVENT]))
         for i in range(400):  # about 300 KB of lines: most find no room
             ring.append(nvme(i))  # the engine's append never sees the error
+            j.drain()  # a turn of the journal's task
         assert j.errors >= 1 and j.lost > 0
         texts = [e.message for e in seen.values() if isinstance(e, HostEvent)]
         reports = [t for t in texts if "No space left" in t]
         assert len(reports) == 1  # reported in the ring once, not once per failed write
         (small / "filler").unlink()
         ring.append(nvme(400))
+        j.drain()
         j.close()
         texts = [e.message for e in seen.values() if isinstance(e, HostEvent)]
         (again,) = [t for t in texts if "writing again" in t]
@@ -281,8 +283,10 @@ def test_a_journal_moved_away_or_its_directory_recreated_is_followed(
     path = d / "j.jsonl"
     j, ring = attached(path, capacity=4, extra="journal_size=64K")
     ring.append(nvme(1))
+    j.drain()
     path.rename(d / "j.jsonl.by-logrotate")  # logrotate's rename, without copytruncate
     ring.append(nvme(2))
+    j.drain()
     assert [json.loads(x)["slba"] for x in path.read_text().splitlines()[-1:]] == [2]
     for p in d.iterdir():
         p.unlink()
@@ -290,6 +294,7 @@ def test_a_journal_moved_away_or_its_directory_recreated_is_followed(
     d.mkdir()  # a person cleaning up
     for i in range(3, 400):  # rotations too
         ring.append(nvme(i))
+        j.drain()
     j.close()
     slbas = [
         r["slba"]

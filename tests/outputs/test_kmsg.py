@@ -108,3 +108,20 @@ def test_appending_writes_nothing_until_the_task_runs(pipe: tuple[int, int], clo
     out.flush()
     assert len(lines(r)) == 3
     out.close()
+
+
+async def test_the_task_mirrors_every_wave_of_appends(pipe: tuple[int, int]) -> None:
+    import trio
+
+    r, w = pipe
+    out = KmsgOutput(w, "on")
+    ring = DebugRing(1024)
+    out.attach(ring)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.run, None)
+        for wave in range(3):  # each wave must wake the task again
+            storm(ring, 4)
+            await trio.sleep(0.05)
+            assert len(lines(r)) == 4, f"wave {wave}"
+        nursery.cancel_scope.cancel()
+    out.close()

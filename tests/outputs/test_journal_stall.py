@@ -1,0 +1,105 @@
+"""A journal whose disk stalls holds up nothing but itself (issue 19): the engine completes, the
+files are read, and the journal catches up or says what it lost."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from nvmefs import options, workloads
+from nvmefs.outputs import journal as journal_mod
+from nvmefs.outputs.journal import Journal
+from nvmefs.recorder import Recorder
+from nvmefs.store.render import Renderer
+from nvmefs.workloads import Progress
+from tests.helpers import sim_engine
+
+# The backlog a journal has (the test's second run makes it tiny).
+BACKLOG = journal_mod.BACKLOG_MAX
+STORM = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x4281\n'
+
+
+def stalling_write(
+    monkeypatch: pytest.MonkeyPatch, journal: Journal, gate: threading.Event
+) -> Callable[[], int]:
+    """Make the journal's writes block until `gate` is set (a disk that does not answer);
+    returns how many writes were held."""
+    real = os.write
+    held = 0
+
+    def write(fd: int, data: bytes) -> int:
+        nonlocal held
+        if fd == journal._fd and not gate.is_set():
+            held += 1
+            gate.wait(60)
+        return real(fd, data)
+
+    monkeypatch.setattr(journal_mod.os, "write", write)
+    return lambda: held
+
+
+@pytest.mark.parametrize("backlog", [BACKLOG, 64])
+async def test_a_stalled_journal_disk_stops_neither_completions_nor_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int
+) -> None:
+    monkeypatch.setattr(journal_mod, "BACKLOG_MAX", backlog)
+    monkeypatch.setattr(journal_mod, "STALL_S", 0.2)
+    opts = options.parse(
+        [f"journal={tmp_path / 'j.jsonl'}", "capacity=256", "journal_fsync=0"], allow_fuse=False
+    )
+    j = Journal.open(opts)
+    assert j is not None
+    gate = threading.Event()
+    held = stalling_write(monkeypatch, j, gate)
+
+    async with sim_engine(STORM, log="all") as (engine, _sim, ring):
+        j.attach(ring)
+        base = ring.last_seq  # the journal takes what comes after it is attached
+        rec = Recorder(ring, Renderer(), engine=engine)
+        progress = Progress()
+        reads = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(j.run, rec)
+
+            async def reader() -> None:  # a FUSE reader: a stream over the ring, read on
+                nonlocal reads
+                stream = rec.text_stream()
+                off = 0
+                while True:
+                    data = stream.read(off, 1 << 16)
+                    off += len(data)
+                    reads += 1
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(reader)
+            before = ring.appended
+            with trio.move_on_after(1.5):  # the storm goes on while the disk does not answer
+                await workloads.randread(engine, progress, bs=4096, qd=32, count=20_000)
+            assert held() >= 1  # the journal's write is stuck
+            stalled = dict(j.status())
+            assert stalled["journal_state"] == "stalled", stalled
+            # Completions went on: thousands of entries while the write was stuck, and reads.
+            assert ring.appended - before > 2000 and reads > 20
+            gate.set()
+            await workloads.randread(engine, progress, bs=4096, qd=32, count=500)
+            with trio.fail_after(30):
+                while j.written + j.lost < ring.appended - base - 2:  # notices may follow
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    j.close()
+    assert j.written + j.lost == ring.appended - base
+    if backlog == BACKLOG:
+        assert j.lost == 0  # it caught up: every entry is in the journal
+    else:
+        assert j.lost > 0  # it could not: said so, in the ring and the counters
+        messages = [e[3].message for e in ring if hasattr(e[3], "message")]
+        assert any("entries lost" in m for m in messages), messages[-5:]
+    lines = (tmp_path / "j.jsonl").read_bytes().count(b"\n") + sum(
+        p.read_bytes().count(b"\n") for p in tmp_path.glob("j.jsonl.*")
+    )
+    assert lines == j.written
