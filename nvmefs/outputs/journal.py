@@ -11,9 +11,12 @@ while they keep up (contrib/rsyslog/nvmefs-journal.conf gives rsyslog's imfile t
 for that, and says where it stops: a shipper that falls behind during a rotation may see a
 renamed file twice).
 
-When lines are written: the ring calls the journal after every append; the journal takes the
-new entries when the event loop next turns (a wake-up per burst, not per entry), or at once
-once half a ring is waiting, so that no entry is overwritten before it is written. Each write
+When lines are written: nothing is written on the completion path. The ring's listener wakes
+the journal's task, and once half a ring is waiting it moves the entries' references into a
+backlog (at most BACKLOG_MAX), so the ring does not overwrite them while the task is busy. The
+task renders the lines on the event loop (between the engine's turns, which keeps it up with a
+storm) and hands them to a worker thread that writes (and rotates): a slow or stalled disk holds
+up the journal alone, and what its backlog cannot hold is counted lost and reported. Each write
 goes to the kernel with write(2): a crash or SIGKILL of the daemon loses nothing written. A
 line cut short by one stays at the end of its file, without a newline, and the next start
 writes to a new file (replay does not count it; its number is given again). fdatasync(2), in a
