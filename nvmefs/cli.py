@@ -115,7 +115,7 @@ def cmd_scrub(argv: Sequence[str]) -> int:
     if src.kernel is not None:
         raise UsageError("the kernel source sends no I/O: scrub sim or a device")
     try:
-        return mainloop.run(_scrub, src, opts)
+        return mainloop.run(_scrub, src, src.opts)
     except KeyboardInterrupt:
         return 130
 
@@ -243,7 +243,7 @@ def cmd_watch(argv: Sequence[str]) -> int:
     src = open_source(args.source, opts)
     failed = None
     with contextlib.suppress(KeyboardInterrupt):  # a signal the trio loop did not see yet
-        failed = mainloop.run(_watch, src, opts)
+        failed = mainloop.run(_watch, src, src.opts)
     if failed:
         print(f"{PROG}: watch: {failed}", file=sys.stderr)
         return EXIT_FOUND

@@ -231,6 +231,7 @@ def _start(
 ) -> int:
     """Open the source and serve, in the foreground or in a forked daemon; 0 once mounted."""
     src = open_source(args.source, opts)
+    opts = src.opts  # as the source takes them
     outputs = Outputs.open(opts, mountpoint)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,

@@ -1,8 +1,13 @@
 """`-o` options: ours (typed and checked), FUSE's (passed on), and mount(8)'s (dropped).
 
-Every option of ours is listed once in OPTIONS with its parser and default, so `nvmefs scrub`,
-the mount daemon and the README agree on what exists. Values are ASCII (file paths excepted):
-Python's int() and float() also read fullwidth or Arabic-Indic digits, which nobody means.
+Every option of ours is listed once in OPTIONS with its parser, its default and where it applies
+(the kinds of SOURCE and the commands that use it, and the option it only tunes), so `nvmefs
+scrub`, `nvmefs watch`, the mount daemon, the sources and the README agree on what exists and
+where: an option given where it does not apply is refused, never ignored. `parse` checks what
+the command allows; `for_source` what the SOURCE allows, and gives its defaults. A `Parsed` is
+frozen: what depends on the source comes as a new `Parsed`, never as an edit. Values are ASCII
+(file paths excepted): Python's int() and float() also read fullwidth or Arabic-Indic digits,
+which nobody means.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from nvmefs.errors import UsageError
@@ -222,44 +228,117 @@ def _capacity(text: str) -> int:
     )
 
 
+# The kinds of SOURCE: the simulated controller, a device through passthrough, the kernel's
+# tracepoints.
+SIM, DEVICE, KERNEL = "sim", "device", "kernel"
+EVERY_SOURCE = frozenset({SIM, DEVICE, KERNEL})
+SENDS_IO = frozenset({SIM, DEVICE})  # the sources that send commands of their own
+# The commands: the mount daemon, `nvmefs scrub`, `nvmefs watch`.
+MOUNT, SCRUB, WATCH = "mount", "scrub", "watch"
+EVERY_COMMAND = frozenset({MOUNT, SCRUB, WATCH})
+ONLY_MOUNT = frozenset({MOUNT})
+# The words a refusal names a set of sources with.
+SOURCE_WORDS = {
+    frozenset({SIM}): "SOURCE sim only",
+    frozenset({DEVICE}): "device sources only",
+    frozenset({KERNEL, DEVICE}): "the kernel source (or -o kernel) only",
+}
+
+
 @dataclass(frozen=True)
 class Option:
-    """One -o option of ours: how its value parses, its default and its help."""
+    """One -o option of ours: how its value parses, its default, its help, and where it
+    applies: `sources` (kinds of SOURCE) and `commands`; `needs`, the option it only tunes
+    (refused without it; the kernel source counts as `kernel` on); `source_values`, for a
+    kind of source that takes only some values, those values (the first is its default there),
+    and why."""
 
     parse: Callable[[str], Any]
     default: Any
     help: str
     flag: bool = False  # may be given without a value (means on)
     path: bool = False  # the value is a file path: any characters, not only ASCII
+    sources: frozenset[str] = EVERY_SOURCE
+    commands: frozenset[str] = EVERY_COMMAND
+    needs: str | None = None
+    source_values: Mapping[str, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
 
+
+ONLY_SIM = frozenset({SIM})
+ONLY_DEVICE = frozenset({DEVICE})
 
 OPTIONS: dict[str, Option] = {
     # the simulated controller (SOURCE sim)
-    "sim_size": Option(size, 64 << 20, "namespace size of the simulated controller"),
-    "sim_lba": Option(_int_range(512, 4096), 512, "logical block size: 512, 1024, 2048, 4096"),
-    "sim_ns": Option(_int_range(1, 16), 1, "number of namespaces"),
-    "faults": Option(str, None, "fault plan: demo or a TOML file", path=True),
-    "seed": Option(_int_range(0), 0, "seed for fault probabilities and randread"),
-    "sim_abort": Option(_onoff, True, "whether the simulated controller honours Abort"),
+    "sim_size": Option(
+        size, 64 << 20, "namespace size of the simulated controller", sources=ONLY_SIM
+    ),
+    "sim_lba": Option(
+        _int_range(512, 4096), 512, "logical block size: 512, 1024, 2048, 4096", sources=ONLY_SIM
+    ),
+    "sim_ns": Option(_int_range(1, 16), 1, "number of namespaces", sources=ONLY_SIM),
+    "faults": Option(str, None, "fault plan: demo or a TOML file", path=True, sources=ONLY_SIM),
+    "seed": Option(_int_range(0), 0, "seed for fault probabilities and randread", sources=SENDS_IO),
+    "sim_abort": Option(
+        _onoff, True, "whether the simulated controller honours Abort", sources=ONLY_SIM
+    ),
     # device sources
-    "transport": Option(_choice("auto", "uring", "ioctl"), "auto", "passthrough: uring or ioctl"),
-    "datapath": Option(_choice("auto", "compiled", "python"), "auto", "bulk reads: C or Python"),
+    "transport": Option(
+        _choice("auto", "uring", "ioctl"),
+        "auto",
+        "passthrough: uring or ioctl",
+        sources=ONLY_DEVICE,
+    ),
+    "datapath": Option(
+        _choice("auto", "compiled", "python"),
+        "auto",
+        "bulk reads: C or Python",
+        sources=ONLY_DEVICE,
+    ),
     # the kernel source
-    "trace_buffer_kb": Option(_int_range(4), None, "kernel: per-CPU trace buffer of the instance"),
-    "kernel": Option(_onoff, False, "device sources: other processes' errors too", flag=True),
+    "trace_buffer_kb": Option(
+        _int_range(4),
+        None,
+        "kernel: per-CPU trace buffer of the instance",
+        sources=frozenset({KERNEL, DEVICE}),
+        needs="kernel",
+    ),
+    "kernel": Option(
+        _onoff, False, "device sources: other processes' errors too", flag=True, sources=ONLY_DEVICE
+    ),
     # the engine
-    "qd": Option(_int_range(1, 1023), 8, "commands in flight"),
-    "bs": Option(size, 128 << 10, "bytes per command (scrub, randread)"),
-    "io_timeout": Option(_float_min(0.001), 30.0, "seconds before a command is aborted"),
-    "retries": Option(_int_range(0, 100), 5, "retries of a failed command without DNR"),
+    "qd": Option(_int_range(1, 1023), 8, "commands in flight", sources=SENDS_IO),
+    "bs": Option(size, 128 << 10, "bytes per command (scrub, randread)", sources=SENDS_IO),
+    "io_timeout": Option(
+        _float_min(0.001), 30.0, "seconds before a command is aborted", sources=SENDS_IO
+    ),
+    "retries": Option(
+        _int_range(0, 100), 5, "retries of a failed command without DNR", sources=SENDS_IO
+    ),
     "log_attempts": Option(_onoff, False, "an entry per attempt, as the tracepoint", flag=True),
     # the workload
-    "workload": Option(_choice("scrub", "randread", "idle"), "scrub", "what the daemon runs"),
-    "op": Option(_choice("read", "verify"), "read", "scrub with Read or Verify"),
-    "passes": Option(_int_range(0), 0, "scrub passes, 0 forever (nvmefs scrub: 1)"),
-    "interval": Option(_float_min(0), 0.0, "seconds between scrub passes"),
-    "rate": Option(_float_min(0), 0.0, "MB/s cap for scrub and randread, 0 no cap"),
-    "health_interval": Option(_float_min(0.01), 60.0, "seconds between health polls (idle)"),
+    "workload": Option(
+        _choice("scrub", "randread", "idle"),
+        "scrub",
+        "what the daemon runs",
+        commands=frozenset({MOUNT, WATCH}),
+        source_values={
+            KERNEL: (("idle",), "the kernel source sends no I/O: workload must be idle")
+        },
+    ),
+    "op": Option(_choice("read", "verify"), "read", "scrub with Read or Verify", sources=SENDS_IO),
+    "passes": Option(
+        _int_range(0), 0, "scrub passes, 0 forever (nvmefs scrub: 1)", sources=SENDS_IO
+    ),
+    "interval": Option(_float_min(0), 0.0, "seconds between scrub passes", sources=SENDS_IO),
+    "rate": Option(
+        _float_min(0), 0.0, "MB/s cap for scrub and randread, 0 no cap", sources=SENDS_IO
+    ),
+    "health_interval": Option(
+        _float_min(0.01),
+        60.0,
+        "seconds between health polls (idle)",
+        commands=frozenset({MOUNT, WATCH}),
+    ),
     # the ring and its renderings
     "capacity": Option(_capacity, 1024, "ring entries (bounded by the machine's memory)"),
     "log": Option(_log, "media", "media, errors, all, or statuses 0x281:0x285..."),
@@ -267,38 +346,73 @@ OPTIONS: dict[str, Option] = {
     "format": Option(_choice(*FORMATS), "full", "entry text: full, or the seed's bare text"),
     "clock": Option(_choice(*CLOCKS), "jiffies", "ticks: jiffies, uptime or realtime"),
     # the daemon
-    "kmsg": Option(_onoff, False, "mirror logged entries to the kernel log", flag=True),
-    # fleet outputs (the mount daemon)
-    "prom": Option(_prom_path, None, "write nvmefs.prom here (file or directory)", path=True),
-    "prom_interval": Option(_float_min(0.1), 15.0, "seconds between writes of prom="),
-    "metrics_listen": Option(_listen, None, "serve /metrics over HTTP at ADDR:PORT"),
-    "journal": Option(str, None, "append every entry as a JSON line to this file", path=True),
-    "journal_size": Option(_journal_size, 16 << 20, "rotate the journal at this size"),
-    "journal_keep": Option(
-        _int_range(1, JOURNAL_KEEP_MAX), 4, "rotated journals kept (PATH.1 ...)"
+    "kmsg": Option(
+        _onoff, False, "mirror logged entries to the kernel log", flag=True, commands=ONLY_MOUNT
     ),
-    "journal_fsync": Option(_float_min(0), 1.0, "seconds between fsyncs, 0 after every write"),
-    "syslog": Option(_syslog, None, "entries to syslog: /dev/log or SOCKET", flag=True, path=True),
+    # fleet outputs (the mount daemon)
+    "prom": Option(
+        _prom_path,
+        None,
+        "write nvmefs.prom here (file or directory)",
+        path=True,
+        commands=ONLY_MOUNT,
+    ),
+    "prom_interval": Option(
+        _float_min(0.1), 15.0, "seconds between writes of prom=", commands=ONLY_MOUNT, needs="prom"
+    ),
+    "metrics_listen": Option(
+        _listen, None, "serve /metrics over HTTP at ADDR:PORT", commands=ONLY_MOUNT
+    ),
+    "journal": Option(
+        str,
+        None,
+        "append every entry as a JSON line to this file",
+        path=True,
+        commands=ONLY_MOUNT,
+    ),
+    "journal_size": Option(
+        _journal_size,
+        16 << 20,
+        "rotate the journal at this size",
+        commands=ONLY_MOUNT,
+        needs="journal",
+    ),
+    "journal_keep": Option(
+        _int_range(1, JOURNAL_KEEP_MAX),
+        4,
+        "rotated journals kept (PATH.1 ...)",
+        commands=ONLY_MOUNT,
+        needs="journal",
+    ),
+    "journal_fsync": Option(
+        _float_min(0),
+        1.0,
+        "seconds between fsyncs, 0 after every write",
+        commands=ONLY_MOUNT,
+        needs="journal",
+    ),
+    "syslog": Option(
+        _syslog,
+        None,
+        "entries to syslog: /dev/log or SOCKET",
+        flag=True,
+        path=True,
+        commands=ONLY_MOUNT,
+    ),
 }
 
-# The fleet outputs: only the mount daemon runs them.
-FLEET = (
-    "prom",
-    "prom_interval",
-    "metrics_listen",
-    "journal",
-    "journal_size",
-    "journal_keep",
-    "journal_fsync",
-    "syslog",
-)
 
-# Options of ours that `nvmefs scrub` does not use (it runs one scrub pass and mirrors nothing
-# to the kernel log): it refuses them rather than ignore them.
-SCRUB_REFUSES = ("workload", "kmsg", "health_interval", *FLEET)
-# And those `nvmefs watch` does not use: it prints entries (a service manager's journal takes
-# them from there), it mirrors nothing to the kernel log.
-WATCH_REFUSES = ("kmsg", *FLEET)
+def refused_by(command: str) -> tuple[str, ...]:
+    """The options of ours that `command` does not use (it refuses them)."""
+    return tuple(name for name, o in OPTIONS.items() if command not in o.commands)
+
+
+# The outputs only the mount daemon runs (options, in the table: commands={MOUNT}).
+FLEET = tuple(name for name, o in OPTIONS.items() if o.commands == ONLY_MOUNT)
+# `nvmefs scrub` runs one scrub pass and mirrors nothing to the kernel log; `nvmefs watch`
+# prints entries (a service manager's journal takes them from there).
+SCRUB_REFUSES = refused_by(SCRUB)
+WATCH_REFUSES = refused_by(WATCH)
 
 # FUSE options we hand to libfuse as they are: flags (no value), and options with a value.
 # `ro` is a flag too: libfuse mounts read-only (so `control` cannot be written); `rw` undoes it.
@@ -348,17 +462,45 @@ MOUNT_IGNORED = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Parsed:
     """Parsed -o options: every option's value, the FUSE options to pass on (at most one per
-    name, in the order given), and which of ours the user gave explicitly."""
+    name, in the order given), and which of ours the user gave explicitly. Frozen: a value that
+    depends on more than the options (the source's) makes a new one (`with_defaults`)."""
 
-    values: dict[str, Any]
-    fuse: list[str]
-    given: set[str]
+    values: Mapping[str, Any]
+    fuse: tuple[str, ...]
+    given: frozenset[str]
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
+
+    def with_defaults(self, **defaults: Any) -> Parsed:
+        """These values for the options the user did not give; the others as they are."""
+        values = dict(self.values)
+        values.update((k, v) for k, v in defaults.items() if k not in self.given)
+        return Parsed(MappingProxyType(values), self.fuse, self.given)
+
+
+def for_source(opts: Parsed, kind: str) -> Parsed:
+    """Refuse the options given that do not apply to a SOURCE of this kind (SIM, DEVICE or
+    KERNEL), or whose value it does not take; the options with the defaults it gives."""
+    for name in sorted(opts.given, key=list(OPTIONS).index):
+        o = OPTIONS[name]
+        if kind not in o.sources:
+            if kind == KERNEL:
+                raise OptionError(f"option {name} does not apply to the kernel source")
+            raise OptionError(f"option {name} is for {SOURCE_WORDS[o.sources]}")
+        if o.needs == "kernel" and kind != KERNEL and not opts["kernel"]:
+            raise OptionError(f"option {name} is for {SOURCE_WORDS[o.sources]}")
+    defaults: dict[str, Any] = {}
+    for name, o in OPTIONS.items():
+        if kind in o.source_values:
+            allowed, why = o.source_values[kind]
+            if name in opts.given and opts[name] not in allowed:
+                raise OptionError(why)
+            defaults[name] = allowed[0]
+    return opts.with_defaults(**defaults)
 
 
 def split(opts: list[str]) -> list[str]:
@@ -437,4 +579,8 @@ def parse(
         except (ValueError, UsageError) as e:  # int()/float() raise ValueError, ours UsageError
             raise OptionError(f"option {name}={shown(text)}: {e}") from None
         given.add(name)
-    return Parsed(values, list(fuse.values()), given)
+    for name in sorted(given, key=list(OPTIONS).index):
+        needs = OPTIONS[name].needs
+        if needs is not None and needs != "kernel" and values[needs] is None:
+            raise OptionError(f"option {name} applies only with {needs}=")
+    return Parsed(MappingProxyType(values), tuple(fuse.values()), frozenset(given))

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from nvmefs import options
 from nvmefs.engine import kernel
 from nvmefs.engine.base import EngineBase
 from nvmefs.engine.passthrough import PassthroughEngine
@@ -20,14 +21,8 @@ from nvmefs.sim import faults
 from nvmefs.sim.controller import MAX_TRANSFER, SimController
 from nvmefs.store.ring import DebugRing
 
-SIM_OPTIONS = ("sim_size", "sim_lba", "sim_ns", "faults", "sim_abort")
 MAX_NLB = 0x10000  # blocks in one command (NLB is 16 bits, 0-based)
 MAX_NLB_BYTES = MAX_NLB * 512
-# Options of sources that send commands, meaningless for the kernel source.
-DEVICE_OPTIONS = (
-    "transport", "datapath", "qd", "bs", "op", "passes", "interval", "rate", "io_timeout",
-    "retries",
-)  # fmt: skip
 
 
 class SourceError(UsageError):
@@ -36,9 +31,11 @@ class SourceError(UsageError):
 
 @dataclass
 class Source:
-    """A checked SOURCE: nothing is running yet."""
+    """A checked SOURCE: nothing is running yet. `opts` are the options as this source takes
+    them (its defaults in, where the user gave none): what everything after uses."""
 
     name: str
+    opts: Parsed
     sim: Transport | None = None
     device: devices.DeviceSource | None = None
     kernel: kernel.KernelSpec | None = None
@@ -48,19 +45,10 @@ class Source:
 def open_source(source: str, opts: Parsed) -> Source:
     """Check SOURCE and the options that depend on it; nothing starts here."""
     if source == "kernel" or source.startswith("kernel:"):
-        for name in (*SIM_OPTIONS, *DEVICE_OPTIONS, "kernel"):
-            if name in opts.given:
-                raise SourceError(f"option {name} does not apply to the kernel source")
-        if opts["workload"] != "idle" and "workload" in opts.given:
-            raise SourceError("the kernel source sends no I/O: workload must be idle")
-        opts.values["workload"] = "idle"
-        return Source("kernel", kernel=kernel.check(source))
-    if "trace_buffer_kb" in opts.given and not opts["kernel"]:
-        raise SourceError("option trace_buffer_kb is for the kernel source (or -o kernel) only")
+        opts = options.for_source(opts, options.KERNEL)
+        return Source("kernel", opts, kernel=kernel.check(source))
     if source == "sim":
-        for name in ("transport", "datapath", "kernel"):
-            if name in opts.given:
-                raise SourceError(f"option {name} is for device sources only")
+        opts = options.for_source(opts, options.SIM)
         plan = faults.load(opts["faults"]) if opts["faults"] else None
         sim = SimController(
             size=opts["sim_size"],
@@ -72,19 +60,17 @@ def open_source(source: str, opts: Parsed) -> Source:
         )
         if plan is not None:
             plan.check_against({n: ns.nblocks for n, ns in sim.namespaces.items()})
-        check_bs(opts, [opts["sim_lba"]], MAX_TRANSFER)
-        return Source("sim0", sim=sim)
-    for name in SIM_OPTIONS:
-        if name in opts.given:
-            raise SourceError(f"option {name} is for SOURCE sim only")
+        opts = check_bs(opts, [opts["sim_lba"]], MAX_TRANSFER)
+        return Source("sim0", opts, sim=sim)
     if not source.startswith("/"):
         raise SourceError(
             f"{source}: unknown source (expected sim, kernel, kernel:nvmeX, kernel:/dev/nvmeXnY"
             " or an NVMe device path)"
         )
+    opts = options.for_source(opts, options.DEVICE)
     device = devices.resolve(source)
     limits = [n.max_transfer for n in device.namespaces if n.max_transfer]
-    check_bs(opts, [n.lba_size for n in device.namespaces], min(limits, default=0))
+    opts = check_bs(opts, [n.lba_size for n in device.namespaces], min(limits, default=0))
     transport = opts["transport"]
     if transport == "auto":
         transport = "uring" if uring.supported() else "ioctl"
@@ -92,16 +78,16 @@ def open_source(source: str, opts: Parsed) -> Source:
         raise SourceError("option datapath=compiled needs io_uring passthrough (transport=uring)")
     # -o kernel: the same controller's errors of other processes too, from the tracepoints.
     spec = kernel.check(f"kernel:{device.controller.name}") if opts["kernel"] else None
-    return Source(device.controller.name, device=device, transport=transport, kernel=spec)
+    return Source(device.controller.name, opts, device=device, transport=transport, kernel=spec)
 
 
-def check_bs(opts: Parsed, lba_sizes: list[int], max_transfer: int) -> None:
+def check_bs(opts: Parsed, lba_sizes: list[int], max_transfer: int) -> Parsed:
     """bs must be whole blocks of every namespace and within what one command may move; a
-    default bs larger than the controller allows is lowered to its limit."""
-    bs = opts["bs"]
+    default bs larger than the controller allows is lowered to its limit (the options
+    returned have it)."""
     limit = min(max_transfer or MAX_NLB_BYTES, MAX_NLB * min(lba_sizes))
-    if "bs" not in opts.given:
-        opts.values["bs"] = bs = min(bs, limit)
+    opts = opts.with_defaults(bs=min(opts["bs"], limit))
+    bs = opts["bs"]
     for lba in lba_sizes:
         if bs < lba or bs % lba:
             raise SourceError(f"option bs={bs}: not a whole number of {lba}-byte blocks")
@@ -110,6 +96,7 @@ def check_bs(opts: Parsed, lba_sizes: list[int], max_transfer: int) -> None:
             f"option bs={bs}: more than one command may transfer here ({limit >> 10}K: the"
             " controller's MDTS)"
         )
+    return opts
 
 
 def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> EngineBase:

@@ -355,7 +355,7 @@ def test_options_a_command_does_not_use_are_refused() -> None:
         ("metrics_listen=[::1]:80", "metrics_listen", ("::1", 80)),
         ("syslog", "syslog", "/dev/log"),
         ("syslog=/run/s.sock", "syslog", "/run/s.sock"),
-        ("journal_size=1M", "journal_size", 1 << 20),
+        ("journal=/tmp/j,journal_size=1M", "journal_size", 1 << 20),
     ],
 )
 def test_fleet_options_parse(item: str, key: str, value: object) -> None:

@@ -24,14 +24,6 @@ from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store.ring import DebugRing
 
-# Options that only say how an output works, and the option that asks for it.
-DEPENDS = {
-    "journal_size": "journal",
-    "journal_keep": "journal",
-    "journal_fsync": "journal",
-    "prom_interval": "prom",
-}
-
 
 class Output(Protocol):
     """What every output does between open and close."""
@@ -55,9 +47,6 @@ class Outputs:
     def open(cls, opts: Parsed, mountpoint: str | None = None) -> Outputs:
         """Open (and check) every output asked for; UsageError, closing what opened, if one
         cannot be. No file of theirs may be under `mountpoint`: the mount would hide it."""
-        for option, needs in DEPENDS.items():
-            if option in opts.given and opts[needs] is None:
-                raise UsageError(f"option {option} applies only with {needs}=")
         for option in ("journal", "prom"):
             path = opts[option]
             if mountpoint is not None and path is not None:
