@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from nvmefs.engine.base import EngineBase
+from nvmefs.engine.base import COUNTERS, EngineBase
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
@@ -118,15 +118,7 @@ class Recorder:
                 ("model", e.model),
                 ("firmware", e.firmware),
                 ("namespaces", len(e.namespaces)),
-                ("completions", s.completions),
-                ("logged", s.logged),
-                ("errors", s.errors),
-                ("retries", s.retries),
-                ("timeouts", s.timeouts),
-                ("aborts", s.aborts),
-                ("resets", s.resets),
-                ("host_errors", s.host_errors),
-                ("protocol_errors", s.protocol_errors),
+                *((c.field, getattr(s, c.field)) for c in COUNTERS),
                 ("latency_avg_us", f"{e.latency_avg_us:.1f}"),
                 ("latency_max_us", f"{s.latency_ns_max / 1000:.1f}"),
             ]

@@ -132,6 +132,46 @@ class Stats:
     failed: Counter[tuple[str, int | None, int]] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class CounterSpec:
+    """One counter of `Stats`: its field (also its name in `stats`), its Prometheus family
+    and what it counts."""
+
+    field: str
+    metric: str
+    help: str
+
+
+# Every plain counter of Stats, once: `stats` and the Prometheus families both read this table.
+COUNTERS = (
+    CounterSpec(
+        "completions",
+        "nvmefs_completions_total",
+        "Command attempts that completed with an NVMe status, success or not.",
+    ),
+    CounterSpec("logged", "nvmefs_logged_total", "Completions the log policy wrote to the ring."),
+    CounterSpec(
+        "errors",
+        "nvmefs_completion_errors_total",
+        "Command attempts that completed with a failing NVMe status, retried or not.",
+    ),
+    CounterSpec("retries", "nvmefs_retries_total", "Command attempts that were retried."),
+    CounterSpec("timeouts", "nvmefs_timeouts_total", "Commands that timed out."),
+    CounterSpec("aborts", "nvmefs_aborts_total", "Commands that were aborted."),
+    CounterSpec("resets", "nvmefs_resets_total", "Commands that ended in a controller reset."),
+    CounterSpec(
+        "host_errors",
+        "nvmefs_host_errors_total",
+        "Commands that ended without an NVMe status (the host gave up on them).",
+    ),
+    CounterSpec(
+        "protocol_errors",
+        "nvmefs_protocol_errors_total",
+        "Completions that broke the NVMe protocol (register-level engine).",
+    ),
+)
+
+
 class Waiter:
     """Wakes one task when `remaining` commands have finished (one or a whole batch)."""
 

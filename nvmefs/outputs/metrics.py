@@ -63,7 +63,7 @@ from prometheus_client.metrics_core import (
 )
 
 from nvmefs import __version__
-from nvmefs.engine.base import EngineBase
+from nvmefs.engine.base import COUNTERS, EngineBase
 from nvmefs.engine.kernel import KernelEngine
 from nvmefs.errors import UsageError
 from nvmefs.linux import devices
@@ -228,34 +228,9 @@ class Metrics:
 
     def _engine_families(self, recorder: Recorder, engine: EngineBase) -> Iterator[Metric]:
         s, labels = engine.stats, [recorder.source]
-        for name, doc, value in (
-            (
-                "nvmefs_completions_total",
-                "Command attempts that completed with an NVMe status, success or not.",
-                s.completions,
-            ),
-            (
-                "nvmefs_completion_errors_total",
-                "Command attempts that completed with a failing NVMe status, retried or not.",
-                s.errors,
-            ),
-            ("nvmefs_retries_total", "Command attempts that were retried.", s.retries),
-            ("nvmefs_logged_total", "Completions the log policy wrote to the ring.", s.logged),
-            ("nvmefs_timeouts_total", "Commands that timed out.", s.timeouts),
-            ("nvmefs_aborts_total", "Commands that were aborted.", s.aborts),
-            ("nvmefs_resets_total", "Commands that ended in a controller reset.", s.resets),
-            (
-                "nvmefs_host_errors_total",
-                "Commands that ended without an NVMe status (the host gave up on them).",
-                s.host_errors,
-            ),
-            (
-                "nvmefs_protocol_errors_total",
-                "Completions that broke the NVMe protocol (register-level engine).",
-                s.protocol_errors,
-            ),
-        ):
-            yield single(CounterMetricFamily, name, doc, labels, value)
+        for counter in COUNTERS:  # the counter table `stats` shows too
+            value = getattr(s, counter.field)
+            yield single(CounterMetricFamily, counter.metric, counter.help, labels, value)
         errors = CounterMetricFamily(
             "nvmefs_errors_total",
             "Commands that ended with a failing NVMe status (after their retries), logged or "

@@ -20,6 +20,7 @@ from nvmefs.errors import UsageError
 from nvmefs.linux import devices
 from nvmefs.linux.devices import Controller
 from nvmefs.linux.safefiles import SafeDir
+from nvmefs.nvme import commands as c
 from nvmefs.nvme.status import Translator
 from nvmefs.outputs import journal
 from nvmefs.outputs import metrics as m
@@ -670,3 +671,21 @@ async def test_an_answer_not_taken_in_time_is_dropped(monkeypatch: pytest.Monkey
 def test_parse_head(head: bytes, parsed: tuple[str, str, dict[str, str]] | None) -> None:
     r = parse_head(head)
     assert (None if r is None else (r.method, r.path, r.headers)) == parsed
+
+
+async def test_stats_and_the_metrics_read_one_counter_table() -> None:
+    import dataclasses
+
+    from nvmefs.engine.base import COUNTERS, Stats
+
+    plain = {f.name for f in dataclasses.fields(Stats) if f.type in ("int", int)}
+    assert {c.field for c in COUNTERS} == plain - {"latency_ns_total", "latency_ns_max"}
+    async with sim_engine(PLAN, log="all") as (engine, _sim, ring):
+        await engine.submit_batch([c.read(1, lba, 8, 512) for lba in (0, 2048)])
+        rec = Recorder(ring, Renderer(), engine=engine)
+        shown = dict(line.split(" ", 1) for line in rec.stats_text().splitlines())
+        got = samples(Metrics().exposition(rec))
+        for counter in COUNTERS:
+            want = getattr(engine.stats, counter.field)
+            assert int(shown[counter.field]) == want
+            assert value(got, counter.metric, source=rec.source) == want
