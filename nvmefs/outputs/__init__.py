@@ -17,9 +17,10 @@ import trio
 
 from nvmefs.errors import UsageError
 from nvmefs.options import Parsed
+from nvmefs.outputs.exporter import Exporter
 from nvmefs.outputs.journal import Journal
 from nvmefs.outputs.kmsg import KmsgOutput
-from nvmefs.outputs.metrics import Exporter, Metrics
+from nvmefs.outputs.metrics import Metrics
 from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store.ring import DebugRing

@@ -22,10 +22,11 @@ from nvmefs.linux.devices import Controller
 from nvmefs.linux.safefiles import SafeDir
 from nvmefs.nvme import commands as c
 from nvmefs.nvme.status import Translator
+from nvmefs.outputs import exporter as m
 from nvmefs.outputs import journal
-from nvmefs.outputs import metrics as m
+from nvmefs.outputs.exporter import Exporter, parse_head, write_atomically
 from nvmefs.outputs.journal import Journal
-from nvmefs.outputs.metrics import Exporter, Metrics, parse_head, write_atomically
+from nvmefs.outputs.metrics import Metrics
 from nvmefs.outputs.syslog import SyslogOutput
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
