@@ -14,14 +14,8 @@ import trio
 from nvmefs import options
 from nvmefs.linux.safefiles import SafeDir
 from nvmefs.nvme.status import Translator
-from nvmefs.outputs.journal import (
-    History,
-    Journal,
-    JournalError,
-    read_newest,
-    rotated,
-    tail_lines,
-)
+from nvmefs.outputs.journal import Journal, JournalError
+from nvmefs.outputs.replay import History, read_newest, rotated, tail_lines
 from nvmefs.recorder import Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent, NvmeEvent
@@ -89,9 +83,9 @@ def test_tail_lines_gives_complete_lines_only(tmp_path: Path) -> None:
 
 
 def test_tail_lines_across_read_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nvmefs.outputs import journal
+    from nvmefs.outputs import replay
 
-    monkeypatch.setattr(journal, "READ_BLOCK", 7)
+    monkeypatch.setattr(replay, "READ_BLOCK", 7)
     lines = [f"line {i}".encode() * (i % 4 + 1) for i in range(50)]
     (tmp_path / "f").write_bytes(b"\n".join(lines) + b"\n")
     for n in (1, 3, 17, 50, 80):
