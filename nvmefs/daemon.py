@@ -15,7 +15,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import shlex
 import signal
 import sys
@@ -28,6 +27,7 @@ from nvmefs import __version__, mainloop, options, workloads
 from nvmefs.engine.base import EngineBase
 from nvmefs.errors import NvmefsError, UsageError
 from nvmefs.fs import NvmeFS
+from nvmefs.linux import mountinfo
 from nvmefs.options import ArgParser
 from nvmefs.outputs import Outputs
 from nvmefs.recorder import Recorder
@@ -59,22 +59,11 @@ def _parser() -> ArgParser:
 
 # The mounter needs this line in /etc/fuse.conf for allow_other (fusermount3 checks it).
 FUSE_CONF = "/etc/fuse.conf"
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo field as a path: the kernel writes space, tab, newline and \\ as \\ooo."""
-    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount, in mount order, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            out.append((_unescape(left.split()[4]), right.split()[0]))
-    return out
+    """(mount point, fstype) of every mount, in mount order."""
+    return [(m.point, m.fstype) for m in mountinfo.mounts()]
 
 
 def _is_dead(point: str) -> bool:

@@ -1,0 +1,67 @@
+"""The mount table as the kernel shows it to this process (/proc/self/mountinfo), parsed here
+once for every user of it (the mount daemon's checks, the filesystem's watch on its own mount).
+
+A line is `ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER`; the
+kernel writes space, tab, newline and backslash in paths as \\ooo (show_mountinfo's
+mangle). Paths are decoded as the os module does (os.fsdecode), so any bytes survive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+PATH = "/proc/self/mountinfo"
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of the table: the device (MAJOR:MINOR), where it is mounted, its filesystem
+    type (`fuse.nvmefs` for a FUSE mount with a subtype) and its source."""
+
+    dev: str
+    point: str
+    fstype: str
+    source: str
+
+
+def unescape(field: bytes) -> bytes:
+    """A field as the kernel had it before writing its space, tab, newline and \\ as \\ooo."""
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def parse(data: bytes) -> list[Mount]:
+    """The mounts of a mountinfo text, in its order (a mount over another comes after it);
+    lines that are not of its form are passed over."""
+    out = []
+    # Only newline ends a line and only space separates fields: the kernel escapes those in
+    # paths, but not \r, \v or \f, which bytes.splitlines() and split() would also cut at.
+    for line in data.split(b"\n"):
+        left, sep, right = line.partition(b" - ")
+        fields, tail = left.split(b" "), right.split(b" ")
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        point = os.fsdecode(unescape(fields[4]))
+        source = os.fsdecode(unescape(tail[1]))
+        out.append(Mount(fields[2].decode(), point, tail[0].decode(errors="replace"), source))
+    return out
+
+
+def read(fd: int) -> list[Mount]:
+    """The table read again from an open mountinfo descriptor (from its start)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while data := os.read(fd, 1 << 16):
+        chunks.append(data)
+    return parse(b"".join(chunks))
+
+
+def mounts(path: str = PATH) -> list[Mount]:
+    """The mount table now."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return read(fd)
+    finally:
+        os.close(fd)
