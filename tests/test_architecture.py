@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("nvmefs.workloads", "nvmefs.options"),
     ("nvmefs.sources", "nvmefs.recorder"),
     ("nvmefs.outputs",),
-    ("nvmefs.fs",),
+    ("nvmefs.fs", "nvmefs.mountpoint"),
     ("nvmefs.daemon",),
     ("nvmefs.cli",),
     ("nvmefs.__main__",),
