@@ -10,8 +10,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from nvmefs.engine.base import COUNTERS, EngineBase
+from nvmefs.engine.base import EngineBase
 from nvmefs.engine.passthrough import PassthroughEngine
+from nvmefs.engine.sink import COUNTERS
 from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError

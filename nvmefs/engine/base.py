@@ -23,14 +23,14 @@ import errno
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from nvmefs.engine.sink import Sink, Stats
 from nvmefs.errors import (
     CommandAborted,
     CommandError,
@@ -41,12 +41,12 @@ from nvmefs.errors import (
 from nvmefs.nvme import commands as c
 from nvmefs.nvme import tables
 from nvmefs.nvme.commands import Command
-from nvmefs.nvme.disposition import COMPLETE, Decision, decide
+from nvmefs.nvme.disposition import COMPLETE, Decision
 from nvmefs.nvme.layouts import ascii_field, ffi
 from nvmefs.nvme.policy import LogPolicy
-from nvmefs.nvme.status import SCT_SC_MASK, Status, Translator
+from nvmefs.nvme.status import Status, Translator
 from nvmefs.store import events
-from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.events import HostEvent
 from nvmefs.store.ring import DebugRing
 
 log = logging.getLogger("nvmefs.engine")
@@ -108,68 +108,6 @@ class Namespace:
     @property
     def size(self) -> int:
         return self.nblocks * self.lba_size
-
-
-@dataclass
-class Stats:
-    """Counters over every attempt (completions) and every command's end (the rest)."""
-
-    completions: int = 0
-    logged: int = 0
-    errors: int = 0
-    retries: int = 0
-    timeouts: int = 0
-    aborts: int = 0
-    resets: int = 0
-    host_errors: int = 0
-    protocol_errors: int = 0
-    latency_ns_total: int = 0
-    latency_ns_max: int = 0
-    by_status: Counter[int] = field(default_factory=Counter)
-    by_opcode: Counter[tuple[bool, int]] = field(default_factory=Counter)
-    # Commands that ended with a failing status, by (controller, nsid, status word), whether
-    # logged or not: what the metrics count as errors.
-    failed: Counter[tuple[str, int | None, int]] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True)
-class CounterSpec:
-    """One counter of `Stats`: its field (also its name in `stats`), its Prometheus family
-    and what it counts."""
-
-    field: str
-    metric: str
-    help: str
-
-
-# Every plain counter of Stats, once: `stats` and the Prometheus families both read this table.
-COUNTERS = (
-    CounterSpec(
-        "completions",
-        "nvmefs_completions_total",
-        "Command attempts that completed with an NVMe status, success or not.",
-    ),
-    CounterSpec("logged", "nvmefs_logged_total", "Completions the log policy wrote to the ring."),
-    CounterSpec(
-        "errors",
-        "nvmefs_completion_errors_total",
-        "Command attempts that completed with a failing NVMe status, retried or not.",
-    ),
-    CounterSpec("retries", "nvmefs_retries_total", "Command attempts that were retried."),
-    CounterSpec("timeouts", "nvmefs_timeouts_total", "Commands that timed out."),
-    CounterSpec("aborts", "nvmefs_aborts_total", "Commands that were aborted."),
-    CounterSpec("resets", "nvmefs_resets_total", "Commands that ended in a controller reset."),
-    CounterSpec(
-        "host_errors",
-        "nvmefs_host_errors_total",
-        "Commands that ended without an NVMe status (the host gave up on them).",
-    ),
-    CounterSpec(
-        "protocol_errors",
-        "nvmefs_protocol_errors_total",
-        "Completions that broke the NVMe protocol (register-level engine).",
-    ),
-)
 
 
 class Waiter:
@@ -253,25 +191,65 @@ class EngineBase:
         log_attempts: bool = False,
     ) -> None:
         self.ring = ring
-        self.translator = translator or Translator()
-        self.policy = policy or LogPolicy()
+        # Where completions become counters and entries (the translator, the log policy and
+        # Stats live there): the one sink of every source.
+        self.sink = Sink(
+            ring,
+            translator or Translator(),
+            policy or LogPolicy(),
+            max_retries=max_retries,
+            log_attempts=log_attempts,
+        )
+        self.policy = self.sink.policy  # through the property: a subclass may watch it
         self.ctrl_name = ctrl_name
         self.io_timeout = io_timeout
         self.admin_timeout = admin_timeout
-        self.max_retries = max_retries
         self.queue_depth = queue_depth
-        self.log_attempts = log_attempts
-        # Told the status word of every attempt that failed (the kernel source uses it to know
-        # this engine's own passthrough commands when it sees them in the tracepoints).
-        self.on_error: Callable[[int], None] | None = None
-        self.stats = Stats()
         self.state = EngineState.STOPPED
         self.detaches = 0  # how often the controller went away
         self._transition = trio.Event()  # set (and replaced) at every state change
         self.serial = self.model = self.firmware = ""
-        self.crdt = (0, 0, 0)
         self.elpe = 0
         self.namespaces: list[Namespace] = []
+
+    # What the sink holds, as the engine's own (the control file replaces policy and translator).
+    @property
+    def stats(self) -> Stats:
+        return self.sink.stats
+
+    @property
+    def policy(self) -> LogPolicy:
+        return self.sink.policy
+
+    @policy.setter
+    def policy(self, policy: LogPolicy) -> None:
+        self.sink.policy = policy
+
+    @property
+    def translator(self) -> Translator:
+        return self.sink.translator
+
+    @translator.setter
+    def translator(self, translator: Translator) -> None:
+        self.sink.translator = translator
+
+    @property
+    def log_attempts(self) -> bool:
+        return self.sink.log_attempts
+
+    @property
+    def max_retries(self) -> int:
+        return self.sink.max_retries
+
+    @property
+    def on_error(self) -> Callable[[int], None] | None:
+        """Told the status word of every attempt that failed (the kernel source uses it to
+        know this engine's own passthrough commands when it sees them in the tracepoints)."""
+        return self.sink.on_error
+
+    @on_error.setter
+    def on_error(self, hook: Callable[[int], None] | None) -> None:
+        self.sink.on_error = hook
 
     def running(self) -> AbstractAsyncContextManager[EngineBase]:
         raise NotImplementedError
@@ -347,7 +325,7 @@ class EngineBase:
         ctrl = ffi.from_buffer("struct nvme_id_ctrl *", bytearray(data))
         self.serial, self.model = ascii_field(ctrl.sn), ascii_field(ctrl.mn)
         self.firmware = ascii_field(ctrl.fr)
-        self.crdt = (ctrl.crdt1, ctrl.crdt2, ctrl.crdt3)
+        self.sink.crdt = (ctrl.crdt1, ctrl.crdt2, ctrl.crdt3)
         self.elpe = ctrl.elpe
 
     async def _identify_namespaces(self, nsids: list[int]) -> None:
@@ -415,7 +393,7 @@ class EngineBase:
                 if p.decision.final:
                     results[i] = comp
                     continue
-                self.stats.retries += 1
+                self.sink.retried()
                 attempts[i] += 1
                 again.append(i)
                 delay = max(delay, p.decision.delay)
@@ -452,65 +430,16 @@ class EngineBase:
     # -- completion ----------------------------------------------------------------------------
 
     def _finish_many(self, qid: int | None, done: list[tuple[Pending, int, int]]) -> None:
-        """Account for attempts completed together, decide each one's disposition and write
-        the ring entries of the final ones. The hot path, so locals are hoisted."""
+        """Attempts completed together: the sink translates, decides, counts and logs them;
+        here each one's waiter learns of it. The hot path, so locals are hoisted."""
         now = time.monotonic_ns()
-        table = self.translator.table
-        logged = self.policy.table
-        every = self.log_attempts
-        st = self.stats
-        ring_append = self.ring.append
-        ctrl = self.ctrl_name
-        max_retries, crdt = self.max_retries, self.crdt
-        words, opcodes = [], []
-        oldest = now
-        t0_sum = 0
-        for p, word, result in done:
-            cmd = p.cmd
-            status = table[word]
-            words.append(word)
-            opcodes.append((cmd.admin, cmd.opcode))
-            t0 = p.t0
-            t0_sum += t0
-            if t0 < oldest:
-                oldest = t0
-            code = word & SCT_SC_MASK
-            final = True
+        statuses = self.sink.complete(self.ctrl_name, qid, done, now)
+        for (p, word, result), status in zip(done, statuses, strict=True):
             if word:
-                if code:
-                    st.errors += 1
                 p.waiter.clean = False
-                if self.on_error is not None:
-                    self.on_error(word)
-                p.decision = decide(word, p.attempt, max_retries, fail_fast=not p.retry, crdt=crdt)
-                final = p.decision.final
-                if final and code:
-                    st.failed[(ctrl, cmd.nsid, word)] += 1
-            if logged[code] and (final or every):
-                st.logged += 1
-                ring_append(
-                    NvmeEvent(
-                        status,
-                        ctrl,
-                        cmd.nsid,
-                        qid,
-                        p.cid,
-                        cmd.opcode,
-                        cmd.admin,
-                        cmd.slba,
-                        cmd.nlb,
-                        p.attempt,
-                    )
-                )
-            p.completion = Completion(status, result, qid, p.cid, p.attempt, now - t0, p.data)
+            p.completion = Completion(status, result, qid, p.cid, p.attempt, now - p.t0, p.data)
             p.done = True
             p.waiter.done()
-        n = len(words)
-        st.completions += n
-        st.by_status.update(words)
-        st.by_opcode.update(opcodes)
-        st.latency_ns_total += n * now - t0_sum
-        st.latency_ns_max = max(st.latency_ns_max, now - oldest)
 
     def _fail(self, p: Pending, error: CommandError, *, qid: int | None = None) -> None:
         """End an attempt without a status; its host-error entry is written here unless it
@@ -533,7 +462,7 @@ class EngineBase:
         qid: int | None = None,
         cid: int | None = None,
     ) -> None:
-        self.stats.host_errors += 1
+        self.sink.host_error()
         message = str(error)
         if isinstance(error, HostError):
             message = f"{'admin' if cmd.admin else 'I/O'} command failed in the host: {error}"

@@ -262,7 +262,7 @@ class PassthroughEngine(EngineBase):
         for p in pendings:
             if not p.done:
                 self._inflight.pop(p.cid, None)
-                self.stats.timeouts += 1
+                self.sink.timeout()
                 self._fail(p, CommandTimeout(f"no completion from the kernel after {backstop:g} s"))
         return pendings
 
@@ -439,13 +439,7 @@ class PassthroughEngine(EngineBase):
     def _count_successes(self, loop: bulk.Loop, opcode: int) -> int:
         """Successes the loop counted since the last call, into the engine's counters."""
         ok, lat_total, lat_max = loop.take_successes()
-        if ok:
-            st = self.stats
-            st.completions += ok
-            st.by_status[0] += ok
-            st.by_opcode[(False, opcode)] += ok
-            st.latency_ns_total += lat_total
-            st.latency_ns_max = max(st.latency_ns_max, lat_max)
+        self.sink.successes(ok, False, opcode, lat_total, lat_max)
         return ok
 
     @staticmethod
@@ -474,7 +468,7 @@ class PassthroughEngine(EngineBase):
                 self._finish_many(None, done)
                 done = []
             if r.res == bulk.NO_COMPLETION:
-                self.stats.timeouts += 1
+                self.sink.timeout()
                 backstop = self.io_timeout + BACKSTOP_S
                 self._fail(p, CommandTimeout(f"no completion from the kernel after {backstop:g} s"))
             else:

@@ -263,7 +263,7 @@ class Engine(EngineBase):
     def _reap(self, q: IoQueue) -> None:
         reaped, violations = q.qp.consume(q.cq.view)
         for e in violations:
-            self.stats.protocol_errors += 1
+            self.sink.protocol_error()
             self.ring.append(
                 HostEvent(events.HOST_ERROR, f"protocol violation: {e}", {"ctrl": self.ctrl_name})
             )
@@ -293,7 +293,7 @@ class Engine(EngineBase):
             if p.done:
                 return
             cmd = p.cmd
-            self.stats.timeouts += 1
+            self.sink.timeout()
             timeout = cmd.timeout or (self.admin_timeout if cmd.admin else self.io_timeout)
             self.log_command(events.TIMEOUT, f"command timed out after {timeout:g} s", cmd,
                              qid=q.qid, cid=p.cid)  # fmt: skip
@@ -303,7 +303,7 @@ class Engine(EngineBase):
                 (ap,) = await self._issue([abort], [0], keep=False, retry=False)
                 comp = ap.completion
                 if comp is not None and comp.status.ok and not comp.result & 1:
-                    self.stats.aborts += 1
+                    self.sink.abort()
                     with trio.move_on_after(self.abort_timeout):
                         while not p.done:
                             await trio.sleep(0.001)
@@ -313,7 +313,7 @@ class Engine(EngineBase):
             await self._reset(f"qid {q.qid} cid {p.cid} did not complete after abort")
 
     async def _reset(self, reason: str) -> None:
-        self.stats.resets += 1
+        self.sink.reset()
         self._change_state(S.RESETTING, reason)
         self._log_host(events.RESET, f"resetting controller: {reason}")
         self._disable(CommandAborted("controller reset"))

@@ -35,8 +35,9 @@ from prometheus_client.metrics_core import (
 )
 
 from nvmefs import __version__
-from nvmefs.engine.base import COUNTERS, EngineBase
+from nvmefs.engine.base import EngineBase
 from nvmefs.engine.kernel import KernelEngine
+from nvmefs.engine.sink import COUNTERS
 from nvmefs.linux import devices
 from nvmefs.outputs.journal import STATES as JOURNAL_STATES
 from nvmefs.outputs.journal import Journal

@@ -677,7 +677,7 @@ def test_parse_head(head: bytes, parsed: tuple[str, str, dict[str, str]] | None)
 async def test_stats_and_the_metrics_read_one_counter_table() -> None:
     import dataclasses
 
-    from nvmefs.engine.base import COUNTERS, Stats
+    from nvmefs.engine.sink import COUNTERS, Stats
 
     plain = {f.name for f in dataclasses.fields(Stats) if f.type in ("int", int)}
     assert {c.field for c in COUNTERS} == plain - {"latency_ns_total", "latency_ns_max"}
