@@ -20,9 +20,17 @@ try:
     from nvmefs.linux.bulkext import ffi, lib
 
     _WHY_NOT: str | None = None
-except ImportError as e:  # a checkout used without `pip install`, or liburing2 missing
+except ImportError as e:
     ffi = lib = None
-    _WHY_NOT = f"the compiled loop does not load ({e})"
+    if isinstance(e, ModuleNotFoundError) and e.name == "nvmefs.linux.bulkext":
+        # Built without it (setup.py: no liburing headers or C compiler), or a checkout used
+        # without `pip install`.
+        _WHY_NOT = (
+            "nvmefs was installed without its compiled loop (liburing's headers or a C "
+            "compiler were missing when it was built)"
+        )
+    else:  # built, but liburing2 (the shared library) is missing at run time
+        _WHY_NOT = f"the compiled loop does not load ({e})"
 
 UNLIMITED = (1 << 64) - 1  # a job's budget without a rate limit
 NO_COMPLETION = -(1 << 31)  # `res` of a command the kernel did not answer within the backstop
