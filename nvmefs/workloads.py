@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import trio
 
 from nvmefs.engine.base import Completion, EngineBase, Namespace
+from nvmefs.engine.compiled import Bulk
 from nvmefs.engine.kernel import KernelEngine
-from nvmefs.engine.passthrough import Bulk, PassthroughEngine
+from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.errors import CommandError, EngineError, UsageError
 from nvmefs.linux import devices
 from nvmefs.nvme import commands as c

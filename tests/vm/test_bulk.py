@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nvmefs import workloads
-from nvmefs.engine.passthrough import Bulk
+from nvmefs.engine.compiled import Bulk
 from nvmefs.nvme import commands as c
 from nvmefs.nvme import lbas
 from nvmefs.store.events import NvmeEvent
