@@ -11,8 +11,14 @@ Theory of operation
   CPU's last attempt: the block event that follows makes it final (one entry, as the patch
   logged); any other event on that CPU, or a grace period, means it was retried.
 - Lost events are counted exactly from the instance's per-CPU stats and logged; controllers
-  appearing or disappearing are logged; the instance is removed at exit (and one left by a killed
-  daemon at the next start).
+  appearing or disappearing are logged; the instance is removed at exit, by its guardian
+  process at once if the daemon is killed (see nvmefs.linux.tracefs), and by the next start if
+  neither could.
+- What an instance enables is only what the entries need, so that one nobody removes costs
+  little: nvme_complete_rq with the failing statuses (unless log=all), and block_rq_complete
+  with an error on NVMe block devices (major 259) or on none (dev 0: admin and passthrough
+  requests without a disk) - a failing SATA or virtio disk is not traced, and its block errors
+  cannot pair with an NVMe attempt on the same CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim 
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
 SLOW_S = 5.0  # lost-event counts and the controller set, this often
 OPS = {"R": "read", "W": "write", "D": "discard", "N": "other", "F": "flush"}
+# Every NVMe namespace (and each hidden path disk of native multipath) is a block device of the
+# kernel's extended major: the block errors worth tracing are theirs, and those with no disk.
+BLOCK_EXT_MAJOR = 259
+BLOCK_FILTER = (
+    f"error != 0 && (dev == 0 || (dev >= {devices.kernel_dev(BLOCK_EXT_MAJOR, 0)}"
+    f" && dev < {devices.kernel_dev(BLOCK_EXT_MAJOR + 1, 0)}))"
+)
 
 
 def operation(rwbs: str, qid: int, flags: int) -> str:
@@ -232,7 +245,7 @@ class KernelEngine(EngineBase):
                 inst.format("nvme", "nvme_complete_rq"), inst.format("block", "block_rq_complete")
             )
             inst.enable("nvme", "nvme_complete_rq", self.spec.nvme_filter(self.policy))
-            inst.enable("block", "block_rq_complete", "error != 0")
+            inst.enable("block", "block_rq_complete", BLOCK_FILTER)
             cpus = inst.cpus()
             fds = [inst.open_raw(cpu) for cpu in cpus]
             self._lost = {cpu: inst.lost(cpu) for cpu in cpus}
@@ -245,6 +258,12 @@ class KernelEngine(EngineBase):
                 f" on Linux {os.uname().release}"
                 + (f"; removed stale instances {', '.join(stale)}" if stale else ""),
             )
+            if inst.unguarded is not None:
+                self._log_host(
+                    events.NOTICE,
+                    f"no guardian for {inst.path} ({inst.unguarded}): if this daemon is killed,"
+                    " the instance keeps tracing until the next start",
+                )
             async with trio.open_nursery() as nursery:
                 for cpu, fd in zip(cpus, fds, strict=True):
                     nursery.start_soon(self._read_cpu, cpu, fd)

@@ -5,6 +5,24 @@ Theory of operation
   ring buffers, created with mkdir and gone with rmdir. nvmefs names its instances
   `nvmefs-<pid>-<n>`, so two daemons coexist and one left by a killed daemon is recognised (its
   pid is gone) and removed by the next start.
+- The kernel does not remove an instance when its maker dies: a SIGKILLed daemon's instance
+  would go on tracing (its events enabled, its per-CPU buffers filling on every completion they
+  match) until the next start. So `create()` starts a `Guardian`: a small `python3 -I -S`
+  process, in a session of its own, whose stdin is a pipe whose write end only the daemon holds
+  (close-on-exec: no program the daemon runs gets it). EOF on it means the daemon is gone,
+  whatever killed it; the guardian then disables the instance's events and rmdirs it (retrying
+  while EBUSY: the dying daemon's trace_pipe_raw descriptors may close after the pipe). A clean
+  stop removes the instance itself and then closes the pipe: the guardian finds nothing to do
+  and exits. The guardian holds no descriptor of the daemon's (no FUSE device, no mount point,
+  no trace pipe), its cwd is /, and its argv names no mount point (nothing takes it for a
+  daemon of one); it touches only the directory it was started for (same inode), so a later
+  instance of a reused pid is safe from it.
+- The residual window: from the daemon's death to the guardian's write to events/enable, the
+  instance goes on recording - the time the kernel takes to tear the dead process down and
+  wake the guardian, usually milliseconds (longer on a loaded machine, or while the guardian
+  is still starting). A guardian that cannot be started, or that dies with the daemon (a
+  cgroup killed as a whole, the OOM killer), leaves the instance to the next start's
+  `Instance.remove_stale()`, as before.
 - An event's fields are read from its `format` file, never assumed: offsets change between
   kernels. `EventFormat.decode()` turns an event record into a dict of the fields asked for.
 - trace_pipe_raw hands out ring-buffer pages: a header (u64 timestamp, a long `commit` whose low
@@ -21,6 +39,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +181,101 @@ def record_type(data: bytes | memoryview) -> int:
     return int.from_bytes(data[:2], "little")
 
 
+# The guardian's whole program, run with `python3 -I -S -c` (no site, no nvmefs import: a few MB
+# of memory, most of it the interpreter's shared pages). argv: the instance path, its inode.
+# It must not name nvmefs with a blank after it: `pgrep -f 'nvmefs .*MNT'` finds daemons.
+GUARD_CODE = """\
+# tracefs-guard: removes a tracefs instance once the process that made it is gone
+import errno, os, sys, time
+path, ino = sys.argv[1], int(sys.argv[2])
+while os.read(0, 64):  # nobody writes: EOF is the maker's exit (or its release)
+    pass
+
+def same():  # the directory this guard was made for, not a later one of the same name
+    try:
+        return os.stat(path).st_ino == ino
+    except OSError:
+        return False
+
+def put(name, value):
+    try:
+        with open(os.path.join(path, name), "w") as f:
+            f.write(value)
+    except OSError:
+        pass
+
+if same():
+    put("events/enable", "0")  # first: this alone ends the cost on every completion
+    end = time.monotonic() + %(wait)r
+    while same():
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                break
+            if time.monotonic() > end:  # another reader keeps it: free the buffers at least
+                put("buffer_size_kb", "1")
+                break
+            time.sleep(0.05)
+"""
+GUARD_WAIT_S = 10.0  # the guardian retries rmdir this long while a reader keeps a pipe open
+GUARD_REAP_S = 2.0  # a clean stop waits this long for its guardian to exit
+
+
+def guard_argv(path: Path, ino: int) -> list[str]:
+    """The guardian's command line for the instance directory `path` with inode `ino`."""
+    code = GUARD_CODE % {"wait": GUARD_WAIT_S}
+    return [sys.executable or "python3", "-I", "-S", "-c", code, str(path), str(ino)]
+
+
+class Guardian:
+    """A process that removes one tracefs instance once the process that started it is gone.
+
+    Invariant: until `release()`, this process alone holds the write end of the guardian's stdin
+    pipe; the guardian acts when that end closes - at `release()`, or when the kernel closes it
+    as this process dies, however it dies."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], wfd: int) -> None:
+        self.proc = proc
+        self._wfd: int | None = wfd
+
+    @classmethod
+    def start(cls, path: Path) -> Guardian:
+        """A guardian of the instance directory `path`; OSError if it cannot be started."""
+        ino = os.stat(path).st_ino
+        rfd, wfd = os.pipe()  # both close-on-exec: only the guardian's stdin is a copy of rfd
+        try:
+            proc = subprocess.Popen(
+                guard_argv(path, ino),
+                stdin=rfd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,  # no FUSE device, mount point or trace pipe of the daemon's
+                cwd="/",  # keeps no directory busy
+                start_new_session=True,  # a terminal's ^C or hangup is not for it
+            )
+        except BaseException:
+            os.close(wfd)
+            raise
+        finally:
+            os.close(rfd)
+        return cls(proc, wfd)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def release(self, timeout: float = GUARD_REAP_S) -> None:
+        """Let the guardian go: it removes the instance if it still exists, and exits; reaped
+        here if it does so within `timeout` (else init reaps it). Idempotent."""
+        if self._wfd is None:
+            return
+        os.close(self._wfd)
+        self._wfd = None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -174,7 +288,9 @@ def _pid_alive(pid: int) -> bool:
 
 class Instance:
     """A private tracefs instance of this process. Invariant: while it exists its directory
-    is instances/<name>; `remove()` disables what it enabled and removes it (idempotent)."""
+    is instances/<name>, and once `create()` returned a guardian watches it unless `unguarded`
+    says why not; `remove()` disables what it enabled, removes it and lets the guardian go
+    (idempotent)."""
 
     _count = 0
 
@@ -184,6 +300,8 @@ class Instance:
         self.name = name or f"{PREFIX}{os.getpid()}-{Instance._count}"
         self.path = root / "instances" / self.name
         self.enabled: list[str] = []
+        self.guardian: Guardian | None = None
+        self.unguarded: str | None = None  # why no guardian watches it (it could not start)
 
     @staticmethod
     def remove_stale(root: Path) -> list[str]:
@@ -198,11 +316,19 @@ class Instance:
                     removed.append(d.name)
         return removed
 
-    def create(self, buffer_kb: int | None = None) -> None:
+    def create(self, buffer_kb: int | None = None, guard: bool = True) -> None:
+        """Make the directory, with a guardian unless `guard` is false (see the module)."""
         try:
             self.path.mkdir()
         except OSError as e:
             raise TraceError(f"cannot create tracefs instance {self.path}: {e.strerror}") from None
+        if guard:
+            # Before anything is enabled: from here on a killed daemon's instance goes at once.
+            # Not fatal: without a guardian the next start removes a dead daemon's instance.
+            try:
+                self.guardian = Guardian.start(self.path)
+            except (OSError, subprocess.SubprocessError) as e:
+                self.unguarded = getattr(e, "strerror", None) or str(e)
         try:
             if buffer_kb is not None:
                 self.write("buffer_size_kb", str(buffer_kb))
@@ -266,8 +392,16 @@ class Instance:
         return total
 
     def remove(self) -> None:
-        if not self.path.exists():
-            return
+        try:
+            if self.path.exists():
+                self._remove_dir()
+        finally:
+            # After the rmdir: the guardian then has nothing to do (or retries what failed).
+            if self.guardian is not None:
+                self.guardian.release()
+                self.guardian = None
+
+    def _remove_dir(self) -> None:
         with contextlib.suppress(OSError):
             _disable_all(self.path)
         for _ in range(50):  # rmdir fails with EBUSY while a reader still has a pipe open

@@ -9,11 +9,12 @@ import pytest
 from nvmefs.engine import kernel
 from nvmefs.engine.kernel import Attempt, KernelEngine, KernelSpec, Pairing, operation
 from nvmefs.errors import UsageError
-from nvmefs.linux.devices import Disk
-from nvmefs.linux.tracefs import EventFormat
+from nvmefs.linux.devices import Disk, kernel_dev
+from nvmefs.linux.tracefs import EventFormat, Instance
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.ring import EVENT, DebugRing
+from tests.linux.test_tracefs import real_tracefs
 from tests.linux.tracepages import BLOCK_FORMAT, NVME_FORMAT, block_record, nvme_record, page
 
 DISK = Disk("nvme0n1", 259 << 20, 1, 4096)
@@ -137,3 +138,33 @@ def test_a_kernel_without_the_nvme_events_is_refused(
     monkeypatch.setattr(kernel.tracefs, "MOUNTS", (root,))
     with pytest.raises(UsageError, match="no nvme:nvme_complete_rq trace event"):
         kernel.check("kernel")
+
+
+def block_filter_passes(error: int, dev: int) -> bool:
+    """What the kernel's filter BLOCK_FILTER lets through, as Python reads the same expression."""
+    expr = kernel.BLOCK_FILTER.replace("&&", "and").replace("||", "or")
+    return bool(eval(expr, {}, {"error": error, "dev": dev}))
+
+
+def test_only_nvme_block_errors_are_traced() -> None:
+    # What a killed daemon's instance records until it goes: NVMe errors, nothing of other disks.
+    assert block_filter_passes(-61, kernel_dev(259, 0))  # nvme0n1
+    assert block_filter_passes(-61, kernel_dev(259, (1 << 20) - 1))
+    assert block_filter_passes(-95, 0)  # an admin or passthrough request without a disk
+    assert not block_filter_passes(0, kernel_dev(259, 0))  # a success
+    for major in (8, 254, 253, 7, 260):  # sd, virtio, device mapper, loop, the next major
+        assert not block_filter_passes(-5, kernel_dev(major, 0))
+
+
+def test_the_block_filter_is_one_this_kernel_accepts(tmp_path: Path) -> None:
+    with real_tracefs(tmp_path) as root:
+        if not (root / "events" / "block" / "block_rq_complete").is_dir():
+            pytest.skip("this kernel has no block:block_rq_complete")
+        inst = Instance(root)
+        inst.create(guard=False)
+        try:
+            inst.set_filter("block", "block_rq_complete", kernel.BLOCK_FILTER)
+            text = (inst.path / "events/block/block_rq_complete/filter").read_text()
+            assert text.strip() == kernel.BLOCK_FILTER
+        finally:
+            inst.remove()

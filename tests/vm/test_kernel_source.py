@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,6 +32,28 @@ def err_nodes() -> tuple[str, str, str]:
 
 def instances() -> list[str]:
     return sorted(p.name for p in (TRACING / "instances").glob("nvmefs-*"))
+
+
+def guardians(pid: int) -> list[int]:
+    """The guardians of daemon `pid`'s instance: its children whose argv names that instance."""
+    (inst,) = [i for i in instances() if i.startswith(f"nvmefs-{pid}-")]
+    children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]  # fmt: skip
+    return [int(c) for c in children
+            if f"/instances/{inst}\0" in Path(f"/proc/{c}/cmdline").read_text()]  # fmt: skip
+
+
+def guardian(pid: int) -> int:
+    (g,) = guardians(pid)
+    return g
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @contextmanager
@@ -173,10 +196,14 @@ def test_two_mounts_both_see_every_error_and_leave_no_instance(tmp_path: Path) -
         read_lba(block, 2048)
         for m in (a, b):
             wait_for(lambda m=m: len(nvme_records(m)) == 1, 10, "the entry in both")  # type: ignore[misc]
-        # SIGKILL one: its instance stays behind until the next start removes it.
+        (pid_a,) = daemon_pids(a)
+        guards = [guardian(pid_a)]
+        # SIGKILL one with its guardian (a cgroup killed whole): its instance stays behind
+        # until the next start removes it.
         (pid,) = daemon_pids(b)
         killed = [i for i in instances() if i.startswith(f"nvmefs-{pid}-")]
-        subprocess.run(["kill", "-9", str(pid)])
+        os.kill(guardian(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not daemon_pids(b), 10, "the daemon to die")
         cleanup(b)
         assert killed and killed[0] in instances()
@@ -184,7 +211,32 @@ def test_two_mounts_both_see_every_error_and_leave_no_instance(tmp_path: Path) -
             assert killed[0] not in instances() and len(instances()) == 2
             text = (c / BUF).read_text()
             assert f"removed stale instances {killed[0]}" in text
+            (pid_c,) = daemon_pids(c)
+            guards.append(guardian(pid_c))
     assert instances() == [] and not is_mounted(a)
+    # A clean stop lets its guardian go.
+    wait_for(lambda: all(gone(g) for g in guards), 5, "the guardians to exit")
+
+
+def test_a_killed_daemons_instance_goes_within_seconds(tmp_path: Path) -> None:
+    with kernel_mount(tmp_path) as mnt:
+        (pid,) = daemon_pids(mnt)  # its guardian is not taken for a second daemon
+        (inst,) = instances()
+        guards = guardians(pid)
+        for g in guards:  # it holds neither the FUSE device, nor the mount, nor a trace pipe
+            held = [os.readlink(f"/proc/{g}/fd/{n}") for n in os.listdir(f"/proc/{g}/fd")]
+            assert len(held) == 3 and not any(
+                "fuse" in f or str(mnt) in f or "tracing" in f for f in held
+            ), held
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_for(lambda: inst not in instances(), 5, "the instance to go")
+        took = time.monotonic() - t0
+        assert len(guards) == 1
+        wait_for(lambda: gone(guards[0]), 5, "the guardian to exit")
+        wait_for(lambda: not daemon_pids(mnt), 10, "the daemon to die")
+    print(f"the killed daemon's instance went in {took:.2f} s")
+    assert instances() == []
 
 
 def test_lost_events_are_counted_exactly(tmp_path: Path) -> None:
