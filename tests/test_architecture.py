@@ -170,3 +170,74 @@ def test_the_checks_catch_what_they_are_for(source: str, why: str, tmp_path: Pat
         assert any(rank(imp) > rank("nvmefs.nvme.bad") for imp, _, _ in found)
     else:
         assert any(name and name.startswith("_") for _, name, _ in found)
+
+
+# -- one completion sink, one way to read the ring ------------------------------------------------
+
+# The one module that changes an engine's counters (Stats): the completion sink.
+SINK = "nvmefs.engine.sink"
+MUTATORS = {"update", "clear", "pop", "setdefault", "subtract", "popitem"}
+
+
+def _is_stats(node: ast.expr, aliases: set[str]) -> bool:
+    """Whether an expression is an engine's Stats: `<anything>.stats` or a name bound to one."""
+    if isinstance(node, ast.Attribute) and node.attr == "stats":
+        return True
+    return isinstance(node, ast.Name) and node.id in aliases
+
+
+def _within_stats(node: ast.expr, aliases: set[str]) -> bool:
+    """Whether a target is a counter of a Stats (`s.errors`, `s.failed[k]`)."""
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    return isinstance(node, ast.Attribute) and _is_stats(node.value, aliases)
+
+
+def stats_mutations(path: Path) -> Iterator[int]:
+    """Lines that change a Stats counter (assignments, augmented ones, mutating calls)."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = {
+        t.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and _is_stats(node.value, set())
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in MUTATORS
+        ):
+            targets = [node.func.value]
+        if any(_within_stats(t, aliases) for t in targets):
+            yield node.lineno
+
+
+def test_only_the_completion_sink_changes_the_counters() -> None:
+    found = [
+        f"{p.relative_to(PKG.parent)}:{line}"
+        for m, p in modules().items()
+        if m != SINK
+        for line in stats_mutations(p)
+    ]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def f(e):\n    e.stats.errors += 1\n",
+        "def f(self):\n    st = self.stats\n    st.failed[(1, 2, 3)] += 1\n",
+        "def f(e):\n    e.stats.by_status.update([1])\n",
+    ],
+)
+def test_the_counter_rule_catches_what_it_is_for(source: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.py"
+    path.write_text(source)
+    assert list(stats_mutations(path))

@@ -200,7 +200,6 @@ class EngineBase:
             max_retries=max_retries,
             log_attempts=log_attempts,
         )
-        self.policy = self.sink.policy  # through the property: a subclass may watch it
         self.ctrl_name = ctrl_name
         self.io_timeout = io_timeout
         self.admin_timeout = admin_timeout

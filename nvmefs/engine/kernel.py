@@ -222,13 +222,12 @@ class KernelEngine(EngineBase):
     # The log policy decides the kernel filter too: log=all needs the successes.
     @property
     def policy(self) -> LogPolicy:
-        return self._policy
+        return self.sink.policy
 
     @policy.setter
     def policy(self, policy: LogPolicy) -> None:
-        self._policy = policy
-        if getattr(self, "instance", None) is not None:
-            assert self.instance is not None
+        self.sink.policy = policy
+        if self.instance is not None:
             self.instance.set_filter("nvme", "nvme_complete_rq", self.spec.nvme_filter(policy))
 
     @asynccontextmanager
@@ -341,17 +340,13 @@ class KernelEngine(EngineBase):
                     self._emit(a2, b)
 
     def _count(self, a: Attempt) -> None:
-        st = self.stats
-        st.completions += 1
-        st.by_status[a.status] += 1
-        if a.status & SCT_SC_MASK:
-            st.errors += 1
+        self.sink.attempt(a.status)
 
     def _superseded(self, a: Attempt | None) -> None:
         """An attempt that was retried: counted, and logged only with log_attempts."""
         if a is None:
             return
-        self.stats.retries += 1
+        self.sink.retried()
         if self.log_attempts:
             self._emit(a, None)
 
@@ -394,19 +389,17 @@ class KernelEngine(EngineBase):
         if a.status & SCT_SC_MASK:
             disk = self._disk(a.disk, b.dev)
             nsid = disk.nsid if disk is not None and a.qid else None
-            self.stats.failed[(f"nvme{a.ctrl_id}", nsid, a.status)] += 1
+            self.sink.final_failure(f"nvme{a.ctrl_id}", nsid, a.status)
 
     def _log_entry(self, a: Attempt, b: BlockEnd | None) -> None:
-        code = a.status & SCT_SC_MASK
-        if not self.policy.table[code]:
+        if not self.sink.logs(a.status):
             return
         disk = self._disk(a.disk, b.dev if b is not None else None)
         slba = nlb = None
         if b is not None and b.sector != NO_SECTOR and disk is not None:
             slba = b.sector * 512 // disk.lba_size
             nlb = b.nr_sector * 512 // disk.lba_size or None
-        self.stats.logged += 1
-        self.ring.append(
+        self.sink.log(
             NvmeEvent(
                 self.translator.table[a.status],
                 ctrl=f"nvme{a.ctrl_id}",
