@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from nvmefs import __version__, mainloop, options, workloads
-from nvmefs.engine.base import EngineBase
+from nvmefs.engine.base import SourceBase
 from nvmefs.errors import NvmefsError, UsageError
 from nvmefs.fs import NvmeFS
 from nvmefs.mountpoint import above_stdio, check_fuse_options, claim_mountpoint, fuse_options
@@ -170,7 +170,7 @@ class SetupFailed(UsageError):
 async def _serve(
     recorder: Recorder,
     src: Source,
-    engine: EngineBase,
+    engine: SourceBase,
     outputs: Outputs,
     mountpoint: str,
     fuse_opts: set[str],
@@ -205,7 +205,7 @@ async def _signals() -> None:
             pyfuse3.terminate()
 
 
-async def _workload(engine: EngineBase, recorder: Recorder, opts: options.Parsed) -> None:
+async def _workload(engine: SourceBase, recorder: Recorder, opts: options.Parsed) -> None:
     progress = recorder.progress
     try:
         if opts["workload"] != "idle":

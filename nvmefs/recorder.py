@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from nvmefs.engine.base import EngineBase
+from nvmefs.engine.base import SourceBase
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.engine.sink import COUNTERS
 from nvmefs.errors import UsageError
@@ -45,7 +45,7 @@ class Recorder:
         renderer: Renderer,
         *,
         source: str = "sim",
-        engine: EngineBase | None = None,
+        engine: SourceBase | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.ring = ring

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from nvmefs import options
 from nvmefs.engine import kernel
-from nvmefs.engine.base import EngineBase
+from nvmefs.engine.base import SourceBase
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.engine.register import Engine
 from nvmefs.engine.transport import Transport
@@ -99,7 +99,7 @@ def check_bs(opts: Parsed, lba_sizes: list[int], max_transfer: int) -> Parsed:
     return opts
 
 
-def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> EngineBase:
+def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> SourceBase:
     kw = {
         "translator": Translator(opts["profile"]),
         "policy": LogPolicy(opts["log"]),
@@ -131,7 +131,7 @@ def kernel_engine(spec: kernel.KernelSpec, opts: Parsed, ring: DebugRing) -> ker
 
 
 @asynccontextmanager
-async def running(src: Source, engine: EngineBase, opts: Parsed) -> AsyncIterator[None]:
+async def running(src: Source, engine: SourceBase, opts: Parsed) -> AsyncIterator[None]:
     """Run a source's engine; with `-o kernel` on a device source, the kernel source of its
     controller beside it, which leaves the engine's own commands to the engine."""
     async with engine.running():

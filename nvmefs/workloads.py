@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from nvmefs.engine.base import Completion, EngineBase, Namespace
+from nvmefs.engine.base import Completion, EngineBase, Namespace, SourceBase
 from nvmefs.engine.compiled import Bulk
 from nvmefs.engine.kernel import KernelEngine
 from nvmefs.engine.passthrough import PassthroughEngine
@@ -338,8 +338,15 @@ async def kernel_health(engine: KernelEngine, progress: Progress, *, interval: f
                 nursery.start_soon(poll, ctrl)
 
 
-async def run(kind: str, engine: EngineBase, progress: Progress, opts: Parsed) -> None:
-    """The workload `kind` with its -o options (the daemon then polls health; scrub CLI stops)."""
+async def run(kind: str, engine: SourceBase, progress: Progress, opts: Parsed) -> None:
+    """The workload `kind` with its -o options (the daemon then polls health; scrub CLI stops).
+    The kernel source sends nothing: its only workload is idle, polling health."""
+    if isinstance(engine, KernelEngine):
+        if kind != "idle":  # options.for_source refuses it before anything starts
+            raise ValueError(f"the kernel source runs no {kind} workload")
+        await kernel_health(engine, progress, interval=opts["health_interval"])
+        return
+    assert isinstance(engine, EngineBase)
     if kind == "scrub":
         await scrub(
             engine,
@@ -355,8 +362,6 @@ async def run(kind: str, engine: EngineBase, progress: Progress, opts: Parsed) -
         await randread(
             engine, progress, bs=opts["bs"], qd=opts["qd"], seed=opts["seed"], rate=opts["rate"]
         )
-    elif kind == "idle" and isinstance(engine, KernelEngine):
-        await kernel_health(engine, progress, interval=opts["health_interval"])
     elif kind == "idle":
         await idle(engine, progress, interval=opts["health_interval"])
     else:

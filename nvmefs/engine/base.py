@@ -1,10 +1,13 @@
-"""What every engine shares: the completion path, the retry rule, one state machine, the ring.
+"""What every source shares (`SourceBase`: one state machine, identity, the completion sink), and
+what engines that send commands share besides (`EngineBase`: submission, the retry rule).
 
 Theory of operation
-- A subclass owns the way commands reach a controller: it brings the controller up in
+- The kernel source is a SourceBase: it sends nothing and only watches the kernel's completions.
+- An EngineBase subclass owns the way commands reach a controller: it brings the controller up in
   `running()`, puts commands on the wire in `_issue()`, and reports each completed attempt with
   `_finish_many()` (an NVMe status) or `_fail()` (the host gave up: no status).
-- Every completed attempt goes through the translator once and is counted. The kernel's
+- Every completed attempt goes through the completion sink (engine/sink.py): the translator
+  once, the counters. The kernel's
   disposition rule (`nvme.disposition.decide`) then says whether the command is done or retried;
   a command's ring entry is written once, at its final disposition, with its retry count, as the
   kernel's nvme_error_status() sees it. `log_attempts` logs every attempt instead, as the
@@ -168,13 +171,13 @@ class Pending:
         return isinstance(self.error, HostError) and self.error.errno == errno.ENODEV
 
 
-class EngineBase:
-    """An engine: commands in, final completions out, every attempt translated and counted.
+class SourceBase:
+    """What every source of completions is: a controller's name and identity, a state that
+    changes only through TRANSITIONS, and the completion sink its completions end in. The
+    kernel source is one; engines that send commands of their own are EngineBase's.
 
-    Invariant: each command submitted ends as exactly one result (a Completion or a
-    CommandError), and unless it failed because the engine stopped, exactly one ring entry
-    when the log policy (or, for host errors, always) says so; with `log_attempts`, one per
-    logged attempt instead.
+    Invariant: every completion of the source reaches the ring and the counters through
+    `sink`, and nothing else changes them.
     """
 
     def __init__(
@@ -184,15 +187,11 @@ class EngineBase:
         translator: Translator | None = None,
         policy: LogPolicy | None = None,
         ctrl_name: str = "sim0",
-        io_timeout: float = 30.0,
-        admin_timeout: float = 60.0,
         max_retries: int = 5,
-        queue_depth: int = 128,
         log_attempts: bool = False,
     ) -> None:
-        self.ring = ring
-        # Where completions become counters and entries (the translator, the log policy and
-        # Stats live there): the one sink of every source.
+        # Where completions become counters and entries (the translator, the log policy,
+        # Stats and the ring live there): the one sink of every source.
         self.sink = Sink(
             ring,
             translator or Translator(),
@@ -201,17 +200,21 @@ class EngineBase:
             log_attempts=log_attempts,
         )
         self.ctrl_name = ctrl_name
-        self.io_timeout = io_timeout
-        self.admin_timeout = admin_timeout
-        self.queue_depth = queue_depth
         self.state = EngineState.STOPPED
         self.detaches = 0  # how often the controller went away
         self._transition = trio.Event()  # set (and replaced) at every state change
         self.serial = self.model = self.firmware = ""
-        self.elpe = 0
         self.namespaces: list[Namespace] = []
 
     # What the sink holds, as the engine's own (the control file replaces policy and translator).
+    @property
+    def ring(self) -> DebugRing:
+        return self.sink.ring
+
+    @ring.setter
+    def ring(self, ring: DebugRing) -> None:
+        self.sink.ring = ring
+
     @property
     def stats(self) -> Stats:
         return self.sink.stats
@@ -250,12 +253,7 @@ class EngineBase:
     def on_error(self, hook: Callable[[int], None] | None) -> None:
         self.sink.on_error = hook
 
-    def running(self) -> AbstractAsyncContextManager[EngineBase]:
-        raise NotImplementedError
-
-    async def _issue(
-        self, cmds: list[Command], attempts: Sequence[int], keep: bool, retry: bool = True
-    ) -> list[Pending]:
+    def running(self) -> AbstractAsyncContextManager[SourceBase]:
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------------------
@@ -282,6 +280,47 @@ class EngineBase:
             while not cond():
                 await self._transition.wait()
         return cond()
+
+    def _log_host(self, kind: str, message: str, **fields: Any) -> None:
+        self.ring.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
+
+    @property
+    def latency_avg_us(self) -> float:
+        n = self.stats.completions
+        return self.stats.latency_ns_total / n / 1000 if n else math.nan
+
+
+class EngineBase(SourceBase):
+    """An engine: commands in, final completions out, every attempt translated and counted.
+
+    Invariant: each command submitted ends as exactly one result (a Completion or a
+    CommandError), and unless it failed because the engine stopped, exactly one ring entry
+    when the log policy (or, for host errors, always) says so; with `log_attempts`, one per
+    logged attempt instead.
+    """
+
+    def __init__(
+        self,
+        ring: DebugRing,
+        *,
+        io_timeout: float = 30.0,
+        admin_timeout: float = 60.0,
+        queue_depth: int = 128,
+        **kw: Any,
+    ) -> None:
+        super().__init__(ring, **kw)
+        self.io_timeout = io_timeout
+        self.admin_timeout = admin_timeout
+        self.queue_depth = queue_depth
+        self.elpe = 0
+
+    def running(self) -> AbstractAsyncContextManager[EngineBase]:
+        raise NotImplementedError
+
+    async def _issue(
+        self, cmds: list[Command], attempts: Sequence[int], keep: bool, retry: bool = True
+    ) -> list[Pending]:
+        raise NotImplementedError
 
     async def _back_after_removal(self, generation: int, deadline: float) -> bool:
         """After a command failed with -ENODEV: True once the controller was detached since
@@ -480,9 +519,6 @@ class EngineBase:
             nlb=cmd.nlb,
         )
 
-    def _log_host(self, kind: str, message: str, **fields: Any) -> None:
-        self.ring.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
-
     @staticmethod
     def _keep(p: Pending, view: memoryview | Any) -> None:
         """Copy what a read brought in, for a command that wants its data, before the buffer
@@ -498,11 +534,6 @@ class EngineBase:
         if not comp.status.ok:
             raise CommandError(f"Get Log Page {lid:#x}: {comp.status.name}")
         return comp.data or b""
-
-    @property
-    def latency_avg_us(self) -> float:
-        n = self.stats.completions
-        return self.stats.latency_ns_total / n / 1000 if n else math.nan
 
 
 # How long a command that got -ENODEV waits for the controller's removal to be noticed before

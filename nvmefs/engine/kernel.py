@@ -26,18 +26,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from nvmefs.engine.base import EngineBase, EngineState, Pending
+from nvmefs.engine.base import EngineState, SourceBase
 from nvmefs.errors import EngineError, UsageError
 from nvmefs.linux import devices, tracefs
 from nvmefs.linux.devices import Disk
-from nvmefs.nvme.commands import Command
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import SCT_SC_MASK
 from nvmefs.store import events
@@ -186,7 +185,7 @@ def check(source: str) -> KernelSpec:
     return KernelSpec.parse(source)
 
 
-class KernelEngine(EngineBase):
+class KernelEngine(SourceBase):
     """An engine whose completions are the kernel's: it sends nothing, it reads tracepoints.
 
     Invariant: while running, its tracefs instance exists and is read on every CPU; after
@@ -288,11 +287,6 @@ class KernelEngine(EngineBase):
         nvme.require(*NVME_FIELDS)
         block.require(*BLOCK_FIELDS)
         self._nvme, self._block = nvme, block
-
-    async def _issue(
-        self, cmds: list[Command], attempts: Sequence[int], keep: bool, retry: bool = True
-    ) -> list[Pending]:
-        raise EngineError("the kernel source sends no commands")
 
     # -- reading -------------------------------------------------------------------------------
 

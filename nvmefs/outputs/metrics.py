@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import (
 )
 
 from nvmefs import __version__
-from nvmefs.engine.base import EngineBase
+from nvmefs.engine.base import SourceBase
 from nvmefs.engine.kernel import KernelEngine
 from nvmefs.engine.sink import COUNTERS
 from nvmefs.linux import devices
@@ -176,7 +176,7 @@ class Metrics:
         ):
             yield single(CounterMetricFamily, name, doc, labels, value)
 
-    def _engine_families(self, recorder: Recorder, engine: EngineBase) -> Iterator[Metric]:
+    def _engine_families(self, recorder: Recorder, engine: SourceBase) -> Iterator[Metric]:
         s, labels = engine.stats, [recorder.source]
         for counter in COUNTERS:  # the counter table `stats` shows too
             value = getattr(s, counter.field)
