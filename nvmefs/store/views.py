@@ -19,6 +19,14 @@ line counts as one entry), ahead of the reader and behind it together:
 A read at an offset whose bytes were dropped raises `Dropped` (fs.py answers it with an error); it
 never returns other bytes in their place.
 
+Bounded memory per group of handles. A ring's worth per handle is still a ring's worth times the
+handles a user can open: each stream may also be charged to a `Budget` (fs.py gives each user but
+root one, nested in one for all of them), which counts the bytes its streams keep. While a
+budget on a stream's chain is spent the stream renders nothing more: it first lets go of its own
+bytes behind its last read, and what still does not fit waits in the ring (and becomes a missed
+line if the ring overwrites it first), exactly as entries past the stream's own limit do. A
+stream's bytes go back to its budget when they are dropped or when the stream is closed.
+
 Horizon. A reader must reach an end even while entries arrive faster than it reads (`cat` during
 an error storm). Reads render no entry past the stream's horizon, at open the newest entry the ring
 held. A read that finds nothing more up to the horizon returns b"" (EOF), and the read after it
@@ -31,8 +39,10 @@ Shared rendering. Rendering is what costs (microseconds a line), so it is shared
 a view: sequence numbers are never reused and an entry's bytes depend only on the entry, so the
 bytes of each aligned run of `per_chunk` entries (seq k*per_chunk+1 .. (k+1)*per_chunk) are
 rendered once (`Rendered`), and a stream's pieces are references to those bytes rather than copies.
-Entries outside a whole chunk (the live tail, the edges of a gap) go through a per-line cache. Both
-caches are bounded: chunks by what a ring of the view's capacity can span, lines by a count.
+Entries outside a whole chunk (the live tail, the edges of a gap) go through a per-line cache, and
+the run of them a step joins is cached too (the last RUN_LIMIT runs), so handles opened on the same
+ring share those bytes as well. The caches are bounded: chunks by what a ring of the view's
+capacity can span, lines and runs by a count.
 """
 
 from __future__ import annotations
@@ -46,6 +56,10 @@ from nvmefs.store.ring import DebugRing, Entry
 
 MissedFn = Callable[[int, int, int], str]
 CHUNK = 256
+# Runs of single lines (less than a whole chunk) kept per view, so that handles opened on the same
+# ring share the bytes at its unaligned ends instead of each joining a copy: a few suffice, as the
+# handles of one moment all see the same ends.
+RUN_LIMIT = 8
 # Dropped pieces leave a hole at the front of a stream's lists; compact once it is this long and
 # at least half of them, so dropping stays O(1) amortized and bisect stays on a short list.
 COMPACT_AT = 64
@@ -53,6 +67,40 @@ COMPACT_AT = 64
 
 class Dropped(LookupError):
     """A read at an offset whose bytes the stream no longer keeps (see the module docstring)."""
+
+
+class Budget:
+    """A bound on a sum that a group may hold (bytes kept by streams, or open handles), nested in
+    the budget of a larger group: whatever is charged here is charged to every budget above.
+
+    Invariant: `used` is what was charged and not yet given back, to this budget and the budgets
+    nested in it. Nothing checks on charging: a holder asks `spent()` before it takes more, so
+    `used` passes `limit` by at most the one step taken while it was still below.
+    """
+
+    __slots__ = ("limit", "parent", "used")
+
+    def __init__(self, limit: int, parent: Budget | None = None) -> None:
+        self.limit = limit
+        self.parent = parent
+        self.used = 0
+
+    def spent(self) -> Budget | None:
+        """The outermost budget on the chain from here up that is used up, or None."""
+        found = None
+        b: Budget | None = self
+        while b is not None:
+            if b.used >= b.limit:
+                found = b
+            b = b.parent
+        return found
+
+    def charge(self, n: int) -> None:
+        """Add `n` (negative: give back) here and to every budget above."""
+        b: Budget | None = self
+        while b is not None:
+            b.used += n
+            b = b.parent
 
 
 class LineCache:
@@ -84,15 +132,16 @@ class LineCache:
 
 
 class Rendered:
-    """One view's rendering (text or JSON lines) with its shared caches: whole chunks, and
-    single lines for entries outside a whole chunk.
+    """One view's rendering (text or JSON lines) with its shared caches: whole chunks, single
+    lines for entries outside a whole chunk, and the runs of such lines a stream last joined.
 
-    Invariant: a cached chunk k holds the bytes of entries k*per_chunk+1 .. (k+1)*per_chunk under
-    the current way of showing entries; at most `chunk_limit` chunks are kept (enough to span a
-    ring of `capacity` entries), the oldest evicted first.
+    Invariant: a cached chunk k holds the bytes of entries k*per_chunk+1 .. (k+1)*per_chunk and a
+    cached run (after, n) those of entries after+1 .. after+n, under the current way of showing
+    entries; at most `chunk_limit` chunks (enough to span a ring of `capacity` entries) and
+    RUN_LIMIT runs are kept, the oldest evicted first.
     """
 
-    __slots__ = ("_chunks", "_render", "chunk_limit", "line", "per_chunk")
+    __slots__ = ("_chunks", "_render", "_runs", "chunk_limit", "line", "per_chunk")
 
     def __init__(
         self,
@@ -105,6 +154,7 @@ class Rendered:
         self.per_chunk = per_chunk
         self.line = LineCache(render, line_limit)
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
+        self._runs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         # Enough for every chunk a ring of `capacity` entries spans: older ones are unreachable
         # for new readers, and a reader that still needs them renders them again.
         self.chunk_limit = capacity // per_chunk + 2
@@ -122,9 +172,20 @@ class Rendered:
                 self._chunks.popitem(last=False)
         return data
 
+    def run(self, after: int, entries: list[Entry]) -> bytes:
+        """The bytes of the entries after+1 .. after+len(entries), which are `entries`."""
+        key = (after, len(entries))
+        data = self._runs.get(key)
+        if data is None:
+            data = self._runs[key] = b"".join(map(self.line, entries))
+            if len(self._runs) > RUN_LIMIT:
+                self._runs.popitem(last=False)
+        return data
+
     def clear(self) -> None:
         self.line.clear()
         self._chunks.clear()
+        self._runs.clear()
 
 
 class LogStream:
@@ -133,11 +194,14 @@ class LogStream:
     Invariants: bytes are only appended (`size()` never decreases and an offset's bytes never
     change); the kept pieces cover [`low`, `rendered_size`) and hold at most `limit` entries'
     worth (a missed line counts as one); pieces from the last read's offset on are never
-    dropped; every entry after the stream's start is rendered once or counted in a missed line.
+    dropped; every entry after the stream's start is rendered once or counted in a missed line;
+    once bound to a budget, the bytes it keeps (`rendered_size - low`) are charged to it, and no
+    step is taken while that budget, or one above it, is spent.
     """
 
     __slots__ = (
         "_base",
+        "_budget",
         "_counts",
         "_ends",
         "_held",
@@ -174,10 +238,33 @@ class LogStream:
         self._size = 0
         self._keep = 0  # the offset of the last read: nothing from here on is dropped
         self.read_end = 0  # where the last read ended: poll() readiness is "more than this"
+        self._budget: Budget | None = None
+
+    def bind(self, budget: Budget) -> None:
+        """Charge what this stream keeps, from now on, to `budget` (see the module docstring)."""
+        if self._budget is not None:
+            self._budget.charge(self._low - self._size)
+        self._budget = budget
+        budget.charge(self._size - self._low)
+
+    def close(self) -> int:
+        """Let go of every kept byte and give it back to the budget; how many bytes that was.
+        The stream is not read again after this."""
+        kept = self._size - self._low
+        if self._budget is not None:
+            self._budget.charge(-kept)
+            self._budget = None
+        self._pieces, self._ends, self._counts = [], [], []
+        self._base = 0
+        self._low = self._size
+        self._held = 0
+        return kept
 
     # -- taking entries from the ring -----------------------------------------------------------
 
     def _add(self, piece: bytes, count: int) -> None:
+        if self._budget is not None:
+            self._budget.charge(len(piece))
         self._size += len(piece)
         self._pieces.append(piece)
         self._ends.append(self._size)
@@ -185,19 +272,31 @@ class LogStream:
         self._held += count
 
     def _room(self, want: int) -> int:
-        """Free budget for `want` more entries by dropping pieces wholly behind the last read."""
-        if self._held + want > self.limit:
+        """Free room for `want` more entries by dropping pieces wholly behind the last read: the
+        entries it may take now (0 when its budget is spent even after dropping them)."""
+        budget = self._budget
+        if self._held + want > self.limit or (budget is not None and budget.spent()):
             pieces, ends, counts = self._pieces, self._ends, self._counts
             base, n = self._base, len(pieces)
-            while self._held + want > self.limit and base < n and ends[base] <= self._keep:
+            low = self._low
+            while (
+                base < n
+                and ends[base] <= self._keep
+                and (self._held + want > self.limit or (budget is not None and budget.spent()))
+            ):
                 self._held -= counts[base]
-                self._low = ends[base]
+                if budget is not None:
+                    budget.charge(low - ends[base])
+                low = ends[base]
                 pieces[base] = b""
                 base += 1
+            self._low = low
             if base >= COMPACT_AT and base * 2 >= n:
                 del pieces[:base], ends[:base], counts[:base]
                 base = 0
             self._base = base
+            if budget is not None and budget.spent():
+                return 0
         return self.limit - self._held
 
     def _step(self, horizon: int) -> bool:
@@ -237,7 +336,7 @@ class LogStream:
             self._last = last + per
             return True
         n = min(end - last, per - into, room)
-        self._add(b"".join(map(rendered.line, ring.read_after(last, n)[1])), n)
+        self._add(rendered.run(last, ring.read_after(last, n)[1]), n)
         self._last = last + n
         return True
 
@@ -310,13 +409,36 @@ class LogStream:
 
 
 class StaticStream:
-    """A snapshot taken at open (the stats file). Invariant: its bytes never change."""
+    """A snapshot taken at open (stats, nvmefs.prom). Invariant: its bytes never change; once
+    bound to a budget, their length is charged to it until the stream is closed."""
 
-    __slots__ = ("_data", "read_end")
+    __slots__ = ("_budget", "_data", "read_end")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
         self.read_end = 0
+        self._budget: Budget | None = None
+
+    @property
+    def data(self) -> bytes:
+        """The snapshot's bytes (shared, never copied: bytes do not change)."""
+        return self._data
+
+    def bind(self, budget: Budget) -> None:
+        """Charge the snapshot's bytes to `budget` until the stream is closed."""
+        if self._budget is not None:
+            self._budget.charge(-len(self._data))
+        self._budget = budget
+        budget.charge(len(self._data))
+
+    def close(self) -> int:
+        """Give the snapshot's bytes back to its budget and let go of them; their count."""
+        kept = len(self._data)
+        if self._budget is not None:
+            self._budget.charge(-kept)
+            self._budget = None
+        self._data = b""
+        return kept
 
     @property
     def rendered_size(self) -> int:

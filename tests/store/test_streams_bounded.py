@@ -12,7 +12,7 @@ from nvmefs.recorder import CONTROL_MAX, ControlError, Recorder
 from nvmefs.store.events import HostEvent
 from nvmefs.store.render import Clock, Renderer
 from nvmefs.store.ring import DebugRing, Entry
-from nvmefs.store.views import Dropped, LogStream, Rendered
+from nvmefs.store.views import Budget, Dropped, LogStream, Rendered
 
 MISSED = re.compile(r"^missed (\d+)$")
 
@@ -256,3 +256,107 @@ def test_a_control_write_over_the_limit_is_refused_whole() -> None:
     assert r.renderer.fmt == "full" and r.ring.cleared == 0
     r.control("format=seed".ljust(CONTROL_MAX))  # exactly the limit applies
     assert r.renderer.fmt == "seed"
+
+
+# -- budgets: what a group of streams (one user's handles) keeps together (issue 18) ------------
+
+
+def test_a_budget_counts_up_its_chain_and_names_the_outermost_spent() -> None:
+    top = Budget(10)
+    mid = Budget(6, top)
+    low = Budget(4, mid)
+    other = Budget(100, top)
+    low.charge(3)
+    assert (low.used, mid.used, top.used) == (3, 3, 3) and low.spent() is None
+    low.charge(1)
+    assert low.spent() is low
+    other.charge(6)
+    assert low.spent() is top and other.spent() is top  # the shared bound, not their own
+    low.charge(-4)
+    other.charge(-6)
+    assert (low.used, mid.used, top.used, other.used) == (0, 0, 0, 0) and top.spent() is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 60)),
+            st.tuples(st.just("open"), st.just(0)),
+            st.tuples(st.just("read"), st.integers(0, 10_000)),
+            st.tuples(st.just("size"), st.integers(0, 10_000)),
+            st.tuples(st.just("close"), st.integers(0, 10_000)),
+        ),
+        max_size=60,
+    ),
+    capacity=st.integers(1, 30),
+    per_chunk=st.integers(1, 6),
+    limit=st.integers(1, 600),
+)
+def test_streams_sharing_a_budget_keep_within_it_and_still_lose_no_entry_silently(
+    ops: list[tuple[str, int]], capacity: int, per_chunk: int, limit: int
+) -> None:
+    ring, rendered = setup(capacity, per_chunk)
+    budget = Budget(limit)
+    longest = len(render((10_000, 0, 0, None)))
+    step = max(longest * per_chunk, 20) + 20  # one step: a missed line and a chunk or a run
+
+    def opened() -> tuple[LogStream, bytearray]:
+        s = LogStream(ring, rendered, missed)
+        s.bind(budget)
+        return s, bytearray()
+
+    first = opened()  # opened before any entry: it must account for all of them
+    open_ = [first]
+    for op, arg in ops:
+        if op == "append":
+            append(ring, arg)
+        elif op == "open":
+            open_.append(opened())
+        else:
+            stream, seen = open_[arg % len(open_)]
+            if op == "read":
+                seen += stream.read(len(seen), 1 + arg % 300)
+            elif op == "size":
+                assert stream.size() >= len(seen)
+            elif stream is not first[0]:
+                open_.remove((stream, seen))
+                assert stream.close() >= 0
+        kept = sum(s.rendered_size - s.low for s, _ in open_)
+        assert budget.used == kept  # every kept byte is charged, and only those
+        assert budget.used <= limit + step
+    for stream, _ in open_[1:]:
+        stream.close()
+    # Once the others are gone the first reads on: every entry shown or counted missed.
+    stream, seen = first
+    data = bytes(seen)
+    eofs = 0
+    while eofs < 2:
+        more = stream.read(len(data), 1000)
+        eofs = 0 if more else eofs + 1
+        data += more
+    seqs, lost, _ = parse(data)
+    assert seqs == sorted(set(seqs)) and len(seqs) + lost == ring.appended
+    stream.close()
+    assert budget.used == 0
+
+
+def test_a_spent_budget_holds_a_reader_back_and_what_it_missed_is_counted() -> None:
+    ring, rendered = setup(8, per_chunk=2)
+    append(ring, 8)
+    budget = Budget(1)  # one byte: spent by the first step
+    hog = LogStream(ring, rendered, missed)
+    hog.bind(budget)
+    assert hog.size() > 0 and budget.spent() is budget
+    reader = LogStream(ring, rendered, missed)
+    reader.bind(budget)
+    assert reader.size() == 0 and reader.read(0, 1 << 20) == b""  # held back, not memory
+    append(ring, 20)  # the ring moves on meanwhile
+    hog.close()
+    budget.limit = 1 << 20
+    data = b""
+    while more := reader.read(len(data), 1 << 20):
+        data += more
+    seqs, lost, _ = parse(data)
+    assert lost > 0 and len(seqs) + lost == ring.appended  # each shown or counted missed
+    assert budget.used == reader.rendered_size - reader.low

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
@@ -9,7 +11,7 @@ from nvmefs.nvme.status import Translator
 from nvmefs.recorder import ControlError, Recorder
 from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.render import Clock, Renderer
-from nvmefs.store.ring import DebugRing
+from nvmefs.store.ring import DebugRing, Entry
 from nvmefs.store.views import Dropped, LineCache, LogStream, Rendered
 
 
@@ -19,7 +21,12 @@ def recorder(capacity: int = 8) -> Recorder:
 
 def test_line_cache_renders_once_and_evicts_the_oldest() -> None:
     calls: list[int] = []
-    cache = LineCache(lambda e: calls.append(e[0]) or f"line {e[0]}\n", limit=2)
+
+    def render(e: Entry) -> str:
+        calls.append(e[0])
+        return f"line {e[0]}\n"
+
+    cache = LineCache(render, limit=2)
     for seq in (1, 2, 1, 3, 1):
         assert cache((seq, 0, 0, None)) == f"line {seq}\n".encode()
     assert calls == [1, 2, 3, 1]  # 1 rendered again only after eviction
@@ -110,8 +117,8 @@ def test_chunked_streams_read_the_same_at_any_offset_and_render_each_entry_at_mo
     ring = DebugRing(capacity)
     renders: dict[int, int] = {}
 
-    def render(e: object) -> str:
-        seq = e[0]  # type: ignore[index]
+    def render(e: Entry) -> str:
+        seq = e[0]
         renders[seq] = renders.get(seq, 0) + 1
         return f"entry {seq} " + "x" * (seq % 7) + "\n"
 
@@ -171,3 +178,21 @@ def test_chunked_streams_read_the_same_at_any_offset_and_render_each_entry_at_mo
         if i == 0:  # open before anything was appended: every entry shown or counted missed
             assert lost + len(seqs) == n
     assert all(count <= 2 for count in renders.values())
+
+
+def test_streams_opened_on_the_same_ring_share_its_bytes_rather_than_copy_them() -> None:
+    """Issue 18: a thousand handles each read and stat()ed kept a ring's worth apiece. On the
+    same ring they share the rendered bytes: whole chunks, and the runs of lines at its ends."""
+    r = recorder(capacity=1024)
+    for i in range(1000):  # three whole chunks, then a run of 232 lines: not aligned
+        r.ring.append(HostEvent("notice", f"event {i} " + "x" * 100))
+    worth = r.text_stream().size()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        streams = [r.text_stream() for _ in range(200)]
+        assert all(s.size() == worth for s in streams)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < len(streams) * worth / 20, (grown, worth)
