@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import stat
+import time
 
 import trio
 
@@ -66,6 +67,12 @@ LINGER_S = 1.0
 LINGER_BYTES = 64 << 10
 # The pause after accept() failed for want of descriptors or memory, before trying again.
 ACCEPT_RETRY_S = 0.1
+# An HTTP answer is rendered at most once per this many seconds per format asked for (a flood of
+# requests must not take the event loop from the engine), and for at most this many formats.
+CACHE_S = 1.0
+CACHE_FORMATS = 4
+# A request that fails on a bug of ours is logged at most once per this many seconds.
+FAILURE_LOG_S = 60.0
 # The mode of the prom file: node_exporter runs as its own user and must be able to read it.
 PROM_MODE = 0o644
 
@@ -162,6 +169,9 @@ class Exporter:
         self.listener = listener
         self._written: tuple[int, int] | None = None
         self._failing = False  # the last write of the prom file failed
+        self._cache: dict[str, tuple[float, bytes, str]] = {}  # Accept -> (made, body, type)
+        self.failed_requests = 0  # requests that failed on a bug of ours (logged)
+        self._failure_logged = -FAILURE_LOG_S
 
     @classmethod
     def open(cls, opts: Parsed, metrics: Metrics | None = None) -> Exporter | None:
@@ -269,23 +279,57 @@ class Exporter:
         # A client that went away, or was dropped, is owed no answer.
         gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
         try:
-            with contextlib.suppress(*gone):
-                head: bytes | None = None
-                try:
-                    with scope:
-                        head = await _read_head(stream)
-                finally:
-                    waiting.leave(scope)
-                if head is None:
-                    return  # dropped, too slow, or closed before a whole request
-                scope = answering.enter(trio.current_time() + ANSWER_TIMEOUT_S)
-                try:
-                    with scope:
-                        await self._exchange(stream, head, recorder)
-                finally:
-                    answering.leave(scope)
+            try:
+                await self._serve_one(stream, scope, waiting, answering, recorder, gone)
+            except Exception:  # a bug answering one client must not end the daemon
+                self.failed_requests += 1
+                now = time.monotonic()
+                if now - self._failure_logged >= FAILURE_LOG_S:
+                    self._failure_logged = now
+                    log.exception(
+                        "metrics_listen: a request failed (%d so far)", self.failed_requests
+                    )
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _serve_one(
+        self,
+        stream: trio.SocketStream,
+        scope: trio.CancelScope,
+        waiting: Phase,
+        answering: Phase,
+        recorder: Recorder,
+        gone: tuple[type[BaseException], ...],
+    ) -> None:
+        """Read one request and answer it (a client gone is owed nothing)."""
+        with contextlib.suppress(*gone):
+            head: bytes | None = None
+            try:
+                with scope:
+                    head = await _read_head(stream)
+            finally:
+                waiting.leave(scope)
+            if head is None:
+                return  # dropped, too slow, or closed before a whole request
+            scope = answering.enter(trio.current_time() + ANSWER_TIMEOUT_S)
+            try:
+                with scope:
+                    await self._exchange(stream, head, recorder)
+            finally:
+                answering.leave(scope)
+
+    def _encoded(self, recorder: Recorder, accept: str) -> tuple[bytes, str]:
+        """The exposition in the format `accept` asks for, made at most once per CACHE_S per
+        format: a flood of requests costs a render a second, not one each."""
+        now = time.monotonic()
+        cached = self._cache.get(accept)
+        if cached is not None and now - cached[0] < CACHE_S:
+            return cached[1], cached[2]
+        body, content_type = self.metrics.encode(recorder, accept)
+        if len(self._cache) >= CACHE_FORMATS:  # the header is the client's: keep a few
+            self._cache.clear()
+        self._cache[accept] = (now, body, content_type)
+        return body, content_type
 
     async def _exchange(self, stream: trio.SocketStream, head: bytes, recorder: Recorder) -> None:
         """Answer the request `head` (as _read_head returned it), then linger."""
@@ -299,7 +343,7 @@ class Exporter:
             await _respond(stream, 404, "not found: the metrics are at /metrics\n",
                            head_only=request.method == "HEAD")  # fmt: skip
         else:
-            body, content_type = self.metrics.encode(recorder, request.headers.get("accept", ""))
+            body, content_type = self._encoded(recorder, request.headers.get("accept", ""))
             await _respond(stream, 200, body, [("Content-Type", content_type)],
                            head_only=request.method == "HEAD")  # fmt: skip
         await _linger(stream)

@@ -120,7 +120,12 @@ class Metrics:
     def encode(self, recorder: Recorder, accept: str) -> tuple[bytes, str]:
         """The metrics in the format an HTTP Accept header asks for, and its content type
         (the text format 0.0.4 unless the client prefers OpenMetrics)."""
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except Exception:
+            # prometheus_client trusts the header's version= too much (a TypeError on
+            # `version=a`): a header it cannot read gets what a client without one gets.
+            encoder, content_type = choose_encoder("")
         return encoder(self.registry(recorder)), content_type
 
     def families(self, recorder: Recorder) -> Iterator[Metric]:

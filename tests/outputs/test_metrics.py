@@ -690,3 +690,76 @@ async def test_stats_and_the_metrics_read_one_counter_table() -> None:
             want = getattr(engine.stats, counter.field)
             assert int(shown[counter.field]) == want
             assert value(got, counter.metric, source=rec.source) == want
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text; version=a",
+        "application/openmetrics-text; version=1.a",
+        "text/plain; version=a",
+        "application/openmetrics-text; version=" + "9" * 5000,
+    ],
+)
+async def test_an_accept_header_prometheus_client_cannot_read_gets_the_text_format(
+    accept: str,
+) -> None:
+    # Once a TypeError inside prometheus_client that ended the daemon (a hostile user's finding).
+    rec = recorder(DebugRing(8), source="sim")
+    async with serving(rec) as port:
+        code, headers, body = await request(port, get("/metrics", f"Accept: {accept}"))
+        assert code == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert b"nvmefs_info" in body
+        code, _, _ = await request(port, get("/metrics"))  # and the server is still there
+        assert code == 200
+
+
+async def test_a_bug_answering_one_request_ends_neither_the_server_nor_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec = recorder(DebugRing(8), source="sim")
+    exporter = Exporter(Metrics(), listener=socket.create_server(("127.0.0.1", 0)))
+    assert exporter.listener is not None
+    port: int = exporter.listener.getsockname()[1]
+    calls = 0
+
+    def encode(recorder: Recorder, accept: str) -> tuple[bytes, str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug of ours")
+        return b"ok 1\n", "text/plain"
+
+    monkeypatch.setattr(exporter.metrics, "encode", encode)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run, rec)
+        with pytest.raises((trio.BrokenResourceError, ValueError, IndexError)):
+            await request(port, get("/metrics"))  # closed without an answer
+        code, _, body = await request(port, get("/metrics", "Accept: x/y"))
+        assert (code, body, exporter.failed_requests) == (200, b"ok 1\n", 1)
+        nursery.cancel_scope.cancel()
+    exporter.close()
+
+
+async def test_a_request_flood_renders_the_exposition_once_a_second() -> None:
+    rec = recorder(DebugRing(8), source="sim")
+    exporter = Exporter(Metrics(), listener=socket.create_server(("127.0.0.1", 0)))
+    renders = 0
+    real = exporter.metrics.encode
+
+    def counting(recorder: Recorder, accept: str) -> tuple[bytes, str]:
+        nonlocal renders
+        renders += 1
+        return real(recorder, accept)
+
+    exporter.metrics.encode = counting  # type: ignore[method-assign]
+    assert exporter.listener is not None
+    port: int = exporter.listener.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run, rec)
+        for _ in range(50):
+            code, _, _ = await request(port, get("/metrics"))
+            assert code == 200
+        nursery.cancel_scope.cancel()
+    exporter.close()
+    assert renders <= 3  # 50 requests within a second or two
