@@ -178,7 +178,7 @@ async def _serve(
     ready: _Ready,
 ) -> None:
     async with running(src, engine, opts):
-        fs = NvmeFS(recorder, mountpoint=mountpoint, metrics=outputs.metrics)
+        fs = NvmeFS(recorder, mountpoint=mountpoint, prom=outputs.metrics.exposition)
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as e:

@@ -3,7 +3,7 @@
     nvme_circular_buffer        0444  the ring as text lines
     nvme_circular_buffer.jsonl  0444  the same entries as JSON lines
     stats                       0444  name value lines
-    nvmefs.prom                 0444  the metrics in Prometheus's text format (outputs/metrics.py)
+    nvmefs.prom                 0444  the metrics in Prometheus's text format (what `prom` makes)
     control                     0200  clear, log=..., profile=..., format=..., clock=...
 
 stats and nvmefs.prom are snapshots taken at open, so reads at any offset and size agree (and a
@@ -64,7 +64,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from nvmefs.outputs.metrics import Metrics
+from nvmefs.linux import mountinfo
 from nvmefs.recorder import ControlError, Recorder
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
@@ -189,11 +189,6 @@ def _malloc_trim() -> Callable[[], object]:
     return lambda: trim(0)
 
 
-def _unescape(field: bytes) -> bytes:
-    # mountinfo writes space, tab, newline and backslash in paths as \ooo.
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
 class MountWatch:
     """Whether this filesystem is still mounted anywhere, from /proc/self/mountinfo.
 
@@ -206,43 +201,29 @@ class MountWatch:
     def __init__(self, mountpoint: str) -> None:
         # Resolved by the caller: once mounted, looking the path up would ask this filesystem,
         # from the thread that has to answer.
-        self.path = os.fsencode(mountpoint)
-        self.dev: bytes | None = None
+        self.path = mountpoint
+        self.dev: str | None = None
         self.mounted = True
         self._fd: int | None = None
         self._poll = select.poll()
 
-    def _lines(self) -> list[list[bytes]]:
-        assert self._fd is not None
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        chunks = []
-        while data := os.read(self._fd, 1 << 16):
-            chunks.append(data)
-        out = []
-        for line in b"".join(chunks).splitlines():
-            left, _, right = line.partition(b" - ")
-            fields = left.split()
-            if len(fields) >= 5 and right:
-                out.append([fields[2], _unescape(fields[4]), right.split()[0]])
-        return out
-
     def start(self) -> None:
-        self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = os.open(mountinfo.PATH, os.O_RDONLY | os.O_CLOEXEC)
         self._poll.register(self._fd, select.POLLPRI)
-        for dev, point, fstype in self._lines():
-            if point == self.path and fstype.startswith(b"fuse"):
-                self.dev = dev  # the last one listed is the one on top
+        for m in mountinfo.read(self._fd):
+            if m.point == self.path and m.fstype.startswith("fuse"):
+                self.dev = m.dev  # the last one listed is the one on top
         self.mounted = True
 
     def still_mounted(self) -> bool:
         if self._fd is None:
             return True
         if self._poll.poll(0):  # the mount table changed since the last look
-            lines = self._lines()
+            table = mountinfo.read(self._fd)
             if self.dev is not None:
-                self.mounted = any(dev == self.dev for dev, _, _ in lines)
+                self.mounted = any(m.dev == self.dev for m in table)
             else:
-                self.mounted = any(point == self.path for _, point, _ in lines)
+                self.mounted = any(m.point == self.path for m in table)
         return self.mounted
 
 
@@ -328,14 +309,16 @@ class NvmeFS(pyfuse3.Operations):
     opened it (`_quotas`), and the budgets of all handles count every one of them."""
 
     def __init__(
-        self, recorder: Recorder, mountpoint: str | None = None, metrics: Metrics | None = None
+        self,
+        recorder: Recorder,
+        mountpoint: str | None = None,
+        prom: Callable[[Recorder], bytes] | None = None,
     ) -> None:
         super().__init__()
         self.recorder = recorder
-        # The daemon's metrics, attached to the ring before its start entry; without them, the
-        # host events are counted from here on.
-        self.metrics = metrics or Metrics()
-        self.metrics.attach(recorder.ring)
+        # What nvmefs.prom holds: the daemon's metrics exposition (the outputs, peers of this
+        # layer, own the metrics); empty without it.
+        self.prom = prom or (lambda _recorder: b"")
         self.mounted_ns = time.time_ns()
         # Set it to have the daemon end once lazily unmounted (umount -l) and the last open
         # handle is closed: the kernel keeps such a mount alive while handles are open.
@@ -406,10 +389,9 @@ class NvmeFS(pyfuse3.Operations):
         if inode == PROM:
             return time.time_ns()  # made at open: as fresh as the moment it is looked at
         if inode in (BUF, JSONL):
-            ring = self.recorder.ring
-            _, newest = ring.read_after(ring.last_seq - 1)
-            if newest:
-                return newest[0][WALL_NS]
+            newest = self.recorder.ring.newest()
+            if newest is not None:
+                return newest[WALL_NS]
         return self.mounted_ns
 
     def _tgid(self, tid: int) -> int:
@@ -457,7 +439,7 @@ class NvmeFS(pyfuse3.Operations):
         if last is not None and not fresh and now - last[0] < SNAPSHOT_SIZE_TTL:
             return last[1]
         r = self.recorder
-        data = self.metrics.exposition(r) if inode == PROM else r.stats_stream().data
+        data = self.prom(r) if inode == PROM else r.stats_stream().data
         if last is not None and data == last[1]:
             data = last[1]  # unchanged: the handles opened meanwhile share one copy
         self._snapshots[inode] = (now, data)

@@ -19,8 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("nvmefs.sim",),
     ("nvmefs.workloads", "nvmefs.options"),
     ("nvmefs.sources", "nvmefs.recorder"),
-    ("nvmefs.outputs",),
-    ("nvmefs.fs", "nvmefs.mountpoint"),
+    ("nvmefs.outputs", "nvmefs.fs", "nvmefs.mountpoint"),  # peers: see PEERS
     ("nvmefs.daemon",),
     ("nvmefs.cli",),
     ("nvmefs.__main__",),
@@ -241,3 +240,43 @@ def test_the_counter_rule_catches_what_it_is_for(source: str, tmp_path: Path) ->
     path = tmp_path / "bad.py"
     path.write_text(source)
     assert list(stats_mutations(path))
+
+
+# Peers over the recorder: the outputs and the filesystem never import each other.
+PEERS = ("nvmefs.outputs", "nvmefs.fs")
+
+
+def test_the_outputs_and_the_filesystem_are_peers() -> None:
+    g = graph()
+
+    def side(m: str) -> str | None:
+        return next((p for p in PEERS if m == p or m.startswith(p + ".")), None)
+
+    crossing = [
+        f"{m} imports {n}"
+        for m, deps in g.items()
+        for n in deps
+        if side(m) is not None and side(n) is not None and side(m) != side(n)
+    ]
+    assert crossing == []
+
+
+# The one way to read the ring: its cursor (store/ring.py). read_after is the ring's own.
+READERS = {"nvmefs.store.ring"}
+
+
+def ring_reads(path: Path) -> Iterator[int]:
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "read_after":
+            yield node.lineno
+
+
+def test_every_consumer_reads_the_ring_through_its_cursor() -> None:
+    found = [
+        f"{p.relative_to(PKG.parent)}:{line}"
+        for m, p in modules().items()
+        if m not in READERS
+        for line in ring_reads(p)
+    ]
+    assert found == []

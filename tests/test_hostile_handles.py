@@ -293,7 +293,7 @@ mnt = sys.argv[1]
 ring = DebugRing(64)
 ring.append(HostEvent("notice", "hello"))
 recorder = CountingRecorder(ring, Renderer(Clock("jiffies", 1000)))
-fs = NvmeFS(recorder, mountpoint=mnt, metrics=CountingMetrics())
+fs = NvmeFS(recorder, mountpoint=mnt, prom=CountingMetrics().exposition)
 pyfuse3.init(fs, mnt, {"fsname=test", "subtype=nvmefs", "allow_other"})
 
 

@@ -166,6 +166,10 @@ class DebugRing:
         """Oldest first, retained entries only."""
         return iter(self.read_after(0)[1])
 
+    def newest(self) -> Entry | None:
+        """The newest retained entry (a look, not a read: it moves no one's place)."""
+        return None if self._next == self._start else self._buf[(self._next - 1) % self.capacity]
+
     def read_after(self, seq: int, limit: int | None = None) -> tuple[int, list[Entry]]:
         """Entries with sequence number > seq, oldest first, at most `limit` of them.
 

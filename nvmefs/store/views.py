@@ -52,7 +52,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from nvmefs.store.ring import DebugRing, Entry
+from nvmefs.store.ring import Cursor, DebugRing, Entry
 
 MissedFn = Callable[[int, int, int], str]
 CHUNK = 256
@@ -203,11 +203,11 @@ class LogStream:
         "_base",
         "_budget",
         "_counts",
+        "_cursor",
         "_ends",
         "_held",
         "_horizon",
         "_keep",
-        "_last",
         "_low",
         "_missed",
         "_pieces",
@@ -225,7 +225,8 @@ class LogStream:
         self._rendered = rendered
         self._missed = missed
         self.limit = max(1, ring.capacity if limit is None else limit)
-        self._last = ring.first_seq - 1  # the last entry taken: start at the oldest retained
+        # The stream's place in the ring (the last entry taken): from the oldest retained on.
+        self._cursor = Cursor(ring, ring.first_seq - 1)
         self._horizon = ring.last_seq  # -1: set at the next read (the last one was an EOF)
         # The kept pieces are _pieces[_base:]; _ends[i] is the offset where piece i ends and
         # _counts[i] the entries it holds. Dropped pieces are b"" until compaction.
@@ -308,7 +309,7 @@ class LogStream:
         room = self._room(per)
         if room <= 0:
             return False
-        last = self._last
+        last = self._cursor.last
         if last >= horizon:
             return False
         first = ring.first_seq
@@ -318,7 +319,7 @@ class LogStream:
             # reader slower than the ring would get a new missed line on every read, never EOF.
             upto = min(first - 1, horizon)
             lost = upto - last
-            self._last = last = upto
+            self._cursor.last = last = upto
             self._add(self._missed(lost, time.monotonic_ns(), time.time_ns()).encode(), 1)
             room -= 1
             # Go on with the entries after the gap in the same step: a reader slower than the
@@ -331,14 +332,21 @@ class LogStream:
         if into == 0 and end - last >= per and room >= per:  # a whole chunk: shared bytes
             data = rendered.cached(k)
             if data is None:
-                data = rendered.chunk(k, ring.read_after(last, per)[1])
+                data = rendered.chunk(k, self._take(per))
+            else:
+                self._cursor.last = last + per  # the shared bytes stand for these entries
             self._add(data, per)
-            self._last = last + per
             return True
         n = min(end - last, per - into, room)
-        self._add(rendered.run(last, ring.read_after(last, n)[1]), n)
-        self._last = last + n
+        self._add(rendered.run(last, self._take(n)), n)
         return True
+
+    def _take(self, n: int) -> list[Entry]:
+        """The next `n` entries from the cursor: all still in the ring (a gap was made a missed
+        line before, in the same step)."""
+        missed, entries = self._cursor.take(n)
+        assert missed == 0 and len(entries) == n
+        return entries
 
     # -- what readers see -----------------------------------------------------------------------
 
@@ -405,7 +413,7 @@ class LogStream:
     def has_unread(self) -> bool:
         """Whether a read at `read_end` would return bytes (or a missed line) right now."""
         ring = self._ring
-        return self._size > self.read_end or ring.last_seq > self._last
+        return self._size > self.read_end or ring.last_seq > self._cursor.last
 
 
 class StaticStream:
