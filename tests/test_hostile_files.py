@@ -4,6 +4,11 @@ Each test plays an unprivileged user (tests/hostile.py: a real account, commands
 setpriv) against a real mount, under the kernel's fs.protected_* settings both as a stock host
 has them and all off: nvmefs must hold without them. A victim file of root's outside the
 journal's directory must never change (content, size, inode and mtime compared).
+
+A directory other users can write in (a sticky /tmp included) is refused for every output: there
+a user takes any name that is free for a moment, and hard links bring in other files of root's.
+What is left at the outputs' names in a directory only root writes (by an administrator, a
+package, a script: planted here by root) is never followed, adopted or written through either.
 """
 
 from __future__ import annotations
@@ -59,13 +64,13 @@ def rotations(mnt: Path) -> int:
     return int(stats(mnt)["journal_rotations"])
 
 
-def test_links_at_every_name_a_user_can_foresee_never_redirect_a_write(
-    tmp_path: Path, hostile_user: HostileUser, protected: str, victim: Path
+def test_links_at_every_name_foreseen_never_redirect_a_write(
+    tmp_path: Path, protected: str, victim: Path
 ) -> None:
-    with hostile.public_dir() as d:  # a /tmp of its own: root's, sticky, writable by all
+    with hostile.public_dir(0o755) as d:
         # The names earlier versions used for a rotation's new file, and the rotated names.
         for name in (".hj.jsonl.new", "hj.jsonl.1", "hj.jsonl.2", "hj.jsonl.3", "hj.jsonl.4"):
-            hostile_user.run("ln", "-s", str(victim), str(d / name))
+            os.symlink(victim, d / name)
         with storm(tmp_path, d / "hj.jsonl", ",journal_size=64K") as mnt:
             wait_for(lambda: rotations(mnt) >= 6, 60, "six rotations")
             s = stats(mnt)
@@ -86,15 +91,16 @@ PLANTS = {
     "dir-symlink": "is a symbolic link owned by uid",
     "user-dir": "owned by uid",
     "world-writable-dir": "writable by every user",
+    "sticky-dir": "writable by every user",
 }
-# The prom file is never opened, only replaced by a rename: what is planted at its name does
-# not matter, where it goes does.
-PROM_PLANTS = ("dir-symlink", "user-dir", "world-writable-dir")
+# Where the file is found, not what is at its name: the prom file is only ever replaced by a
+# rename, a syslog socket only connected to.
+DIR_PLANTS = ("dir-symlink", "user-dir", "world-writable-dir", "sticky-dir")
 
 
 @pytest.mark.parametrize(
     ("option", "plant"),
-    [("journal", p) for p in PLANTS] + [("prom", p) for p in PROM_PLANTS],
+    [("journal", p) for p in PLANTS] + [(o, p) for o in ("prom", "syslog") for p in DIR_PLANTS],
 )
 def test_a_path_a_user_could_turn_is_refused_before_mounting(
     tmp_path: Path,
@@ -105,22 +111,29 @@ def test_a_path_a_user_could_turn_is_refused_before_mounting(
     option: str,
 ) -> None:
     message = PLANTS[plant]
-    name = "hj.jsonl" if option == "journal" else "h.prom"
+    name = {"journal": "hj.jsonl", "prom": "h.prom", "syslog": "log.sock"}[option]
     owner = hostile_user.uid if plant == "user-dir" else 0
-    mode = 0o777 if plant == "world-writable-dir" else 0o755 if plant == "user-dir" else 0o1777
+    mode = {"world-writable-dir": 0o777, "sticky-dir": 0o1777, "dir-symlink": 0o1777}.get(
+        plant, 0o755
+    )
     with hostile.public_dir(mode, owner) as d:
         path = d / name
-        if plant == "symlink":
-            hostile_user.run("ln", "-s", str(victim), str(path))
+        if plant == "symlink":  # left by someone root trusted: never followed all the same
+            os.symlink(victim, path)
         elif plant == "user-file":
-            hostile_user.run("sh", "-c", f"printf '' > {path} && chmod 666 {path}")
-        elif plant == "hardlink":  # as root: protected_hardlinks keeps the user from it
+            path.write_bytes(b"")
+            os.chown(path, hostile_user.uid, hostile_user.gid)
+            path.chmod(0o666)
+        elif plant == "hardlink":
             os.link(victim, path)
         elif plant == "fifo":
-            hostile_user.run("mkfifo", str(path))
+            os.mkfifo(path)
         elif plant == "dir-symlink":
             hostile_user.run("ln", "-s", str(victim.parent), str(d / "link"))
             path = d / "link" / name
+        if option == "syslog" and plant != "dir-symlink":  # the user's own socket there
+            bind = f"socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).bind({str(path)!r})"
+            hostile_user.run("/usr/bin/python3", "-c", f"import socket; {bind}")
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         started = time.monotonic()
@@ -133,17 +146,18 @@ def test_a_path_a_user_could_turn_is_refused_before_mounting(
             os.unlink(path)
 
 
-def test_after_a_move_a_link_a_user_puts_at_path_is_replaced_never_written(
-    tmp_path: Path, hostile_user: HostileUser, protected: str, victim: Path
+def test_after_a_move_a_link_at_path_is_replaced_never_written(
+    tmp_path: Path, protected: str, victim: Path
 ) -> None:
-    with hostile.public_dir() as d:
+    with hostile.public_dir(0o755) as d:
         path = d / "hj.jsonl"
         with storm(tmp_path, path, ",journal_size=64M") as mnt:
             wait_for(lambda: path.stat().st_size > 10_000, 30, "journal lines")
             for i in range(3):
                 # What logrotate does, and a user quick enough to take the name at once.
                 os.rename(path, d / f"moved.{i}")
-                hostile_user.run("ln", "-s", str(victim), str(path), check=False)
+                with contextlib.suppress(FileExistsError):  # unless the journal was quicker
+                    os.symlink(victim, path)
                 wait_for(
                     lambda: not path.is_symlink() and path.exists() and path.stat().st_size > 0,
                     10,
@@ -155,19 +169,17 @@ def test_after_a_move_a_link_a_user_puts_at_path_is_replaced_never_written(
             assert s["journal_state"] == "writing" and s["journal_lost"] == "0", s
 
 
-def test_a_directory_at_a_foreseeable_name_stops_nothing(
-    tmp_path: Path, hostile_user: HostileUser, protected: str
-) -> None:
-    with hostile.public_dir() as d:
+def test_a_directory_at_a_foreseeable_name_stops_nothing(tmp_path: Path, protected: str) -> None:
+    with hostile.public_dir(0o755) as d:
         path = d / "hj.jsonl"
         for name in (".hj.jsonl.new", "hj.jsonl.1", ".hj.jsonl.0.new"):
-            hostile_user.run("mkdir", str(d / name))
+            (d / name).mkdir()
         with storm(tmp_path, path, ",journal_size=64K") as mnt:
             wait_for(lambda: rotations(mnt) >= 4, 60, "four rotations")
             s = stats(mnt)
             assert s["journal_state"] == "writing" and s["journal_lost"] == "0", s
             assert int(s["journal_squatted"]) >= 1  # hj.jsonl.1 could not be had: said so
-        assert (d / "hj.jsonl.1").is_dir()  # another user's: left alone
+        assert (d / "hj.jsonl.1").is_dir()  # not the journal's: left alone
         # The history is the live file alone now (each rotation had to drop the one before):
         # the next start replays its complete lines and goes on after them.
         kept = [json.loads(ln)["seq"] for ln in path.read_bytes().split(b"\n")[:-1]]
@@ -179,7 +191,7 @@ def test_a_directory_at_a_foreseeable_name_stops_nothing(
 
 
 def test_a_fifo_and_a_huge_line_in_rotated_files_cost_nothing_at_start(
-    tmp_path: Path, hostile_user: HostileUser, protected: str
+    tmp_path: Path, protected: str
 ) -> None:
     from nvmefs.nvme.status import Translator
     from nvmefs.store.events import NvmeEvent
@@ -192,7 +204,7 @@ def test_a_fifo_and_a_huge_line_in_rotated_files_cost_nothing_at_start(
         ev = NvmeEvent(status, "sim0", 1, 1, 7, 0x02, False, seq, 8, 0)
         return r.json_line((seq, 1, 2, ev)).encode()
 
-    with hostile.public_dir() as d:
+    with hostile.public_dir(0o755) as d:
         path = d / "hj.jsonl"
         path.write_bytes(line(6) + line(7))
         path.chmod(0o640)
@@ -202,7 +214,7 @@ def test_a_fifo_and_a_huge_line_in_rotated_files_cost_nothing_at_start(
             f.seek(256 << 20, os.SEEK_CUR)
             f.write(b"x\n" + line(4) + line(5))
         (d / "hj.jsonl.1").chmod(0o640)
-        hostile_user.run("mkfifo", str(d / "hj.jsonl.2"))
+        os.mkfifo(d / "hj.jsonl.2")
         started = time.monotonic()
         with mounted(tmp_path, f"workload=idle,journal={path}") as mnt:
             took = time.monotonic() - started
@@ -220,3 +232,21 @@ def test_a_fifo_and_a_huge_line_in_rotated_files_cost_nothing_at_start(
         assert [x["seq"] for x in recs if x.get("replayed")] == [1, 2, 3, 4, 5, 6, 7]
         notice = recs[7]["message"]
         assert "1 unreadable lines skipped" in notice and "hj.jsonl.2" in notice, notice
+
+
+def test_a_journal_that_cannot_rotate_stops_at_twice_its_size_and_says_so(
+    tmp_path: Path, protected: str
+) -> None:
+    with hostile.public_dir(0o755) as d:
+        path = d / "hj.jsonl"
+        with storm(tmp_path, path, ",journal_size=64K") as mnt:
+            wait_for(lambda: path.exists() and path.stat().st_size > 1000, 30, "journal lines")
+            os.rename(path, d / "moved")  # logrotate...
+            path.mkdir()  # ...and something in the way of every new file at PATH
+            wait_for(lambda: stats(mnt)["journal_state"] == "stalled", 60, "the journal to stall")
+            s = stats(mnt)
+            assert int(s["journal_lost"]) > 0 and "cannot rotate" in s["journal_problem"], s
+            assert (d / "moved").stat().st_size <= 2 * (64 << 10)  # bounded: no unbounded growth
+            path.rmdir()  # out of the way: it writes again, to a new PATH
+            wait_for(lambda: stats(mnt)["journal_state"] == "writing", 30, "writing again")
+            wait_for(lambda: path.is_file(), 10, "a new journal at PATH")

@@ -12,7 +12,8 @@ The rules, after OpenSSH's StrictModes and logrotate's refusal of insecure direc
   root (or the daemon's own user) owns it, and keeps a descriptor of the directory it reached:
   every later operation is relative to that descriptor, so renaming or replacing a directory on
   the path afterwards changes nothing. The directory itself must be owned by a trusted user and
-  writable by nobody else: not by others unless it is sticky and root's (as /tmp is), not by
+  writable by nobody else: not by others, sticky or not (in /tmp another user takes any name
+  that is free for a moment, and hard links there can bring in another file of root's), not by
   its group unless the group is root's.
 - No operation follows a symbolic link in it (O_NOFOLLOW, and *at calls without following).
 - A new file is created with O_EXCL: under a name nobody can predict (`create_temp`) when it is
@@ -60,9 +61,12 @@ def unsafe_dir_reason(st: os.stat_result) -> str | None:
     mode = st.st_mode
     if st.st_uid not in trusted_uids():
         return f"owned by uid {st.st_uid}, not root"
-    if mode & stat.S_IWOTH and not (mode & stat.S_ISVTX and st.st_uid == 0):
-        return "writable by every user without being root's and sticky"
-    if mode & stat.S_IWGRP and st.st_gid != 0 and not (mode & stat.S_ISVTX and st.st_uid == 0):
+    if mode & stat.S_IWOTH:
+        # Sticky or not: in a sticky directory (/tmp) another user still takes any name that is
+        # free for a moment (a rotation's, a socket's), and hard links there can bring in a
+        # file of root's from elsewhere; logrotate refuses such directories too.
+        return "writable by every user"
+    if mode & stat.S_IWGRP and st.st_gid != 0:
         return f"writable by group {st.st_gid}"
     return None
 
@@ -155,6 +159,25 @@ class SafeDir:
         """The directory's (device, inode)."""
         st = os.fstat(self.fd)
         return st.st_dev, st.st_ino
+
+    @classmethod
+    def for_file(cls, path: str) -> tuple[SafeDir, str]:
+        """The checked directory of the file at `path` (absolute) and the file's name in it,
+        following a symbolic link at that name only if a trusted user owns it (the target's
+        directory is checked in turn); UnsafePath or OSError as `open`."""
+        for _ in range(MAX_LINKS):
+            head, name = os.path.split(path)
+            where = cls.open(head)
+            st = where.lstat(name)
+            if st is None or not stat.S_ISLNK(st.st_mode):
+                return where, name
+            try:
+                if st.st_uid not in trusted_uids():
+                    raise UnsafePath(f"{path} is a symbolic link owned by uid {st.st_uid}")
+                path = os.path.normpath(os.path.join(head, os.readlink(name, dir_fd=where.fd)))
+            finally:
+                where.close()
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -81,6 +81,9 @@ NEW_SUFFIX = ".new"
 # The most entries the journal holds in memory beyond the ring while its task is behind (a
 # storm, a stalled disk): references to the ring's entries, about 20 MiB at the most.
 BACKLOG_MAX = 1 << 16
+# How far past journal_size the live file may grow while it cannot be rotated (a name in the way,
+# a failing rename): then writing stops, counting what is lost, until a rotation works again.
+OVERRUN = 2
 # A write that has not returned after this many seconds makes the journal's state "stalled".
 STALL_S = 2.0
 # The states of the journal (stats, metrics).
@@ -142,6 +145,7 @@ class Journal:
         self.state = WRITING
         self.why = ""
         self._writing_since: float | None = None  # when the write in progress began
+        self._rotate_after = 0.0  # a failed rotation is tried again from then on (monotonic)
         # Public counters (metrics): lines written, rotations, write errors, entries lost.
         self.written = 0
         self.rotations = 0
@@ -384,6 +388,13 @@ class Journal:
                 batch = []
                 if self._try_rotate():
                     size = 0
+                elif size + len(line) > OVERRUN * self.limit:
+                    # It cannot rotate: stop here rather than grow a file without bound (what
+                    # is not written is counted lost, and the state says why).
+                    raise OSError(
+                        errno.EFBIG,
+                        f"cannot rotate, and the file is at {OVERRUN}x journal_size",
+                    )
             batch.append(line)
             size += len(line)
         self._flush(batch)
@@ -409,11 +420,16 @@ class Journal:
         self.dirty = True
 
     def _try_rotate(self) -> bool:
-        """Rotate; if that fails, go on writing the live file past journal_size rather than
-        lose entries (reported, with the reason); whether it rotated."""
+        """Rotate; if that fails, go on writing the live file past journal_size (up to OVERRUN
+        times it) rather than lose entries, reported with the reason and tried again at most
+        once per FOLLOW_S; whether it rotated."""
+        now = time.monotonic()
+        if now < self._rotate_after:
+            return False
         try:
             self._rotate()
         except OSError as e:
+            self._rotate_after = now + FOLLOW_S
             self.errors += 1
             self._report(
                 f"cannot rotate {self.path} ({e.strerror or e}): writing on past journal_size"

@@ -64,6 +64,7 @@ from typing import Any
 import trio
 
 from nvmefs.errors import UsageError
+from nvmefs.linux.safefiles import SafeDir, UnsafePath
 from nvmefs.nvme.status import SCT_MEDIA
 from nvmefs.options import Parsed
 from nvmefs.recorder import Recorder
@@ -285,14 +286,23 @@ SKIP_MESSAGE = frozenset({errno.EMSGSIZE})
 
 
 def connect(path: str) -> socket.socket:
-    """A non-blocking, close-on-exec datagram socket connected to `path`."""
+    """A non-blocking, close-on-exec datagram socket connected to `path`, found as the daemon's
+    files are (nvmefs/linux/safefiles.py): through its directory, checked (only root may make
+    names there), and a link only if root's; at start and at every reconnect, so a name another
+    user could take never gets the daemon's entries. OSError (EACCES for an unsafe path)."""
+    try:
+        where, name = SafeDir.for_file(path)
+    except UnsafePath as e:
+        raise PermissionError(errno.EACCES, str(e)) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         sock.setblocking(False)
-        sock.connect(path)
+        sock.connect(f"/proc/self/fd/{where.fd}/{name}")
     except BaseException:
         sock.close()
         raise
+    finally:
+        where.close()
     return sock
 
 
@@ -300,13 +310,27 @@ def check_socket(path: str) -> socket.socket:
     """Connect to the syslog socket at `path`; SyslogError, one line, if that cannot be."""
     where = printable(path)
     try:
-        st = os.stat(path)
+        found, name = SafeDir.for_file(path)
+    except UnsafePath as e:
+        raise SyslogError(f"option syslog: {printable(str(e))}") from None
+    except FileNotFoundError:
+        raise SyslogError(
+            f"option syslog: no syslog socket at {where} (its directory does not exist)"
+        ) from None
+    except OSError as e:
+        raise SyslogError(f"option syslog: cannot reach {where}: {e.strerror}") from None
+    try:
+        st = found.lstat(name)
+        if st is None:
+            raise FileNotFoundError
     except FileNotFoundError:
         raise SyslogError(
             f"option syslog: no syslog socket at {where} (is a syslog daemon running?)"
         ) from None
     except OSError as e:
         raise SyslogError(f"option syslog: cannot reach {where}: {e.strerror}") from None
+    finally:
+        found.close()
     if not stat.S_ISSOCK(st.st_mode):
         raise SyslogError(f"option syslog: {where} is not a socket")
     try:

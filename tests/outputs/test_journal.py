@@ -239,7 +239,9 @@ async def test_the_task_writes_and_syncs_without_a_reader(tmp_path: Path) -> Non
 def test_write_errors_are_counted_and_reported_not_raised(tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(small)], check=True
+    )
     try:
         (small / "filler").write_bytes(b"x" * (192 << 10))
         j, ring = attached(small / "j.jsonl", capacity=4, extra="journal_size=1M")
