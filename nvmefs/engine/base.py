@@ -226,6 +226,10 @@ class SourceBase:
     @policy.setter
     def policy(self, policy: LogPolicy) -> None:
         self.sink.policy = policy
+        self.policy_changed(policy)
+
+    def policy_changed(self, policy: LogPolicy) -> None:
+        """Called after the log policy changed (the kernel source narrows its trace filter)."""
 
     @property
     def translator(self) -> Translator:

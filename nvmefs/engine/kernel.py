@@ -218,14 +218,8 @@ class KernelEngine(SourceBase):
         self._own: list[tuple[int, float]] = []
         self._held: list[tuple[Attempt, BlockEnd | None]] = []
 
-    # The log policy decides the kernel filter too: log=all needs the successes.
-    @property
-    def policy(self) -> LogPolicy:
-        return self.sink.policy
-
-    @policy.setter
-    def policy(self, policy: LogPolicy) -> None:
-        self.sink.policy = policy
+    def policy_changed(self, policy: LogPolicy) -> None:
+        # The log policy decides the kernel filter too: log=all needs the successes.
         if self.instance is not None:
             self.instance.set_filter("nvme", "nvme_complete_rq", self.spec.nvme_filter(policy))
 

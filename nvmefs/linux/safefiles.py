@@ -161,6 +161,21 @@ class SafeDir:
         return st.st_dev, st.st_ino
 
     @classmethod
+    def open_for(cls, what: str, path: str) -> SafeDir:
+        """`open`, with every way it can fail as one line that starts with `what` (the option
+        and its value, say): UnsafePath, a UsageError."""
+        try:
+            return cls.open(path)
+        except FileNotFoundError:
+            raise UnsafePath(f"{what}: directory {path} does not exist") from None
+        except NotADirectoryError:
+            raise UnsafePath(f"{what}: {path} is not a directory") from None
+        except UnsafePath as e:
+            raise UnsafePath(f"{what}: {e}") from None
+        except OSError as e:
+            raise UnsafePath(f"{what}: directory {path}: {e.strerror}") from None
+
+    @classmethod
     def for_file(cls, path: str) -> tuple[SafeDir, str]:
         """The checked directory of the file at `path` (absolute) and the file's name in it,
         following a symbolic link at that name only if a trusted user owns it (the target's

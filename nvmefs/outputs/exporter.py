@@ -98,16 +98,7 @@ def _open_prom_dir(path: str) -> SafeDir:
     """The checked directory of the prom file at `path` (see nvmefs/linux/safefiles.py);
     UsageError in one line unless a prom file can be written there (as run() writes it)."""
     where = os.path.dirname(path) or "."
-    try:
-        d = SafeDir.open(where)
-    except FileNotFoundError:
-        raise UsageError(f"prom={path}: directory {where} does not exist") from None
-    except NotADirectoryError:
-        raise UsageError(f"prom={path}: {where} is not a directory") from None
-    except UnsafePath as e:
-        raise UsageError(f"prom={path}: {e}") from None
-    except OSError as e:
-        raise UsageError(f"prom={path}: directory {where}: {e.strerror}") from None
+    d = SafeDir.open_for(f"prom={path}", where)
     try:
         st = d.lstat(os.path.basename(path))
         if st is not None and stat.S_ISDIR(st.st_mode):

@@ -170,15 +170,9 @@ class Journal:
         if any(real == d or real.startswith(d + "/") for d in KERNEL_TREES):
             raise JournalError(f"journal {path}: {real} is a kernel interface, not a file")
         try:
-            where = SafeDir.open(head)
-        except FileNotFoundError:
-            raise JournalError(f"journal {path}: directory {head} does not exist") from None
-        except NotADirectoryError:
-            raise JournalError(f"journal {path}: {head} is not a directory") from None
+            where = SafeDir.open_for(f"journal {path}", head)
         except UnsafePath as e:
-            raise JournalError(f"journal {path}: {e}") from None
-        except OSError as e:
-            raise JournalError(f"journal {path}: directory {head}: {e.strerror}") from None
+            raise JournalError(str(e)) from None
         try:
             fd = _open_live(where, name)
             try:
