@@ -68,4 +68,3 @@ def test_an_sdist_and_a_wheel_build_and_run_without_liburing_headers() -> None:
             capture_output=True, text=True, timeout=120, cwd=tmp,
         )  # fmt: skip
         assert scrub.returncode == 1 and "slba=2048 " in scrub.stdout, scrub.stderr
-
