@@ -30,7 +30,9 @@ from tests.mounts import daemon_pids, is_mounted, mounted, run_nvmefs, stats, wa
 pytestmark = pytest.mark.fuse
 
 STORM = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
-STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0"
+# Paced: these tests are about names and links, not throughput (an unpaced sim storm outruns
+# the journal, which then counts its losses: see the issue 19 note).
+STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0,rate=4"
 SECRET = b"root's secret\n"
 
 
