@@ -71,6 +71,8 @@ ACCEPT_RETRY_S = 0.1
 # requests must not take the event loop from the engine), and for at most this many formats.
 CACHE_S = 1.0
 CACHE_FORMATS = 4
+# What a client that went away, or was dropped, makes the answer fail with.
+GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # A request that fails on a bug of ours is logged at most once per this many seconds.
 FAILURE_LOG_S = 60.0
 # The mode of the prom file: node_exporter runs as its own user and must be able to read it.
@@ -267,47 +269,32 @@ class Exporter:
         answering: Phase,
         recorder: Recorder,
     ) -> None:
-        # A client that went away, or was dropped, is owed no answer.
-        gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+        """Read one request and answer it. A client that went away, or was dropped, is owed
+        no answer; a bug answering one client is counted and logged, never ends the daemon."""
         try:
-            try:
-                await self._serve_one(stream, scope, waiting, answering, recorder, gone)
-            except Exception:  # a bug answering one client must not end the daemon
-                self.failed_requests += 1
-                now = time.monotonic()
-                if now - self._failure_logged >= FAILURE_LOG_S:
-                    self._failure_logged = now
-                    log.exception(
-                        "metrics_listen: a request failed (%d so far)", self.failed_requests
-                    )
+            with contextlib.suppress(*GONE):
+                head: bytes | None = None
+                try:
+                    with scope:
+                        head = await _read_head(stream)
+                finally:
+                    waiting.leave(scope)
+                if head is None:
+                    return  # dropped, too slow, or closed before a whole request
+                scope = answering.enter(trio.current_time() + ANSWER_TIMEOUT_S)
+                try:
+                    with scope:
+                        await self._exchange(stream, head, recorder)
+                finally:
+                    answering.leave(scope)
+        except Exception:
+            self.failed_requests += 1
+            now = time.monotonic()
+            if now - self._failure_logged >= FAILURE_LOG_S:
+                self._failure_logged = now
+                log.exception("metrics_listen: a request failed (%d so far)", self.failed_requests)
         finally:
             await trio.aclose_forcefully(stream)
-
-    async def _serve_one(
-        self,
-        stream: trio.SocketStream,
-        scope: trio.CancelScope,
-        waiting: Phase,
-        answering: Phase,
-        recorder: Recorder,
-        gone: tuple[type[BaseException], ...],
-    ) -> None:
-        """Read one request and answer it (a client gone is owed nothing)."""
-        with contextlib.suppress(*gone):
-            head: bytes | None = None
-            try:
-                with scope:
-                    head = await _read_head(stream)
-            finally:
-                waiting.leave(scope)
-            if head is None:
-                return  # dropped, too slow, or closed before a whole request
-            scope = answering.enter(trio.current_time() + ANSWER_TIMEOUT_S)
-            try:
-                with scope:
-                    await self._exchange(stream, head, recorder)
-            finally:
-                answering.leave(scope)
 
     def _encoded(self, recorder: Recorder, accept: str) -> tuple[bytes, str]:
         """The exposition in the format `accept` asks for, made at most once per CACHE_S per
