@@ -166,6 +166,7 @@ async def scrub(
                 for slba, count in itertools.islice(chunks, qd):
                     cmds.append(_chunk_cmd(op, ns, slba, count))
                     lba = slba + count
+                await engine.keep_pace()
                 results = await engine.submit_batch(cmds)
                 _settle(progress, results)
                 nbytes = sum((cmd.nlb or 0) * ns.lba_size for cmd in cmds)
@@ -212,6 +213,7 @@ async def randread(
     while count == 0 or done < count:
         batch = qd if count == 0 else min(qd, count - done)
         cmds = [c.read(ns.nsid, slba, nlb, ns.lba_size) for slba in itertools.islice(slbas, batch)]
+        await engine.keep_pace()
         results = await engine.submit_batch(cmds)
         _settle(progress, results)
         done += batch

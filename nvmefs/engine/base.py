@@ -78,6 +78,8 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
 }
 # States in which commands go to the controller (bring-up sends its own while starting).
 ACCEPTING = frozenset({S.STARTING, S.READY, S.RESETTING})
+# How often a workload held by a brake looks again (the journal writes thousands at a time).
+BRAKE_POLL_S = 0.002
 
 # The ring-entry kind of each way a command can end without a status.
 ERROR_KINDS: dict[type[CommandError], str] = {
@@ -284,6 +286,15 @@ class SourceBase:
             while not cond():
                 await self._transition.wait()
         return cond()
+
+    async def keep_pace(self) -> None:
+        """Wait while a consumer that must keep every entry is behind (the ring's brakes: the
+        journal's backlog): the source's own workload slows to what records it instead of
+        outrunning it and losing entries. Called at batch boundaries on the submit side, never
+        on the completion path."""
+        ring = self.ring
+        while ring.held():
+            await trio.sleep(BRAKE_POLL_S)
 
     def _log_host(self, kind: str, message: str, **fields: Any) -> None:
         self.ring.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))

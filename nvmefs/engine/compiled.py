@@ -129,6 +129,9 @@ class BulkEngine(EngineBase):
                         await trio.sleep(max(0.0, wait))
                         continue
                     j.budget = max(0, due - granted)
+                # Between turns, as the Python path does between batches: what is in flight
+                # waits in the completion queue for the next turn.
+                await self.keep_pace()
                 j.fd = self._ns_fd(job.nsid)  # new nodes after a reattach
                 # Detached with commands in flight: reap them (they fail, to be sent again
                 # later), send nothing new to the old nodes.

@@ -15,8 +15,11 @@ When lines are written: nothing is written on the completion path. The ring's li
 the journal's task, and once half a ring is waiting it moves the entries' references into a
 backlog (at most BACKLOG_MAX), so the ring does not overwrite them while the task is busy. The
 task renders the lines on the event loop (between the engine's turns, which keeps it up with a
-storm) and hands them to a worker thread that writes (and rotates): a slow or stalled disk holds
-up the journal alone, and what its backlog cannot hold is counted lost and reported. Each write
+storm) and hands them to a worker thread that writes (and rotates). While it writes but is
+behind by half its backlog, it holds the ring's brake: the source's own workload (scrub,
+randread) waits for it at its next batch, so a storm of our own making loses nothing. A stalled
+disk (a write failing, or not returning for STALL_S) holds up the journal alone: the brake is
+let go, and what its backlog cannot hold is counted lost and reported. Each write
 goes to the kernel with write(2): a crash or SIGKILL of the daemon loses nothing written. A
 line cut short by one stays at the end of its file, without a newline, and the next start
 writes to a new file (replay does not count it; its number is given again). fdatasync(2), in a
@@ -204,6 +207,7 @@ class Journal:
         self._cursor = Cursor(ring)
         ring.subscribe(self._on_append)
         ring.before_clear(self._keep_all)  # what a clear takes away is journaled all the same
+        ring.add_brake(self._behind)
         if found.entries or found.bad or found.refused:
             text = f"replayed {0 if restart else len(found.entries)} entries from {self.path}"
             if found.entries and not restart:
@@ -244,6 +248,15 @@ class Journal:
         ]
 
     # -- writing -------------------------------------------------------------------------------
+
+    def _behind(self) -> bool:
+        """The ring's brake: half the backlog waits while the journal is writing (not stalled,
+        not closed)."""
+        cursor = self._cursor
+        if cursor is None or self._fd is None:
+            return False
+        waiting = len(self._backlog) + cursor.pending
+        return waiting >= BACKLOG_MAX // 2 and self.current_state()[0] == WRITING
 
     def _on_append(self) -> None:
         # On the completion path: a wake-up, and past half a ring the entries' references

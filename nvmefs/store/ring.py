@@ -17,6 +17,11 @@ it runs on the completion path. A listener that raises is isolated: the others s
 append and the batch it belongs to go on, and the failure is counted (`listener_errors`) and
 logged at most once a minute.
 
+A consumer that must keep every entry (the journal) may also hold a brake (`add_brake`): while
+it says it is behind, `held()` is true, and the producers that can wait - an engine's own
+workload, at its batch boundaries on the submit side - wait for it instead of outrunning it.
+The completion path never waits on a brake; the machine's own I/O (the kernel source) cannot.
+
 An entry is the tuple (seq, monotonic_ns, wall_ns, event): nothing is formatted on append.
 """
 
@@ -42,6 +47,7 @@ class DebugRing:
 
     __slots__ = (
         "_before_clear",
+        "_brakes",
         "_buf",
         "_listener_logged",
         "_listeners",
@@ -64,6 +70,7 @@ class DebugRing:
         self.cleared = 0
         self._listeners: list[Callable[[], None]] = []
         self._before_clear: list[Callable[[], None]] = []
+        self._brakes: list[Callable[[], bool]] = []
         self.listener_errors = 0  # listeners that raised (see the module docstring)
         self._listener_logged = -LISTENER_LOG_S
 
@@ -84,7 +91,7 @@ class DebugRing:
                     self._listener_failed(wake)
         return seq
 
-    def _listener_failed(self, wake: Callable[[], None]) -> None:
+    def _listener_failed(self, wake: Callable[[], object]) -> None:
         self.listener_errors += 1
         now = time.monotonic()
         if now - self._listener_logged >= LISTENER_LOG_S:
@@ -134,6 +141,23 @@ class DebugRing:
         """Call `wake()` after every append; returns the function that unsubscribes."""
         self._listeners.append(wake)
         return lambda: self._listeners.remove(wake)
+
+    def add_brake(self, holding: Callable[[], bool]) -> Callable[[], None]:
+        """Make `held()` true while `holding()` is (see the module docstring); returns the
+        function that removes the brake."""
+        self._brakes.append(holding)
+        return lambda: self._brakes.remove(holding)
+
+    def held(self) -> bool:
+        """Whether a consumer that must keep every entry is behind. A brake that raises is
+        counted as a failed listener and does not hold: a bug there must not stop the engine."""
+        for holding in self._brakes:
+            try:
+                if holding():
+                    return True
+            except Exception:
+                self._listener_failed(holding)
+        return False
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -237,6 +237,12 @@ def test_a_guardian_holds_nothing_of_its_makers_and_is_no_mounts_daemon(tmp_path
     os.set_inheritable(held, True)
     try:
         g = Guardian.start(d)
+        # Looked at once it waits on its pipe: while the interpreter starts, the loader holds
+        # files of its own for a moment (/etc/ld.so.cache).
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{g.pid}/syscall").read_text().split()[:2] != ["0", "0x0"]:
+            assert time.monotonic() < deadline, "the guardian never waited on its stdin"
+            time.sleep(0.01)
         fd_dir = f"/proc/{g.pid}/fd"
         fds = {int(n): os.readlink(f"{fd_dir}/{n}") for n in os.listdir(fd_dir)}
         assert sorted(fds) == [0, 1, 2] and fds[0].startswith("pipe:"), fds

@@ -3,7 +3,6 @@ files are read, and the journal catches up or says what it lost."""
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable
@@ -78,19 +77,16 @@ async def test_a_stalled_journal_disk_stops_neither_completions_nor_readers(
                     await trio.sleep(0.01)
 
             nursery.start_soon(reader)
-            async with trio.open_nursery() as storm:  # reads failing, as fast as they go
-                storm.start_soon(
-                    functools.partial(workloads.randread, bs=4096, qd=32), engine, progress
-                )
-                with trio.fail_after(60):  # generous: a loaded machine is slow, not wrong
-                    while not held():  # the journal's write is stuck
-                        await trio.sleep(0.01)
-                    appended, read = ring.appended, reads
-                    # Completions go on, and so do reads, while the write does not return.
-                    while ring.appended - appended < 2000 or reads - read < 5:
-                        await trio.sleep(0.01)
-                # Stopped soon after: what came meanwhile fits in the journal's backlog.
-                storm.cancel_scope.cancel()
+            with trio.fail_after(60):  # generous: a loaded machine is slow, not wrong
+                while not held():  # reads failing until the journal's write is stuck
+                    await workloads.randread(engine, progress, bs=4096, qd=32, count=32)
+                appended, read = ring.appended, reads
+                # Completions go on, and so do reads, while the write does not return (past
+                # the journal's brake, which it lets go once it is stalled).
+                await workloads.randread(engine, progress, bs=4096, qd=32, count=2000)
+                while reads - read < 5:
+                    await trio.sleep(0.01)
+            assert ring.appended - appended >= 2000
             with trio.fail_after(60):
                 while dict(j.status())["journal_state"] != "stalled":
                     await trio.sleep(0.01)
@@ -112,3 +108,53 @@ async def test_a_stalled_journal_disk_stops_neither_completions_nor_readers(
         p.read_bytes().count(b"\n") for p in tmp_path.glob("j.jsonl.*")
     )
     assert lines == j.written
+
+
+async def test_the_journal_brakes_the_engines_own_storm_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small backlog, so that the brake is met at every few batches; STALL_S far away: a slow
+    # disk holds the storm back (gate closed), and a storm as fast as the engine goes is
+    # written whole once the disk answers.
+    monkeypatch.setattr(journal_mod, "BACKLOG_MAX", 512)
+    monkeypatch.setattr(journal_mod, "STALL_S", 600)
+    opts = options.parse(
+        [f"journal={tmp_path / 'j.jsonl'}", "capacity=256", "journal_fsync=0"], allow_fuse=False
+    )
+    j = Journal.open(opts)
+    assert j is not None
+    gate = threading.Event()
+    held = stalling_write(monkeypatch, j, gate)
+    async with sim_engine(STORM, log="all") as (engine, _sim, ring):
+        j.attach(ring)
+        base = ring.last_seq
+        rec = Recorder(ring, Renderer(), engine=engine)
+        progress = Progress()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(j.run, rec)
+            storm = trio.Event()
+
+            async def run_storm() -> None:
+                await workloads.randread(engine, progress, bs=4096, qd=32, count=20_000)
+                storm.set()
+
+            nursery.start_soon(run_storm)
+            with trio.fail_after(60):
+                while not held():
+                    await trio.sleep(0.01)
+            await trio.sleep(0.5)  # the storm meets the brake and waits there
+            assert not storm.is_set() and ring.held()
+            # Held at the brake: half the backlog, the ring's half before the move, one batch.
+            assert ring.appended - base <= 256 + 256 + 32 + 64, ring.appended - base
+            waiting = ring.appended
+            await trio.sleep(0.3)
+            assert ring.appended == waiting  # nothing more while the disk does not answer
+            gate.set()
+            with trio.fail_after(120):
+                await storm.wait()
+                while j.written < ring.appended - base:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    j.close()
+    assert progress.commands == 20_000 and progress.failed == 20_000
+    assert j.lost == 0 and j.written == ring.appended - base >= 20_000

@@ -144,3 +144,22 @@ def test_restore_refuses_a_used_ring_gaps_and_overflow() -> None:
     empty = DebugRing(4)
     empty.restore([])
     assert empty.append("first") == 1
+
+
+def test_a_brake_holds_while_it_says_so_and_one_that_raises_holds_nothing() -> None:
+    ring = DebugRing(4)
+    behind = [False]
+    remove = ring.add_brake(lambda: behind[0])
+    assert not ring.held()
+    behind[0] = True
+    assert ring.held()
+
+    def broken() -> bool:
+        raise RuntimeError("a consumer's bug")
+
+    behind[0] = False
+    ring.add_brake(broken)
+    assert not ring.held() and ring.listener_errors == 1  # counted, and the engine goes on
+    remove()
+    behind[0] = True
+    assert not ring.held() and ring.listener_errors == 2
