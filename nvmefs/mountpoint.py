@@ -17,6 +17,11 @@ from collections.abc import Collection, Sequence
 from nvmefs import options
 from nvmefs.errors import UsageError
 from nvmefs.linux import mountinfo
+from nvmefs.linux.safefiles import SafeDir
+
+# Where the mount daemons' locks are (as root): a directory only root may open, in /run (where
+# only root makes names; new at every boot). Not /run/nvmefs: the kernel unit mounts there.
+LOCK_DIR = "/run/nvmefs-locks"
 
 
 class MountError(UsageError):
@@ -75,12 +80,15 @@ def above_stdio(fd: int) -> int:
 def claim_mountpoint(path: str) -> tuple[str, int]:
     """Lock the mountpoint and check it; returns its real path and the locked descriptor.
 
-    The lock (flock on the directory, exclusive) is what makes mounting exclusive: it is taken
-    before anything looks at mountinfo, so of two nvmefs started together on one directory
-    exactly one gets past here; the other is told so, or, if the winner has mounted already,
-    opens the mount's root and finds the mount in mountinfo. The descriptor is close-on-exec
-    (no program nvmefs runs inherits it); the forked daemon inherits it and holds the lock
-    until it exits, whatever its parent does: a flock belongs to the open file, not a process.
+    The lock (an exclusive flock) is what makes mounting exclusive: it is taken before
+    anything looks at mountinfo, so of two nvmefs started together on one directory exactly
+    one gets past here; the other is told so, or, if the winner has mounted already, opens the
+    mount's root and finds the mount in mountinfo. Run as root, the lock is on a file of the
+    directory's own in LOCK_DIR, which only root can open: a lock on the directory itself could
+    be taken by any user who can read it, keeping nvmefs from mounting (at boot, at a restart);
+    run by another user, it is on the directory. The descriptor is close-on-exec (no program
+    nvmefs runs inherits it); the forked daemon inherits it and holds the lock until it exits,
+    whatever its parent does: a flock belongs to the open file, not a process.
     """
     real = os.path.realpath(path)
     try:
@@ -93,10 +101,12 @@ def claim_mountpoint(path: str) -> tuple[str, int]:
         if e.errno == errno.ENOTCONN:
             raise dead_mount_error(path, real) from None
         raise MountError(f"mountpoint {path}: {e.strerror}") from None
+    lock = -1
     try:
         fd = above_stdio(fd)
+        lock = _lock_for(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise MountError(
                 f"mountpoint {path} is being mounted or served by another nvmefs"
@@ -123,9 +133,41 @@ def claim_mountpoint(path: str) -> tuple[str, int]:
         except PermissionError:
             raise MountError(f"mountpoint {path}: permission denied") from None
     except BaseException:
+        if lock not in (-1, fd):
+            os.close(lock)
         os.close(fd)
         raise
-    return real, fd
+    if lock != fd:
+        os.close(fd)
+    return real, lock
+
+
+def _lock_for(fd: int) -> int:
+    """The descriptor to lock for the mountpoint directory open at `fd`: as root, a file of
+    its own (named by the directory's device and inode) in LOCK_DIR, made if need be; else
+    `fd` itself."""
+    if os.geteuid() != 0:
+        return fd
+    st = os.fstat(fd)
+    try:
+        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+        where = SafeDir.open(LOCK_DIR)
+    except OSError as e:  # UnsafePath is a UsageError: one line, as the others
+        raise MountError(f"cannot use {LOCK_DIR} for the mountpoint's lock: {e.strerror}") from None
+    try:
+        name = f"mount-{st.st_dev}-{st.st_ino}.lock"
+        try:
+            lock = where.open_existing(name, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                lock = where.create_new(name, os.O_RDWR, 0o600)
+            except FileExistsError:  # made meanwhile by another nvmefs
+                lock = where.open_existing(name, os.O_RDWR)
+    except OSError as e:
+        raise MountError(f"cannot make the mountpoint's lock in {LOCK_DIR}: {e.strerror}") from None
+    finally:
+        where.close()
+    return above_stdio(lock)
 
 
 def user_allow_other(conf: str = FUSE_CONF) -> bool:

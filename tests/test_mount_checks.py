@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,9 @@ from pathlib import Path
 import pytest
 
 from nvmefs import options
+from nvmefs.mountpoint import LOCK_DIR
+from tests import hostile
+from tests.hostile import HostileUser
 from tests.mounts import (
     BUF,
     NVMEFS,
@@ -112,21 +116,22 @@ def test_two_mounts_started_together_give_one_mount_and_one_daemon(tmp_path: Pat
         cleanup(mnt)
 
 
-def _lock_fd(pid: int, mnt: Path) -> int:
-    """The daemon's descriptor on the mountpoint directory (the one it locked)."""
-    (fd,) = [
-        int(fd)
+def _lock_fd(pid: int) -> tuple[int, str]:
+    """The daemon's descriptor on its mountpoint's lock file (root's, in LOCK_DIR), and its path."""
+    (found,) = [
+        (int(fd), target)
         for fd in os.listdir(f"/proc/{pid}/fd")
-        if os.readlink(f"/proc/{pid}/fd/{fd}") == str(mnt)
+        if (target := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith(LOCK_DIR + "/mount-")
     ]
-    return fd
+    return found
 
 
 def test_the_daemon_holds_the_lock_for_its_life_and_no_program_inherits_it(tmp_path: Path) -> None:
     # auto_unmount: libfuse runs fusermount3 beside the daemon, a program that must not get it.
     with mounted(tmp_path, "workload=idle,auto_unmount") as mnt:
         pid = int(stats(mnt)["pid"])  # the forked daemon: the process that took the lock is gone
-        fd = _lock_fd(pid, mnt)
+        fd, lock = _lock_fd(pid)
+        assert stat.S_IMODE(os.stat(LOCK_DIR).st_mode) == 0o700  # root's alone
         info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
         flags = int(re.search(r"flags:\s+([0-7]+)", info).group(1), 8)  # type: ignore[union-attr]
         assert flags & os.O_CLOEXEC  # programs the daemon runs do not get it
@@ -134,10 +139,10 @@ def test_the_daemon_holds_the_lock_for_its_life_and_no_program_inherits_it(tmp_p
         assert children  # fusermount3
         for child in children:
             fds = os.listdir(f"/proc/{child}/fd")
-            assert all(os.readlink(f"/proc/{child}/fd/{n}") != str(mnt) for n in fds)
+            assert all(os.readlink(f"/proc/{child}/fd/{n}") != lock for n in fds)
         assert re.search(r"lock:.*FLOCK\s+ADVISORY\s+WRITE", info), info
-        # The directory under the mount, opened anew: its lock is taken.
-        other = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY)
+        # The lock file, opened anew: its lock is taken.
+        other = os.open(lock, os.O_RDONLY)
         try:
             with pytest.raises(BlockingIOError):
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -402,3 +407,24 @@ def test_capacity_is_bounded_by_memory(tmp_path: Path) -> None:
     assert not is_mounted(mnt) and not daemon_pids(mnt)
     with mounted(tmp_path, f"workload=idle,capacity={limit}", name="big") as big:
         assert stats(big)["ring_capacity"] == str(limit)
+
+
+@pytest.mark.fuse
+def test_a_users_lock_on_the_mountpoint_keeps_nothing_from_mounting(
+    tmp_path: Path, hostile_user: HostileUser, protected: str
+) -> None:
+    # A lock on the directory itself, which any user who can read it could take, once kept
+    # nvmefs from mounting (at boot, at a restart): the lock is a file of root's now.
+    with hostile.public_dir(0o755) as d:
+        mnt = d / "m"
+        mnt.mkdir()
+        mnt.chmod(0o755)  # readable by every user, as mountpoints are
+        holder = hostile_user.popen("flock", "-x", str(mnt), "sleep", "60")
+        try:
+            wait_for(lambda: "FLOCK" in Path("/proc/locks").read_text(), 10, "the user's lock")
+            p = run_nvmefs("sim", str(mnt), "-o", "workload=idle")
+            assert p.returncode == 0 and is_mounted(mnt), p.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+            cleanup(mnt)
