@@ -1,7 +1,7 @@
 """The recorder: the ring, the engine that feeds it and how entries are shown.
 
 What the files of the filesystem show, and what the control file may change, is decided here;
-fs.py only maps files to these calls.
+nvmefs/fs only maps files to these calls.
 """
 
 from __future__ import annotations

@@ -29,8 +29,7 @@ from typing import Any, cast
 import pyfuse3
 import pytest
 
-from nvmefs import fs
-from nvmefs.fs import NvmeFS
+from nvmefs.fs import NvmeFS, handles, ops
 from nvmefs.recorder import Recorder
 from nvmefs.store.events import HostEvent
 from nvmefs.store.render import Clock, Renderer
@@ -54,7 +53,7 @@ SLACK_MB = 12.0
 # How near its idle size the daemon must come back once every handle closed: the bytes streams
 # kept go back to the system (malloc_trim), while the small objects of the handles stay in
 # CPython's arenas for the next ones (pinned there by what the storm allocated meanwhile).
-AFTER_CLOSE_MB = fs.USER_HANDLES * HANDLE_COST / MiB + 4.0
+AFTER_CLOSE_MB = handles.USER_HANDLES * HANDLE_COST / MiB + 4.0
 
 # Run by the hostile user: open handles until refused (or `want` of them), each read once and
 # stat()ed if asked, report how many and the errno, then close them all when told.
@@ -132,7 +131,7 @@ def the_daemon(mnt: Path) -> int:
 def test_a_users_handles_stop_at_its_bound_and_the_daemon_returns_near_idle_after_close(
     hostile_user: HostileUser, protected: str, touch: str
 ) -> None:
-    with public_mount(STORM_OPTS, STORM) as mnt, open_files(fs.USER_HANDLES + 16):
+    with public_mount(STORM_OPTS, STORM) as mnt, open_files(handles.USER_HANDLES + 16):
         pid = the_daemon(mnt)
         wait_for(lambda: int(stats(mnt)["ring_appended"]) > 8192, 30, "a storm")
         idle = settled_rss(pid)
@@ -141,7 +140,7 @@ def test_a_users_handles_stop_at_its_bound_and_the_daemon_returns_near_idle_afte
             "-c",
             HOLDER,
             str(mnt / BUF),
-            str(fs.USER_HANDLES + 16),
+            str(handles.USER_HANDLES + 16),
             touch,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -154,10 +153,10 @@ def test_a_users_handles_stop_at_its_bound_and_the_daemon_returns_near_idle_afte
             # up to a ring's worth each: the bytes bound comes first.
             assert err == errno.EMFILE, (opened, err)
             if touch == "idle":
-                assert opened == fs.USER_HANDLES
+                assert opened == handles.USER_HANDLES
             else:
-                assert 0 < opened < fs.USER_HANDLES
-            bound = (fs.USER_BYTES + fs.USER_HANDLES * HANDLE_COST) / MiB + SLACK_MB
+                assert 0 < opened < handles.USER_HANDLES
+            bound = (handles.USER_BYTES + handles.USER_HANDLES * HANDLE_COST) / MiB + SLACK_MB
             assert held - idle < bound, (idle, held, bound)
             holder.stdin.write("\n")
             holder.stdin.flush()
@@ -173,13 +172,13 @@ def test_a_users_handles_stop_at_its_bound_and_the_daemon_returns_near_idle_afte
 def test_root_is_held_to_the_global_bound_that_users_handles_count_in(
     hostile_user: HostileUser, protected: str
 ) -> None:
-    with public_mount("workload=idle") as mnt, open_files(fs.ALL_HANDLES):
+    with public_mount("workload=idle") as mnt, open_files(handles.ALL_HANDLES):
         holder = hostile_user.popen(
             sys.executable,
             "-c",
             HOLDER,
             str(mnt / BUF),
-            str(fs.USER_HANDLES),
+            str(handles.USER_HANDLES),
             "idle",
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -187,12 +186,12 @@ def test_root_is_held_to_the_global_bound_that_users_handles_count_in(
         assert holder.stdin is not None and holder.stdout is not None
         fds: list[int] = []
         try:
-            assert holder.stdout.readline().split() == [str(fs.USER_HANDLES), "0"]
+            assert holder.stdout.readline().split() == [str(handles.USER_HANDLES), "0"]
             with pytest.raises(OSError) as refused:
-                while len(fds) <= fs.ALL_HANDLES:
+                while len(fds) <= handles.ALL_HANDLES:
                     fds.append(os.open(mnt / BUF, os.O_RDONLY))
             assert refused.value.errno == errno.ENFILE
-            assert len(fds) == fs.ALL_HANDLES - fs.USER_HANDLES
+            assert len(fds) == handles.ALL_HANDLES - handles.USER_HANDLES
         finally:
             for fd in fds:
                 os.close(fd)
@@ -216,33 +215,33 @@ async def test_users_together_leave_roots_reserve_and_each_gets_back_what_it_clo
 
     async def open_as(uid: int) -> int:
         ctx = cast(Any, Ctx(uid=uid, gid=uid, pid=os.getpid()))
-        info = await nvme.open(fs.BUF, os.O_RDONLY, ctx)
+        info = await nvme.open(ops.BUF, os.O_RDONLY, ctx)
         return int(info.fh)
 
     async def fill(uid: int) -> tuple[list[int], int]:
         """Open handles as `uid` until refused: them, and the errno (0: never refused)."""
         fhs: list[int] = []
-        while len(fhs) <= fs.ALL_HANDLES:
+        while len(fhs) <= handles.ALL_HANDLES:
             try:
                 fhs.append(await open_as(uid))
             except pyfuse3.FUSEError as e:
                 return fhs, e.errno
         return fhs, 0
 
-    users = fs.ALL_HANDLES - fs.ROOT_RESERVED_HANDLES
+    users = handles.ALL_HANDLES - handles.ROOT_RESERVED_HANDLES
     got: dict[int, list[int]] = {}
     uid = 1000
     while sum(map(len, got.values())) < users:
         fhs, err = await fill(uid)
         got[uid] = fhs
-        if len(fhs) < fs.USER_HANDLES:
+        if len(fhs) < handles.USER_HANDLES:
             assert err == errno.ENFILE  # the users' share is full, not this user's own
         else:
             assert err == errno.EMFILE
         uid += 1
-    assert sum(map(len, got.values())) == users and len(got[1003]) < fs.USER_HANDLES
+    assert sum(map(len, got.values())) == users and len(got[1003]) < handles.USER_HANDLES
     root, err = await fill(0)
-    assert err == errno.ENFILE and len(root) == fs.ROOT_RESERVED_HANDLES
+    assert err == errno.ENFILE and len(root) == handles.ROOT_RESERVED_HANDLES
     with pytest.raises(pyfuse3.FUSEError) as e:
         await open_as(0)  # root is held to the global bound too
     assert e.value.errno == errno.ENFILE
@@ -394,7 +393,7 @@ def test_a_stat_loop_renders_the_snapshot_files_at_most_once_per_interval(
             out, err = proc.communicate(timeout=10)
         prom, stats_, alive = out.split()
         # Each file: at most one render per interval of the daemon's life (and one to start).
-        most = float(alive) / fs.SNAPSHOT_SIZE_TTL + 1
+        most = float(alive) / ops.SNAPSHOT_SIZE_TTL + 1
         assert statted > 20 * most, (statted, most)  # the loops did stat, and often
         assert int(prom) <= most and int(stats_) <= most, (prom, stats_, most, err)
 

@@ -51,11 +51,11 @@ BUF = "nvme_circular_buffer"
 STORM_PLAN = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
 STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0"
 
-# The daemon, with the per-user bounds of nvmefs.fs set for this run (the global ones raised to
-# match when they would otherwise stop the opens first); 0 leaves a bound as it is.
+# The daemon, with the per-user bounds of nvmefs.fs.handles set for this run (the global ones
+# raised to match when they would otherwise stop the opens first); 0 leaves a bound as it is.
 DAEMON = r"""
 import sys
-import nvmefs.fs as fs
+import nvmefs.fs.handles as fs
 handles, nbytes = int(sys.argv[1]), int(sys.argv[2])
 if handles > 0:
     fs.USER_HANDLES = handles

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 from dataclasses import dataclass
 
 PATH = "/proc/self/mountinfo"
@@ -65,3 +66,41 @@ def mounts(path: str = PATH) -> list[Mount]:
         return read(fd)
     finally:
         os.close(fd)
+
+
+class MountWatch:
+    """Whether this filesystem is still mounted anywhere, from /proc/self/mountinfo.
+
+    `start()` (once the mount is live) notes the device number of the FUSE mount at the
+    mountpoint, so a later mount at the same path does not count as ours. Invariant: `mounted`
+    is what the mount table said at the last read; the table is read again only after poll()
+    on it reports a change, so asking costs one system call when nothing changed.
+    """
+
+    def __init__(self, mountpoint: str) -> None:
+        # Resolved by the caller: once mounted, looking the path up would ask this filesystem,
+        # from the thread that has to answer.
+        self.path = mountpoint
+        self.dev: str | None = None
+        self.mounted = True
+        self._fd: int | None = None
+        self._poll = select.poll()
+
+    def start(self) -> None:
+        self._fd = os.open(PATH, os.O_RDONLY | os.O_CLOEXEC)
+        self._poll.register(self._fd, select.POLLPRI)
+        for m in read(self._fd):
+            if m.point == self.path and m.fstype.startswith("fuse"):
+                self.dev = m.dev  # the last one listed is the one on top
+        self.mounted = True
+
+    def still_mounted(self) -> bool:
+        if self._fd is None:
+            return True
+        if self._poll.poll(0):  # the mount table changed since the last look
+            table = read(self._fd)
+            if self.dev is not None:
+                self.mounted = any(m.dev == self.dev for m in table)
+            else:
+                self.mounted = any(m.point == self.path for m in table)
+        return self.mounted

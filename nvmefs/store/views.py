@@ -1,4 +1,4 @@
-"""Byte streams over the ring, one per open file handle. No FUSE here: fs.py adapts these.
+"""Byte streams over the ring, one per open file handle. No FUSE here: nvmefs/fs adapts these.
 
 Theory of operation. A `LogStream` is one reader's stable byte stream: the entries the ring held
 when it was opened, then every entry appended after, each rendered once and in order, with one
@@ -16,12 +16,12 @@ line counts as one entry), ahead of the reader and behind it together:
     never dropped; bytes before it are kept only while they fit in the budget and are the first
     to go. So sequential readers (cat, tail, dd) lose nothing, and a reader that steps back a
     little (tail's backward scan for the last lines, less, pread) still gets its bytes.
-A read at an offset whose bytes were dropped raises `Dropped` (fs.py answers it with an error); it
-never returns other bytes in their place.
+A read at an offset whose bytes were dropped raises `Dropped` (the filesystem answers it with an
+error); it never returns other bytes in their place.
 
 Bounded memory per group of handles. A ring's worth per handle is still a ring's worth times the
-handles a user can open: each stream may also be charged to a `Budget` (fs.py gives each user but
-root one, nested in one for all of them), which counts the bytes its streams keep. While a
+handles a user can open: each stream may also be charged to a `Budget` (fs/handles.py gives each
+user but root one, nested in one for all of them), which counts the bytes its streams keep. While a
 budget on a stream's chain is spent the stream renders nothing more: it first lets go of its own
 bytes behind its last read, and what still does not fit waits in the ring (and becomes a missed
 line if the ring overwrites it first), exactly as entries past the stream's own limit do. A
