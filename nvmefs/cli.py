@@ -5,6 +5,9 @@
     nvmefs scrub SOURCE [-o OPTIONS]                 one pass over a source, errors to stdout
     nvmefs watch SOURCE [-o OPTIONS]                 logged entries to stdout until stopped
     nvmefs list [--json]                             NVMe controllers and namespaces
+    nvmefs report [MOUNTPOINT | JOURNAL...] [--since T] [--json] [--svg FILE]
+                                                     errors per namespace: counts by status,
+                                                     an LBA map and errors over time
     nvmefs SOURCE MOUNTPOINT [-o OPTIONS] [-f]       mount (mount.fuse calling convention)
 
 Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
@@ -26,7 +29,7 @@ from typing import Any
 
 import trio
 
-from nvmefs import daemon, mainloop, options, workloads
+from nvmefs import daemon, mainloop, options, report, workloads
 from nvmefs.errors import EngineError, NvmefsError, UsageError
 from nvmefs.linux import devices
 from nvmefs.nvme import tables
@@ -311,7 +314,13 @@ def cmd_list(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"decode": cmd_decode, "scrub": cmd_scrub, "watch": cmd_watch, "list": cmd_list}
+COMMANDS = {
+    "decode": cmd_decode,
+    "scrub": cmd_scrub,
+    "watch": cmd_watch,
+    "list": cmd_list,
+    "report": report.cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
