@@ -17,10 +17,11 @@ from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy, PolicyError
 from nvmefs.nvme.status import Translator
-from nvmefs.store import events
-from nvmefs.store.events import HostEvent
+from nvmefs.store import charts, events
+from nvmefs.store.events import HostEvent, NvmeEvent
 from nvmefs.store.render import CLOCKS, FORMATS, Clock, Renderer
-from nvmefs.store.ring import DebugRing
+from nvmefs.store.ring import EVENT, Cursor, DebugRing
+from nvmefs.store.summary import summarize
 from nvmefs.store.views import LogStream, Rendered, StaticStream
 from nvmefs.workloads import Progress
 
@@ -30,6 +31,9 @@ LINE_CACHE_LIMIT = 4096
 # The largest control write applied: commands are a few words, and a bound keeps a runaway write
 # (or one the kernel splits into several requests) from being applied in part.
 CONTROL_MAX = 4096
+# The newest entries `nvme_errors.svg` is drawn from, at most: rendered at open, on the event
+# loop, so its cost must stay bounded whatever `capacity` is (a few milliseconds for 16,384).
+SVG_ENTRIES = 16384
 
 
 class ControlError(UsageError):
@@ -69,6 +73,20 @@ class Recorder:
 
     def json_stream(self) -> LogStream:
         return LogStream(self.ring, self._json, self.renderer.missed_json_line)
+
+    def errors_svg(self) -> bytes:
+        """`nvme_errors.svg`: the charts of `nvmefs report` (store/charts.py) over the NVMe errors
+        among the ring's newest SVG_ENTRIES entries, with the controller's identity."""
+        ring = self.ring
+        _missed, entries = Cursor(ring, max(0, ring.last_seq - SVG_ENTRIES)).take()
+        record = self.renderer.record
+        summary = summarize(
+            record(e) for e in entries if isinstance(ev := e[EVENT], NvmeEvent) and not ev.status.ok
+        )
+        engine = self.engine
+        if engine is not None and engine.serial:
+            summary.identify(engine.ctrl_name, engine.serial, engine.model)
+        return charts.svg(summary).encode()
 
     def fresh_size(self, json: bool) -> int:
         """The size a stream opened now would have: what stat() shows a process without the

@@ -448,7 +448,7 @@ def test_creating_removing_renaming_and_linking_fail_with_eperm(tmp_path: Path) 
                 call()
             assert e.value.errno == errno.EPERM
         assert sorted(os.listdir(mnt)) == sorted(
-            [BUF, f"{BUF}.jsonl", "stats", "nvmefs.prom", "control"]
+            [BUF, f"{BUF}.jsonl", "stats", "nvmefs.prom", "control", "nvme_errors.svg"]
         )
 
 

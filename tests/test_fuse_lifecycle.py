@@ -43,6 +43,7 @@ def test_first_entry_records_the_start_and_defaults_are_set(tmp_path: Path) -> N
             "stats": "0o444",
             "nvmefs.prom": "0o444",
             "control": "0o200",
+            "nvme_errors.svg": "0o444",
         }
         assert all(p.stat().st_uid == 0 and p.stat().st_gid == 0 for p in mnt.iterdir())
 

@@ -166,7 +166,7 @@ def test_a_users_handles_stop_at_its_bound_and_the_daemon_returns_near_idle_afte
         finally:
             holder.kill()
             holder.wait()
-        assert len(os.listdir(mnt)) == 5  # still serving
+        assert "nvme_circular_buffer" in os.listdir(mnt)  # still serving
 
 
 def test_root_is_held_to_the_global_bound_that_users_handles_count_in(

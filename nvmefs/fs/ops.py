@@ -1,17 +1,18 @@
-"""The filesystem: five files over the recorder. Thin on purpose: the streams are views.py's,
+"""The filesystem: six files over the recorder. Thin on purpose: the streams are views.py's,
 the handles' bookkeeping and bounds handles.py's.
 
     nvme_circular_buffer        0444  the ring as text lines
     nvme_circular_buffer.jsonl  0444  the same entries as JSON lines
     stats                       0444  name value lines
     nvmefs.prom                 0444  the metrics in Prometheus's text format (what `prom` makes)
+    nvme_errors.svg             0444  the errors of the ring as `nvmefs report --svg` draws them
     control                     0200  clear, log=..., profile=..., format=..., clock=...
 
-stats and nvmefs.prom are snapshots taken at open, so reads at any offset and size agree (and a
-handle's st_size is its own snapshot's). Rendering one costs far more than a FUSE request, so the
-st_size a stat() or lookup shows a process without the file open is that of the last snapshot
-made, if it is under SNAPSHOT_SIZE_TTL old: a stat loop renders at most once per interval. The
-mtime of nvmefs.prom is the moment it is looked at: its content is that fresh, and
+stats, nvmefs.prom and nvme_errors.svg are snapshots taken at open, so reads at any offset and
+size agree (and a handle's st_size is its own snapshot's). Rendering one costs far more than a
+FUSE request, so the st_size a stat() or lookup shows a process without the file open is that of
+the last snapshot made, if it is under SNAPSHOT_SIZE_TTL old: a stat loop renders at most once
+per interval. The mtime of nvmefs.prom is the moment it is looked at: its content is that fresh, and
 node_exporter's textfile collector, which reads the mount directly, exports that mtime (an
 alert on a stale textfile then means the daemon is gone, not that it is idle).
 
@@ -58,15 +59,16 @@ from nvmefs.store.views import Dropped, StaticStream, Stream
 log = logging.getLogger("nvmefs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
-BUF, JSONL, STATS, CONTROL, PROM = range(2, 7)
+BUF, JSONL, STATS, CONTROL, PROM, SVG = range(2, 8)
 FILES = {
     b"nvme_circular_buffer": (BUF, 0o444),
     b"nvme_circular_buffer.jsonl": (JSONL, 0o444),
     b"stats": (STATS, 0o444),
     b"nvmefs.prom": (PROM, 0o444),
     b"control": (CONTROL, 0o200),
+    b"nvme_errors.svg": (SVG, 0o444),
 }
-SNAPSHOTS = (STATS, PROM)  # files whose content is made whole at open
+SNAPSHOTS = (STATS, PROM, SVG)  # files whose content is made whole at open
 MODES = {ino: mode for ino, mode in FILES.values()}
 ROOT_MODE = 0o555
 NAMES = sorted(FILES)
@@ -107,7 +109,7 @@ def guarded(fn: F) -> F:
 
 
 class NvmeFS(pyfuse3.Operations):
-    """The five files over a Recorder. Invariant: every open handle is in `handles` (and so in
+    """The six files over a Recorder. Invariant: every open handle is in `handles` (and so in
     its user's bounds); a handle blocked in poll() is in `_polls` until notified or closed."""
 
     def __init__(
@@ -215,7 +217,12 @@ class NvmeFS(pyfuse3.Operations):
         if last is not None and not fresh and now - last[0] < SNAPSHOT_SIZE_TTL:
             return last[1]
         r = self.recorder
-        data = self.prom(r) if inode == PROM else r.stats_stream().data
+        if inode == PROM:
+            data = self.prom(r)
+        elif inode == SVG:
+            data = r.errors_svg()
+        else:
+            data = r.stats_stream().data
         if last is not None and data == last[1]:
             data = last[1]  # unchanged: the handles opened meanwhile share one copy
         self._snapshots[inode] = (now, data)
