@@ -1,7 +1,8 @@
 """`nvmefs report --svg` opened in a real browser (Debian's chromium, headless): the document
 loads as SVG, both charts of every namespace are laid out with their bars, and the screenshot
 shows the bars in their colours where the charts are. The screenshot is kept (its path is
-printed; NVMEFS_TEST_ARTIFACTS names a directory to keep it in, else the test's tmp_path)."""
+printed; NVMEFS_TEST_ARTIFACTS names a directory to keep it in, else tests/artifacts, which
+git ignores)."""
 
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ window.addEventListener("load", () => {{
         assert size["bars"] > 0 and size["drawn"] == size["bars"], (ident, size)
 
     # The screenshot: the bars' colours are where the charts are.
-    artifacts = Path(os.environ.get("NVMEFS_TEST_ARTIFACTS") or tmp_path)
+    artifacts = Path(os.environ.get("NVMEFS_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "nvme_errors.png"
     chromium(tmp_path, f"--window-size={width},{height}", f"--screenshot={shot}", svg.as_uri())
