@@ -28,7 +28,7 @@ from nvmefs.mountpoint import above_stdio, check_fuse_options, claim_mountpoint,
 from nvmefs.options import ArgParser
 from nvmefs.outputs import Outputs
 from nvmefs.recorder import Recorder
-from nvmefs.sources import Source, build_engine, open_source, running
+from nvmefs.sources import Source, backfill_kernel_log, build_engine, open_source, running
 from nvmefs.store import events
 from nvmefs.store.events import HostEvent
 from nvmefs.store.render import Clock, Renderer
@@ -142,6 +142,8 @@ def _run(
     engine = build_engine(src, opts, ring)
     recorder = Recorder(ring, renderer, source=source, engine=engine)
     outputs.attach(ring)  # the journal's replayed entries come before this run's start entry
+    if src.kernel is not None and src.device is None and opts["backfill"]:
+        backfill_kernel_log(src, engine, ring)  # then this boot's earlier errors
     ring.append(
         HostEvent(
             events.START,

@@ -242,6 +242,7 @@ SOURCE_WORDS = {
     frozenset({SIM}): "SOURCE sim only",
     frozenset({DEVICE}): "device sources only",
     frozenset({KERNEL, DEVICE}): "the kernel source (or -o kernel) only",
+    frozenset({KERNEL}): "the kernel source only",
 }
 
 
@@ -304,6 +305,14 @@ OPTIONS: dict[str, Option] = {
     ),
     "kernel": Option(
         _onoff, False, "device sources: other processes' errors too", flag=True, sources=ONLY_DEVICE
+    ),
+    "backfill": Option(
+        _onoff,
+        True,
+        "kernel: at start, this boot's errors from the kernel log",
+        flag=True,
+        sources=frozenset({KERNEL}),
+        commands=frozenset({MOUNT}),
     ),
     # the engine
     "qd": Option(_int_range(1, 1023), 8, "commands in flight", sources=SENDS_IO),

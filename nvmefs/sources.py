@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from nvmefs import options
-from nvmefs.engine import kernel
+from nvmefs.engine import backfill, kernel
 from nvmefs.engine.base import SourceBase
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.engine.register import Engine
@@ -19,6 +19,8 @@ from nvmefs.nvme.status import Translator
 from nvmefs.options import Parsed
 from nvmefs.sim import faults
 from nvmefs.sim.controller import MAX_TRANSFER, SimController
+from nvmefs.store import events
+from nvmefs.store.events import HostEvent
 from nvmefs.store.ring import DebugRing
 
 MAX_NLB = 0x10000  # blocks in one command (NLB is 16 bits, 0-based)
@@ -127,6 +129,41 @@ def kernel_engine(spec: kernel.KernelSpec, opts: Parsed, ring: DebugRing) -> ker
         translator=Translator(opts["profile"]),
         policy=LogPolicy(opts["log"]),
         log_attempts=opts["log_attempts"],
+    )
+
+
+def backfill_kernel_log(src: Source, engine: SourceBase, ring: DebugRing) -> int:
+    """For a `kernel` source, before it starts: this boot's errors from the kernel log, after
+    what the journal replayed (engine/backfill.py); returns the entries appended. A log that
+    cannot be read costs a notice, not the start."""
+    spec = src.kernel
+    assert spec is not None
+    try:
+        records = list(backfill.read_kmsg())
+    except OSError as e:
+        ring.append(
+            HostEvent(
+                events.NOTICE,
+                f"{backfill.KMSG_PATH}: {e.strerror}: no errors from before the start",
+            )
+        )
+        return 1
+
+    def keep(name: str, info: backfill.DiskInfo) -> bool:
+        if spec.ctrl is not None:
+            return info.ctrl == spec.ctrl
+        if spec.disk is not None:
+            return name == spec.disk or backfill.head_of(name) == spec.disk
+        return True
+
+    return backfill.backfill(
+        ring,
+        records,
+        engine.translator,
+        engine.policy,
+        backfill.Disks(),
+        backfill.newest_replayed_wall_ns(ring),
+        keep,
     )
 
 

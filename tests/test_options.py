@@ -17,6 +17,7 @@ VALUES = {
     "format": "seed", "clock": "uptime", "kmsg": "on", "prom": "/tmp/x.prom",
     "prom_interval": "5", "metrics_listen": ":9464", "journal": "/tmp/j.jsonl",
     "journal_size": "1M", "journal_keep": "2", "journal_fsync": "0", "syslog": "/dev/log",
+    "backfill": "off",
 }  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from nvmefs.linux.safefiles import SafeDir, UnsafePath
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Translator
 from nvmefs.store import events
-from nvmefs.store.events import HostEvent, NvmeEvent
+from nvmefs.store.events import ORIGINS, HostEvent, NvmeEvent
 from nvmefs.store.render import RECORD_KEYS
 from nvmefs.store.ring import EVENT, SEQ, Entry
 
@@ -174,6 +174,8 @@ class Replay:
             if not all(v is None or isinstance(v, str | int | float) for v in fields.values()):
                 raise ValueError("a field is not a plain value")
             event = HostEvent(kind, message, fields, replayed=True)
+        origin = rec.get("origin")
+        event.origin = origin if origin in ORIGINS else None
         return (seq, mono, wall, event)
 
 

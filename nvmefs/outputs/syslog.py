@@ -96,6 +96,7 @@ SEVERITY: dict[str, int] = {
     events.ABORT: WARNING,
     events.RESET: WARNING,
     events.LOST: WARNING,
+    events.KERNEL_LOG: WARNING,
     events.START: NOTICE,
     events.NOTICE: NOTICE,
     NOT_SENT: WARNING,

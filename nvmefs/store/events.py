@@ -30,6 +30,7 @@ class NvmeEvent:
     disk: str | None = None  # the block disk (kernel source)
     op: str | None = None  # what the request was when the opcode is unknown (kernel source)
     replayed: bool = False  # read back from the journal of an earlier run, not seen by this one
+    origin: str | None = None  # KMSG: read from the kernel log, not seen by a source
 
     kind = "nvme"
 
@@ -42,9 +43,17 @@ ABORT = "abort"
 RESET = "reset"
 NOTICE = "notice"  # controller error-log entries, SMART critical warnings, device attach/detach
 LOST = "lost"  # trace events the kernel dropped before nvmefs read them (kernel source)
+# A failed request the kernel log tells of without an NVMe status (the block layer's line alone:
+# kernels before 5.18), or lines of it the kernel's rate limit suppressed.
+KERNEL_LOG = "kernel-log"
 
 # Every kind above, in the order shown.
-HOST_KINDS = (START, HOST_ERROR, TIMEOUT, ABORT, RESET, NOTICE, LOST)
+HOST_KINDS = (START, HOST_ERROR, TIMEOUT, ABORT, RESET, NOTICE, LOST, KERNEL_LOG)
+
+# The origin of an entry read from the kernel log (/dev/kmsg) at start: an error from before
+# the source started, which no source of this run saw.
+KMSG = "kmsg"
+ORIGINS = (KMSG,)
 
 # The field of the notice a clear leaves: how many entries it removed. A journal's replay stops
 # there, as the ring's history did.
@@ -59,3 +68,4 @@ class HostEvent:
     message: str
     fields: dict[str, Any] = field(default_factory=dict)
     replayed: bool = False  # read back from the journal of an earlier run, not seen by this one
+    origin: str | None = None  # KMSG: read from the kernel log, not seen by a source

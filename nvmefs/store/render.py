@@ -29,7 +29,7 @@ from typing import Any
 
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Status
-from nvmefs.store.events import CLEARED, HostEvent, NvmeEvent
+from nvmefs.store.events import CLEARED, KMSG, HostEvent, NvmeEvent
 from nvmefs.store.ring import Entry
 
 INFO_MAX = 255
@@ -39,11 +39,13 @@ SEED_PREFIX = "Specific NVMe error encountered: Status = "
 # What the text line of an entry replayed from the journal ends with (the seed format, whose
 # lines are the bare status, shows none).
 REPLAYED_MARK = " (replayed)"
+# What the text line of an entry read from the kernel log at start ends with.
+KMSG_MARK = " (from the kernel log)"
 # The keys of a host event's JSON record that are the record's own: no field of the event is
 # written under one of them.
 RECORD_KEYS = frozenset(
     {"seq", "ticks", "jiffies", "monotonic_ns", "wall_ns", "wall", "kind", "info", "message"}
-    | {"replayed"}
+    | {"replayed", "origin"}
 )
 
 
@@ -290,7 +292,11 @@ class Renderer:
         if self.fmt == "json":
             return self.json_line(entry)
         _seq, mono_ns, wall_ns, event = entry
-        mark = REPLAYED_MARK if event.replayed and self.fmt != "seed" else ""
+        mark = ""
+        if self.fmt != "seed":
+            mark = (KMSG_MARK if event.origin == KMSG else "") + (
+                REPLAYED_MARK if event.replayed else ""
+            )
         return f"[{self.clock.ticks(mono_ns, wall_ns)}] {info(event, self.fmt)}{mark}\n"
 
     def missed_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
@@ -333,6 +339,8 @@ class Renderer:
             # A field never takes the place of the record's own keys (a field "seq" would
             # renumber the entry in the journal).
             rec.update((k, v) for k, v in event.fields.items() if k not in RECORD_KEYS)
+        if event.origin is not None:
+            rec["origin"] = event.origin
         if event.replayed:
             rec["replayed"] = True
         return rec

@@ -76,9 +76,13 @@ class DebugRing:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def append(self, event: Any) -> int:
+    def append(self, event: Any, mono_ns: int | None = None, wall_ns: int | None = None) -> int:
+        """Append `event`, timed now (or at the given times: what the kernel log says of an
+        error from before this run); returns its sequence number."""
         seq = self._next
-        self._buf[seq % self.capacity] = (seq, time.monotonic_ns(), time.time_ns(), event)
+        if mono_ns is None or wall_ns is None:
+            mono_ns, wall_ns = time.monotonic_ns(), time.time_ns()
+        self._buf[seq % self.capacity] = (seq, mono_ns, wall_ns, event)
         self._next = seq + 1
         if seq - self._start >= self.capacity:
             self._start += 1
