@@ -1,8 +1,12 @@
-"""Only what setup.cfg cannot say: the compiled loop, built by cffi at install time if it can be.
+"""Only what setup.cfg cannot say: the compiled modules, built by cffi at install time if they can.
 
-The loop (nvmefs/linux/bulk.c) is optional: without liburing's headers or a C compiler the
-build says so in one line and the package installs without it. nvmefs then takes its Python
-data path (`datapath=auto`), and `datapath=compiled` is refused with the reason.
+Both are optional: where one does not build, the build says so in one line and the package
+installs without it.
+- The passthrough loop (nvmefs/linux/bulk.c) needs liburing's headers and a C compiler. Without
+  it nvmefs takes its Python data path (`datapath=auto`), and `datapath=compiled` is refused
+  with the reason.
+- The trace consumer (nvmefs/linux/tracebulk.c) needs only a C compiler and Python's headers.
+  Without it the kernel source reads trace pages with its Python consumer.
 """
 
 import sys
@@ -13,6 +17,19 @@ from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
 
 # What a build without the headers, the library or a compiler fails with.
 BUILD_ERRORS = (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError)
+
+# What each optional module is, and what to install to have it: by its module name.
+WHAT = {
+    "nvmefs.linux.bulkext": (
+        "the compiled passthrough loop",
+        "install liburing's headers (Debian/Ubuntu: liburing-dev, RHEL/Fedora: liburing-devel)"
+        " and a C compiler to have it",
+    ),
+    "nvmefs.linux.tracebulkext": (
+        "the compiled trace consumer",
+        "install a C compiler and Python's headers (Debian/Ubuntu: gcc, python3-dev) to have it",
+    ),
+}
 
 
 class OptionalBuildExt(build_ext):
@@ -28,15 +45,18 @@ class OptionalBuildExt(build_ext):
                 reason = "it does not link here"
             else:
                 reason = str(e)[:200] or type(e).__name__
+            what, remedy = WHAT.get(ext.name, (f"the compiled module {ext.name}", ""))
             print(
-                f"nvmefs: building without the compiled passthrough loop ({ext.name}: {reason});"
-                " install liburing's headers (Debian/Ubuntu: liburing-dev, RHEL/Fedora:"
-                " liburing-devel) and a C compiler to have it",
+                f"nvmefs: building without {what} ({ext.name}: {reason})"
+                + (f"; {remedy}" if remedy else ""),
                 file=sys.stderr,
             )
 
 
 setup(
     cmdclass={"build_ext": OptionalBuildExt},
-    cffi_modules=["nvmefs/linux/bulk_build.py:ffibuilder"],
+    cffi_modules=[
+        "nvmefs/linux/bulk_build.py:ffibuilder",
+        "nvmefs/linux/tracebulk_build.py:ffibuilder",
+    ],
 )

@@ -84,3 +84,44 @@ def page(*records: bytes, lost: int | None = None, extend: bool = False, size: i
         tail = struct.pack("<q", lost)
     body = struct.pack("<Qq", 123456, commit) + data + tail
     return body + bytes(size - len(body))
+
+
+# -- building blocks for pages of any shape (the compiled consumer's tests) ---------------------
+
+
+def event(rec: bytes) -> bytes:
+    """One record with its header, as `page()` writes it: type_len from its size, or the length
+    word form when longer than 112 bytes."""
+    padded = rec + bytes(-len(rec) % 4)
+    if len(padded) <= 28 * 4:
+        return struct.pack("<I", len(padded) // 4 | 3 << 5) + padded
+    return struct.pack("<II", 0, len(padded) + 4) + padded
+
+
+def padding(words: int) -> bytes:
+    """A padding record (a discarded event) with `words` u32s of data after its length word."""
+    return struct.pack("<II", 29 | 1 << 5, 4 + 4 * words) + bytes(4 * words)
+
+
+def time_extend() -> bytes:
+    return struct.pack("<II", 30 | 5 << 5, 1)
+
+
+def time_stamp() -> bytes:
+    return struct.pack("<II", 31, 7)
+
+
+def raw_page(
+    data: bytes, *, lost: int | None = None, commit: int | None = None, size: int = 4096
+) -> bytes:
+    """A page whose data is `data` (records with their headers, as `event()` makes them), cut or
+    zero-filled to `size`; `commit` overrides the header's commit word as it is."""
+    word = len(data)
+    tail = b""
+    if lost is not None:
+        word |= 1 << 31 | 1 << 30
+        tail = struct.pack("<q", lost)
+    if commit is not None:
+        word = commit
+    body = struct.pack("<Qq", 123456, word) + data + tail
+    return (body + bytes(max(0, size - len(body))))[:size]
