@@ -24,6 +24,7 @@ matched here with anchored regular expressions, one per format string.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -197,36 +198,27 @@ def pair(
             lba = line.sector * 512 // size if size else None
             match = None
             for i in range(len(waiting) - 1, -1, -1):
-                nrec, nline = waiting[i]
+                _nrec, nline = waiting[i]
                 if nline.name == line.disk and (lba is None or nline.lba == lba):
                     match = i
                     break
-            if match is None:
-                yield Failure(
-                    rec.usec,
-                    rec.seq,
-                    line.disk,
-                    lba=lba,
-                    sector=line.sector,
-                    op=line.opname,
-                    blk_status=line.blk_status,
-                )
-                continue
-            nrec, nline = waiting.pop(match)
-            yield Failure(
-                rec.usec,
-                nrec.seq,
-                nline.name,
-                opcode=nline.opcode,
-                status=nline.status,
-                lba=nline.lba,
-                blocks=nline.blocks,
-                sector=line.sector,
-                op=line.opname,
-                blk_status=line.blk_status,
-            )
+            yield _ended(rec, line, lba, None if match is None else waiting.pop(match))
     for rec, nline in waiting:
         yield _from_nvme(rec, nline)
+
+
+def _ended(
+    rec: Record, line: BlockLine, lba: int | None, nvme: tuple[Record, NvmeLine] | None
+) -> Failure:
+    """The request whose block line `line` (record `rec`) ended it, with the NVMe line that
+    came before it, if one did: timed by its last line, numbered by its first."""
+    if nvme is None:
+        failure = Failure(rec.usec, rec.seq, line.disk, lba=lba)
+    else:
+        failure = dataclasses.replace(_from_nvme(*nvme), usec=rec.usec)
+    return dataclasses.replace(
+        failure, sector=line.sector, op=line.opname, blk_status=line.blk_status
+    )
 
 
 def _from_nvme(rec: Record, line: NvmeLine) -> Failure:

@@ -43,19 +43,27 @@ def stalling_write(
     return lambda: held
 
 
-@pytest.mark.parametrize("backlog", [BACKLOG, 64])
-async def test_a_stalled_journal_disk_stops_neither_completions_nor_readers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int
-) -> None:
+def held_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int, stall_s: float
+) -> tuple[Journal, threading.Event, Callable[[], int]]:
+    """A journal of `backlog` entries' backlog, stalled after `stall_s` seconds of a write,
+    whose writes wait for the gate returned (and how many writes were held)."""
     monkeypatch.setattr(journal_mod, "BACKLOG_MAX", backlog)
-    monkeypatch.setattr(journal_mod, "STALL_S", 0.2)
+    monkeypatch.setattr(journal_mod, "STALL_S", stall_s)
     opts = options.parse(
         [f"journal={tmp_path / 'j.jsonl'}", "capacity=256", "journal_fsync=0"], allow_fuse=False
     )
     j = Journal.open(opts)
     assert j is not None
     gate = threading.Event()
-    held = stalling_write(monkeypatch, j, gate)
+    return j, gate, stalling_write(monkeypatch, j, gate)
+
+
+@pytest.mark.parametrize("backlog", [BACKLOG, 64])
+async def test_a_stalled_journal_disk_stops_neither_completions_nor_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int
+) -> None:
+    j, gate, held = held_journal(tmp_path, monkeypatch, backlog, 0.2)
 
     async with sim_engine(STORM, log="all") as (engine, _sim, ring):
         j.attach(ring)
@@ -116,15 +124,7 @@ async def test_the_journal_brakes_the_engines_own_storm_and_loses_nothing(
     # A small backlog, so that the brake is met at every few batches; STALL_S far away: a slow
     # disk holds the storm back (gate closed), and a storm as fast as the engine goes is
     # written whole once the disk answers.
-    monkeypatch.setattr(journal_mod, "BACKLOG_MAX", 512)
-    monkeypatch.setattr(journal_mod, "STALL_S", 600)
-    opts = options.parse(
-        [f"journal={tmp_path / 'j.jsonl'}", "capacity=256", "journal_fsync=0"], allow_fuse=False
-    )
-    j = Journal.open(opts)
-    assert j is not None
-    gate = threading.Event()
-    held = stalling_write(monkeypatch, j, gate)
+    j, gate, held = held_journal(tmp_path, monkeypatch, 512, 600)
     async with sim_engine(STORM, log="all") as (engine, _sim, ring):
         j.attach(ring)
         base = ring.last_seq
