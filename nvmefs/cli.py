@@ -8,6 +8,8 @@
     nvmefs report [MOUNTPOINT | JOURNAL...] [--since T] [--json] [--svg FILE]
                                                      errors per namespace: counts by status,
                                                      an LBA map and errors over time
+    nvmefs locate DISK LBA [--json] [--timeout S]    the partition, filesystem and file (and
+                                                     its byte range) behind an LBA
     nvmefs SOURCE MOUNTPOINT [-o OPTIONS] [-f]       mount (mount.fuse calling convention)
 
 Exit status: 0 success, 1 errors found (scrub), 2 usage or setup error.
@@ -29,7 +31,7 @@ from typing import Any
 
 import trio
 
-from nvmefs import daemon, mainloop, options, report, workloads
+from nvmefs import daemon, locate, mainloop, options, report, workloads
 from nvmefs.errors import EngineError, NvmefsError, UsageError
 from nvmefs.linux import devices
 from nvmefs.nvme import tables
@@ -320,6 +322,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "list": cmd_list,
     "report": report.cmd_report,
+    "locate": locate.cmd_locate,
 }
 
 
