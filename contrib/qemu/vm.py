@@ -1,8 +1,18 @@
 #!/usr/bin/env python3
 """The real-NVMe test bed: QEMU's emulated NVMe controllers, driven by the Debian kernel in a VM.
 
-    contrib/qemu/vm.py run [--timeout S] -- COMMAND...  run COMMAND in a fresh VM; its exit status
-    contrib/qemu/vm.py shell                             an interactive VM with the same devices
+    contrib/qemu/vm.py run [--timeout S] [--kernel K] -- COMMAND...
+                                        run COMMAND in a fresh VM; its exit status
+    contrib/qemu/vm.py shell [--kernel K]  an interactive VM with the same devices
+    contrib/qemu/vm.py fetch-kernel SUITE  download a Debian kernel (bullseye: 5.10,
+                                        bookworm-backports: 6.12) into WORK/kernels/VERSION
+    contrib/qemu/vm.py kernels             the kernels --kernel can name
+
+--kernel K: a path to a kernel image, or a version (6.1.0-57-amd64) or its prefix (5.10, 6.12)
+of a kernel in /boot or fetched into WORK/kernels; by default the newest kernel in /boot.
+A fetched kernel stays out of /boot: its modules are in WORK/kernels/VERSION/lib/modules, where
+virtme-ng finds them (it walks up from the image to the nearest lib/modules) and links them into
+the guest's /lib/modules.
 
 The VM (virtme-ng, TCG, 2 vCPUs, 2 GiB: with 1 GiB the guest, whose programs page in over
 9p, was seen to freeze for good now and then) shares the host's root filesystem read-only, and this
@@ -16,6 +26,10 @@ Its controllers, found in the guest by serial number (/sys/class/nvme/*/serial):
     nvmefs-ro    read-only drive
     nvmefs-slow  an ordinary disk whose drive `slow` can be throttled to stall commands
     nvmefs-big   256 MiB, an ordinary sparse disk: sequential throughput (contrib/bench)
+    nvmefs-mp    TWO controllers (ids mpa, mpb) of one NVMe subsystem (nqn nvmefs-mp) sharing
+                 namespace 1 (16 MiB, blkdebug read errors at LBA 20480): native multipath, the
+                 kernel's head nvmeXn1 over the hidden path disks nvmeXcYn1; mpb sits behind
+                 the hot-pluggable root port rp2 (mpa holds the namespace device: it stays)
 
 QMP: a guest can ask the host to run a QMP command (block_set_io_throttle, device_del, ...) by
 writing {"execute": ...} to WORK/qmp/req-N.json; the reply lands in WORK/qmp/rep-N.json.
@@ -38,6 +52,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -46,20 +61,150 @@ DISK_MB = 64
 
 READ_ERROR_LBAS = (2048, 40960)
 WRITE_ERROR_LBAS = (8192,)
+# Far from what a partition or signature probe reads (the head is probed whenever a path
+# comes back): LBA 2048 there would fail every such probe.
+MP_READ_ERROR_LBAS = (20480,)
 # The guest's own partition scan reads sector 2048 at boot; QEMU reports each failure.
 NOISE = ("aio failed", "blkdebug")
 
 
-def kernel() -> str:
-    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
-    if not kernels:
-        sys.exit("vm: no kernel in /boot (apt-get install linux-image-amd64)")
-    return kernels[-1]
+KERNELS = WORK / "kernels"
+# The kernel --kernel chose (a version, its prefix or a path); None: the newest in /boot.
+KERNEL: str | None = None
+
+# Debian suites fetch-kernel knows: their archive lines, and the suite's kernel metapackage.
+SUITES = {
+    "bullseye": (
+        "deb http://deb.debian.org/debian bullseye main",
+        "deb http://deb.debian.org/debian-security bullseye-security main",
+    ),
+    "bookworm-backports": ("deb http://deb.debian.org/debian bookworm-backports main",),
+}
+META = "linux-image-amd64"
+
+
+def fetched_kernels() -> dict[str, Path]:
+    """Kernel version -> image of every kernel fetch-kernel unpacked into WORK/kernels."""
+    out = {}
+    for d in sorted(KERNELS.glob("*/boot")):
+        version = d.parent.name
+        image = d / f"vmlinuz-{version}"
+        if image.is_file() and (d.parent / "lib" / "modules" / version).is_dir():
+            out[version] = image
+    return out
+
+
+def kernel(choice: str | None = None) -> str:
+    """The image to boot: `choice` (else KERNEL) as a path, a version or a version prefix of a
+    kernel in /boot or WORK/kernels; without one, the newest kernel in /boot."""
+    choice = choice if choice is not None else KERNEL
+    if choice is None:
+        kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+        if not kernels:
+            sys.exit("vm: no kernel in /boot (apt-get install linux-image-amd64)")
+        return kernels[-1]
+    if os.sep in choice:
+        if not Path(choice).is_file():
+            sys.exit(f"vm: no kernel image {choice}")
+        return str(Path(choice).resolve())
+    known = {Path(k).name.removeprefix("vmlinuz-"): k for k in glob.glob("/boot/vmlinuz-*")}
+    known.update((v, str(p)) for v, p in fetched_kernels().items())
+    if choice in known:
+        return known[choice]
+    # A prefix must be one at a dot or dash boundary: 6.1 is not 6.12.
+    matches = sorted(v for v in known if v.startswith(choice) and v[len(choice)] in ".-+")
+    if not matches:
+        sys.exit(f"vm: no kernel {choice} (have: {', '.join(sorted(known)) or 'none'};"
+                 " contrib/qemu/vm.py fetch-kernel SUITE)")  # fmt: skip
+    return known[matches[-1]]
+
+
+def kernel_append(image: str) -> list[str]:
+    """vng options a kernel needs in this bed beyond the others'. Under TCG, 5.10 finds the
+    vCPUs' TSCs unsynchronized and falls back to the HPET clocksource, every read of which QEMU
+    emulates: its boot took 95 s instead of 15 and its tests were several times slower."""
+    release = Path(image).name.removeprefix("vmlinuz-")
+    return ["--append=tsc=reliable"] if release.startswith("5.") else []
+
+
+def _apt_opts(suite_dir: Path) -> list[str]:
+    """apt options for a private sources list and state under `suite_dir`: the host's own apt
+    sources and lists are neither read nor changed, and its installed packages are not seen
+    (an empty dpkg status: the host's newer linux-image-amd64 would be the candidate)."""
+    return [
+        f"-oDir::Etc::sourcelist={suite_dir / 'sources.list'}",
+        "-oDir::Etc::sourceparts=-",
+        f"-oDir::State::Lists={suite_dir / 'lists'}",
+        f"-oDir::State::status={suite_dir / 'status'}",
+        f"-oDir::Cache={suite_dir / 'cache'}",
+        "-oAcquire::Languages=none",
+        "-oAPT::Get::List-Cleanup=0",
+    ]
+
+
+def _apt(suite_dir: Path, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool, *_apt_opts(suite_dir), *args], capture_output=True, text=True, cwd=suite_dir
+    )
+
+
+def fetch_kernel(suite: str) -> Path:
+    """Download SUITE's current amd64 kernel package by name and unpack it into
+    WORK/kernels/VERSION (boot/vmlinuz-VERSION, lib/modules/VERSION with modules.dep); the
+    image's path. Nothing is installed and /boot is not touched. Idempotent: a kernel
+    already unpacked is kept."""
+    if suite not in SUITES:
+        sys.exit(f"vm: fetch-kernel: unknown suite {suite} (know: {', '.join(SUITES)})")
+    suite_dir = KERNELS / "apt" / suite
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (suite_dir / sub).mkdir(parents=True, exist_ok=True)
+    (suite_dir / "sources.list").write_text("\n".join(SUITES[suite]) + "\n")
+    (suite_dir / "status").touch()
+    p = _apt(suite_dir, "apt-get", "update", "-q")
+    if p.returncode != 0:
+        sys.exit(f"vm: fetch-kernel {suite}: apt-get update failed:\n{p.stderr}")
+    # The metapackage's candidate names this suite's current kernel package.
+    p = _apt(suite_dir, "apt-cache", "show", "--no-all-versions", META)
+    deps = [ln for ln in p.stdout.splitlines() if ln.startswith("Depends:")]
+    pkgs = [d.strip().split()[0] for ln in deps for d in ln[len("Depends:") :].split(",")]
+    images = [d for d in pkgs if d.startswith("linux-image-") and d != META]
+    if p.returncode != 0 or not images:
+        sys.exit(f"vm: fetch-kernel {suite}: no kernel package behind {META}:\n{p.stdout}"
+                 f"{p.stderr}")  # fmt: skip
+    package = images[0]
+    version = package.removeprefix("linux-image-")
+    dest = KERNELS / version
+    image = dest / "boot" / f"vmlinuz-{version}"
+    if image.is_file() and (dest / "lib/modules" / version / "modules.dep").is_file():
+        print(f"vm: {version} already fetched: {image}")
+        return image
+    debs = suite_dir / "debs"
+    debs.mkdir(exist_ok=True)
+    for old in debs.glob("*.deb"):
+        old.unlink()
+    p = subprocess.run(["apt-get", *_apt_opts(suite_dir), "download", package],
+                       capture_output=True, text=True, cwd=debs)  # fmt: skip
+    found = sorted(debs.glob(f"{package}_*.deb"))
+    if p.returncode != 0 or len(found) != 1:
+        sys.exit(f"vm: fetch-kernel {suite}: apt-get download {package} failed:\n{p.stderr}")
+    deb = found[0]
+    tmp = KERNELS / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+    # A .deb ships no modules.dep (its postinst runs depmod): virtme-ng needs one to find the
+    # modules the guest loads (9p, virtio, nvme).
+    subprocess.run(["depmod", "-a", "-b", str(tmp), version], check=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    deb.unlink()
+    print(f"vm: fetched {package} from {suite}: {dest / 'boot' / f'vmlinuz-{version}'}")
+    return image
 
 
 def make_disks() -> None:
     WORK.mkdir(exist_ok=True)
-    sizes = (("err", DISK_MB), ("pi", 16), ("zns", 16), ("ro", 16), ("slow", 16), ("big", 256))
+    sizes = (("err", DISK_MB), ("pi", 16), ("zns", 16), ("ro", 16), ("slow", 16), ("big", 256),
+             ("mp", 16))  # fmt: skip
     for name, size_mb in sizes:
         path = WORK / f"{name}.img"
         path.unlink(missing_ok=True)
@@ -71,6 +216,9 @@ def make_disks() -> None:
             rules.append(f'[inject-error]\nevent = "{event}"\nerrno = "5"\nsector = "{lba}"\n'
                          'once = "off"\n')  # fmt: skip
     (WORK / "blkdebug.conf").write_text("\n".join(rules))
+    mp_rules = [f'[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "{lba}"\n'
+                'once = "off"\n' for lba in MP_READ_ERROR_LBAS]  # fmt: skip
+    (WORK / "blkdebug-mp.conf").write_text("\n".join(mp_rules))
     qmp = WORK / "qmp"
     shutil.rmtree(qmp, ignore_errors=True)
     qmp.mkdir()
@@ -101,6 +249,17 @@ def qemu_opts(qmp_sock: Path) -> str:
             "-device nvme,serial=nvmefs-slow,drive=slow",
             f"-drive file={w}/big.img,if=none,id=big,format=raw",
             "-device nvme,serial=nvmefs-big,drive=big",
+            # Native multipath: one subsystem, two controllers (QEMU 7.2 wants one serial for
+            # both), one shared namespace. mpb can be unplugged; mpa holds the namespace
+            # device, which would go with it.
+            "-device pcie-root-port,id=rp2,chassis=2,slot=2",
+            f"-blockdev driver=raw,node-name=mp,file.driver=blkdebug,"
+            f"file.config={w}/blkdebug-mp.conf,file.image.driver=file,"
+            f"file.image.filename={w}/mp.img",
+            "-device nvme-subsys,id=mps,nqn=nvmefs-mp",
+            "-device nvme,id=mpa,serial=nvmefs-mp,subsys=mps",
+            "-device nvme,id=mpb,serial=nvmefs-mp,subsys=mps,bus=rp2",
+            "-device nvme-ns,drive=mp,nsid=1,shared=on,bus=mpa",
         ]
     )
 
@@ -113,7 +272,7 @@ class QmpRelay(threading.Thread):
         self.sock_path = sock_path
         self.stop = threading.Event()
         self._sock: socket.socket | None = None
-        self._file = None
+        self._file: TextIO | None = None
 
     def _connect(self) -> bool:
         if self._sock is not None:
@@ -160,10 +319,12 @@ class QmpRelay(threading.Thread):
 def vng_command(command: list[str], interactive: bool = False) -> list[str]:
     qmp_sock = WORK / "qmp.sock"
     vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
+    image = kernel()
     cmd = [
-        vng, "--run", kernel(), "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
+        vng, "--run", image, "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
         f"--rwdir={REPO}", "--cwd", str(REPO),
         "--append=nvme_core.io_timeout=30",
+        *kernel_append(image),
         # = form: the value starts with a dash and must not be taken for an option
         f"--qemu-opts={qemu_opts(qmp_sock)}",
     ]  # fmt: skip
@@ -192,6 +353,21 @@ def _lock() -> int:
 
 # The exit status of a run whose guest printed nothing for --stall seconds (it is killed).
 STALLED = 125
+# With --stall, the command runs beside a loop printing this line every HEARTBEAT_S seconds
+# (filtered from the output): a long test is not a silent guest, a guest that stopped is.
+HEARTBEAT = "nvmefs-vm-heartbeat"
+HEARTBEAT_S = 15
+# What a boot may take before the first line, on top of --stall (TCG on a loaded machine).
+BOOT_S = 240
+
+
+def with_heartbeat(command: list[str]) -> list[str]:
+    """`command` run by a shell beside the heartbeat loop, which ends with it; same status."""
+    script = (
+        f"(while sleep {HEARTBEAT_S}; do echo {HEARTBEAT}; done) & beat=$!; "
+        '"$@"; rc=$?; kill $beat; exit $rc'
+    )
+    return ["sh", "-c", script, "sh", *command]
 
 
 def run(command: list[str], timeout: float, interactive: bool = False, stall: float = 0) -> int:
@@ -211,6 +387,8 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
     try:
         if interactive:
             return subprocess.call(vng_command(command, True), env=env)
+        if stall:
+            command = with_heartbeat(command)
         proc = subprocess.Popen(
             vng_command(command), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
@@ -232,7 +410,11 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
             stalled.set()
             kill_all()
 
+        # Started before the first line too: a guest that never boots is a stalled one.
         watchdog: threading.Timer | None = None
+        if stall:
+            watchdog = threading.Timer(stall + BOOT_S, on_stall)
+            watchdog.start()
         try:
             for line in proc.stdout:
                 if stall:  # every line the guest prints restarts the watchdog
@@ -240,7 +422,7 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
                         watchdog.cancel()
                     watchdog = threading.Timer(stall, on_stall)
                     watchdog.start()
-                if not any(n in line for n in NOISE):
+                if not any(n in line for n in NOISE) and HEARTBEAT not in line:
                     sys.stdout.write(line)
                     sys.stdout.flush()
             code = proc.wait()
@@ -261,14 +443,32 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    global KERNEL
     p = argparse.ArgumentParser(prog="contrib/qemu/vm.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("run", help="run a command in a fresh VM")
     r.add_argument("--timeout", type=float, default=900)
     r.add_argument("--stall", type=float, default=0, help="end a guest silent for S s (125)")
+    kernel_help = "a kernel image, or a version or version prefix (5.10, 6.12): see `kernels`"
+    r.add_argument("--kernel", help=kernel_help)
     r.add_argument("command", nargs=argparse.REMAINDER)
-    sub.add_parser("shell", help="an interactive VM with the test devices")
+    sh = sub.add_parser("shell", help="an interactive VM with the test devices")
+    sh.add_argument("--kernel", help=kernel_help)
+    f = sub.add_parser("fetch-kernel", help="download a Debian suite's kernel by package name")
+    f.add_argument("suite", choices=sorted(SUITES))
+    sub.add_parser("kernels", help="the kernels --kernel can name")
     args = p.parse_args(argv)
+    if args.what == "fetch-kernel":
+        fetch_kernel(args.suite)
+        return 0
+    if args.what == "kernels":
+        fetched = [str(i) for i in fetched_kernels().values()]
+        for k in sorted(glob.glob("/boot/vmlinuz-*")) + fetched:
+            print(k)
+        return 0
+    if args.kernel is not None:
+        KERNEL = args.kernel
+        print(f"vm: booting {kernel()}", file=sys.stderr)  # refuses an unknown one before the lock
     if args.what == "shell":
         return run([], 0, interactive=True)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nvmefs.linux import devices
 from nvmefs.nvme.kernlog import Failure, Record, Suppressed, pair, parse_record
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import Translator
@@ -47,7 +48,6 @@ RECORD_MAX = 8192
 # The most records read: the printk ring holds a few thousand at its usual sizes; this bounds
 # a start on a machine with a huge log_buf_len.
 RECORDS_MAX = 1 << 20
-_PATH_DISK = re.compile(r"nvme\d+c(\d+)n\d+")
 
 
 def read_kmsg(path: str = KMSG_PATH) -> Iterator[Record]:
@@ -102,9 +102,9 @@ class Disks:
         base = self.root / "class" / "block" / name  # path disks (nvmeXcYnZ) are only here
         info = DiskInfo(lba_size=_read_int(base / "queue" / "logical_block_size"))
         info.nsid = _read_int(base / "nsid")
-        m = _PATH_DISK.fullmatch(name)
-        if m is not None:  # the controller the path goes through
-            info.ctrl = f"nvme{m.group(1)}"
+        path = devices.path_disk(name)
+        if path is not None:  # the controller the path goes through
+            info.ctrl = path[1]
         else:
             try:
                 device = os.path.basename(os.readlink(base / "device"))
@@ -116,8 +116,8 @@ class Disks:
 
 def head_of(name: str) -> str | None:
     """The namespace head (nvmeXnZ) of a native-multipath path disk (nvmeXcYnZ), else None."""
-    m = re.fullmatch(r"nvme(\d+)c\d+n(\d+)", name)
-    return f"nvme{m.group(1)}n{m.group(2)}" if m else None
+    path = devices.path_disk(name)
+    return path[0] if path else None
 
 
 def _read_int(path: Path) -> int | None:

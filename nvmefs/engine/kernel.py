@@ -19,6 +19,17 @@ Theory of operation
   with an error on NVMe block devices (major 259) or on none (dev 0: admin and passthrough
   requests without a disk) - a failing SATA or virtio disk is not traced, and its block errors
   cannot pair with an NVMe attempt on the same CPU.
+- Native multipath: the kernel traces a namespace's requests under the hidden path disk they
+  went through (nvme0c1n1), which has no device number. Entries name the namespace (the head,
+  nvme0n1), the controller of the path (ctrl) and the LBAs, as for any disk. An attempt on a
+  path that ends with no block event and that the kernel's rule (nvme.disposition) fails over
+  - a path error (SCT 3: the controller going away gives 0x370/0x371) not yet out of retries -
+  was not an error of the namespace: `nvme_failover_req` requeues its bios on another path and
+  ends the request with success, logging nothing. It is counted (`failovers`, and as retried)
+  and noted as a host entry of the path, at most two per path and status per slow round
+  (the first at once, then how many more); paths that appear or go are noted too. (The kernel
+  also fails over any status of a request whose path queue is dying; with a status that is no
+  path error, the trace cannot tell that from a retry, and it counts as one.)
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from nvmefs.engine.base import EngineState, SourceBase
 from nvmefs.errors import EngineError, UsageError
 from nvmefs.linux import devices, tracefs
 from nvmefs.linux.devices import Disk
+from nvmefs.nvme.disposition import Disposition, decide
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import SCT_SC_MASK
 from nvmefs.store import events
@@ -140,6 +152,8 @@ class KernelSpec:
     text: str
     ctrl: str | None = None  # nvmeX
     disk: str | None = None  # nvmeXnY
+    # The disk is a native-multipath head: its requests are traced under its path disks.
+    multipath: bool = False
 
     @classmethod
     def parse(cls, source: str) -> KernelSpec:
@@ -150,7 +164,7 @@ class KernelSpec:
             name = os.path.basename(os.path.realpath(rest))
             if name not in devices.disks():
                 raise UsageError(f"{source}: no NVMe namespace {rest}")
-            return cls(source, disk=name)
+            return cls(source, disk=name, multipath=bool(devices.paths(name)))
         if rest.startswith("nvme") and rest[4:].isdigit():
             if not (devices.SYSFS / rest).exists():
                 raise UsageError(f"{source}: no NVMe controller {rest}")
@@ -161,7 +175,11 @@ class KernelSpec:
         parts = [] if policy.table[0] else ["status != 0"]
         if self.ctrl is not None:
             parts.append(f"ctrl_id == {int(self.ctrl[4:])}")
-        if self.disk is not None:
+        if self.disk is not None and self.multipath:
+            # Every path of the head, those of controllers that come later included.
+            subsys, _, nsid = self.disk.removeprefix("nvme").partition("n")
+            parts.append(f'(disk == "{self.disk}" || disk ~ "nvme{subsys}c*n{nsid}")')
+        elif self.disk is not None:
             parts.append(f'disk == "{self.disk}"')
         return " && ".join(parts)
 
@@ -208,6 +226,14 @@ class KernelEngine(SourceBase):
         self.pairing = Pairing()
         self.instance: tracefs.Instance | None = None
         self.lost_events = 0
+        # Attempts the kernel failed over to another path (native multipath), and the
+        # kernel's nvme_core.max_retries, which decides when a path error is no longer one.
+        self.failovers = 0
+        self.kernel_max_retries = devices.DEFAULT_MAX_RETRIES
+        # Failovers since the last slow round by (path disk, ctrl_id, status): the first of
+        # each was logged, the count of the rest is logged at the next round.
+        self._failover_more: dict[tuple[str, int, int], int] = {}
+        self._paths: set[str] = set()  # the path disks seen at the last slow round
         self._disks: dict[str, Disk] = {}
         self._by_dev: dict[int, Disk] = {}
         self._lost: dict[int, int] = {}
@@ -243,6 +269,8 @@ class KernelEngine(SourceBase):
             self._lost = {cpu: inst.lost(cpu) for cpu in cpus}
             self._refresh_disks()
             self._ctrls = devices.serials()
+            self._paths = set(devices.paths())
+            self.kernel_max_retries = devices.kernel_max_retries()
             watched = self.spec.watched()
             self._log_host(
                 events.START,
@@ -331,12 +359,55 @@ class KernelEngine(SourceBase):
         self.sink.attempt(a.status)
 
     def _superseded(self, a: Attempt | None) -> None:
-        """An attempt that was retried: counted, and logged only with log_attempts."""
+        """An attempt that was retried: counted, and logged only with log_attempts; or one
+        that was failed over to another path: counted, and a host entry of its path."""
         if a is None:
             return
         self.sink.retried()
-        if self.log_attempts:
+        if self._is_failover(a):
+            self._failed_over(a)
+        elif self.log_attempts:
             self._emit(a, None)
+
+    def _is_failover(self, a: Attempt) -> bool:
+        """Whether the kernel failed attempt `a`, which no block event ended, over to another
+        path rather than retrying it on the same one: as nvme_decide_disposition decides."""
+        if not a.status or devices.path_disk(a.disk) is None:
+            return False
+        d = decide(a.status, a.retries, self.kernel_max_retries,
+                   fail_fast=bool(a.flags & USER_CMD), multipath=True)  # fmt: skip
+        return d.action is Disposition.FAILOVER
+
+    def _failed_over(self, a: Attempt) -> None:
+        self.failovers += 1
+        key = (a.disk, a.ctrl_id, a.status)
+        if key in self._failover_more:
+            self._failover_more[key] += 1
+            return
+        self._failover_more[key] = 0
+        self._log_failovers(key, 1)
+
+    def _log_failovers(self, key: tuple[str, int, int], n: int) -> None:
+        path, ctrl_id, status = key
+        head = devices.path_disk(path)
+        name = self.translator.table[status].name
+        what = "a request" if n == 1 else f"{n} more requests"
+        self._log_host(
+            events.NOTICE,
+            f"path {path} of {head[0] if head else '?'} through nvme{ctrl_id}: {what} failed"
+            f" over to another path (0x{status:x} {name})",
+            ctrl=f"nvme{ctrl_id}",
+            disk=head[0] if head else None,
+            path=path,
+            status=f"0x{status:x}",
+            failovers=n,
+        )
+
+    def _flush_failovers(self) -> None:
+        for key, n in self._failover_more.items():
+            if n:
+                self._log_failovers(key, n)
+        self._failover_more = {}
 
     def own(self, status: int) -> None:
         """A passthrough attempt of this process failed with `status`: when the tracepoints
@@ -398,7 +469,7 @@ class KernelEngine(SourceBase):
                 slba=slba,
                 nlb=nlb,
                 retries=a.retries,
-                disk=disk.name if disk is not None and a.qid else None,
+                disk=disk.namespace if disk is not None and a.qid else None,
                 op=operation(b.rwbs if b is not None else "", a.qid, a.flags),
             )
         )
@@ -412,7 +483,8 @@ class KernelEngine(SourceBase):
 
     def _refresh_disks(self) -> None:
         self._disks = self.disks()
-        self._by_dev = {d.dev: d for d in self._disks.values()}
+        # Path disks have no device number: dev 0 is a request without a disk.
+        self._by_dev = {d.dev: d for d in self._disks.values() if d.dev}
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -432,6 +504,8 @@ class KernelEngine(SourceBase):
                 last_slow = now
                 self._check_lost()  # a backstop: pages that follow a loss say so at once
                 self._check_controllers()
+                self._check_paths()
+                self._flush_failovers()
 
     def _check_lost(self) -> None:
         if self.instance is None:
@@ -460,3 +534,12 @@ class KernelEngine(SourceBase):
         if now.keys() != self._ctrls.keys():
             self._refresh_disks()
         self._ctrls = now
+
+    def _check_paths(self) -> None:
+        now = set(devices.paths())
+        for what, names in (("appeared", now - self._paths), ("is gone", self._paths - now)):
+            for path in sorted(names):
+                head, ctrl = devices.path_disk(path) or ("?", "?")
+                self._log_host(events.NOTICE, f"path {path} of {head} through {ctrl} {what}",
+                               ctrl=ctrl, disk=head, path=path)  # fmt: skip
+        self._paths = now

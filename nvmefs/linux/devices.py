@@ -113,16 +113,36 @@ def controllers(sysfs: Path = SYSFS) -> list[Controller]:
 
 @dataclass(frozen=True)
 class Disk:
-    """A block disk as sysfs shows it: its name, dev_t, namespace id and LBA size."""
+    """A block disk as sysfs shows it: its name, dev_t, namespace id and LBA size.
+
+    With native multipath a namespace is a head disk (nvmeXnZ, the one with a device node)
+    over one hidden path disk per controller (nvmeXcYnZ): a path disk has `head` set to its
+    head's name and `ctrl` to the controller it goes through (nvmeY), and no dev_t of its own
+    (dev 0, as its trace events carry it). Invariant: `head` is None exactly when `ctrl` is."""
 
     name: str
     dev: int  # the kernel's internal dev_t (major << 20 | minor), as trace events carry it
     nsid: int | None
     lba_size: int
+    head: str | None = None  # a path disk's namespace head (nvmeXnZ)
+    ctrl: str | None = None  # a path disk's controller (nvmeY)
+
+    @property
+    def namespace(self) -> str:
+        """The name of the namespace's disk, as users know it: the head of a path disk."""
+        return self.head or self.name
 
 
 SYS_BLOCK = Path("/sys/block")
 MINORBITS = 20
+_PATH_DISK = re.compile(r"nvme(\d+)c(\d+)n(\d+)")
+
+
+def path_disk(name: str) -> tuple[str, str] | None:
+    """(head, controller) of a native-multipath path disk name (nvme0c1n1 -> nvme0n1, nvme1);
+    None for any other name."""
+    m = _PATH_DISK.fullmatch(name)
+    return (f"nvme{m[1]}n{m[3]}", f"nvme{m[2]}") if m else None
 
 
 def kernel_dev(major: int, minor: int) -> int:
@@ -131,20 +151,48 @@ def kernel_dev(major: int, minor: int) -> int:
 
 
 def disks(sys_block: Path = SYS_BLOCK) -> dict[str, Disk]:
-    """Every NVMe block disk by name (nvme0n1), with what an entry needs to say about it."""
+    """Every NVMe block disk by name (nvme0n1), with what an entry needs to say about it; the
+    hidden path disks of native multipath (nvme0c1n1) too, which have no dev_t (dev 0)."""
     out = {}
     for d in sys_block.glob("nvme*"):
         major, _, minor = _read(d / "dev").partition(":")
-        if not (major.isdigit() and minor.isdigit()):
+        path = path_disk(d.name)
+        if major.isdigit() and minor.isdigit():
+            dev = kernel_dev(int(major), int(minor))
+        elif path is not None and d.is_dir():
+            dev = 0  # a hidden disk: the kernel gives it no device number
+        else:
             continue
         nsid = _read(d / "nsid")
         out[d.name] = Disk(
             name=d.name,
-            dev=kernel_dev(int(major), int(minor)),
+            dev=dev,
             nsid=int(nsid) if nsid.isdigit() else None,
             lba_size=int(_read(d / "queue" / "logical_block_size") or 512),
+            head=path[0] if path else None,
+            ctrl=path[1] if path else None,
         )
     return out
+
+
+def paths(head: str | None = None, sys_block: Path = SYS_BLOCK) -> list[str]:
+    """The path disks of the namespace head `head` (nvme0n1 -> [nvme0c0n1, nvme0c1n1]), or of
+    every head: cheap enough to ask often (names only)."""
+    return sorted(
+        d.name
+        for d in sys_block.glob("nvme*c*n*")
+        if (p := path_disk(d.name)) and head in (None, p[0])
+    )
+
+
+MAX_RETRIES = Path("/sys/module/nvme_core/parameters/max_retries")
+DEFAULT_MAX_RETRIES = 5  # nvme_core's default
+
+
+def kernel_max_retries(param: Path = MAX_RETRIES) -> int:
+    """The kernel's nvme_core.max_retries: attempts after the first before a request fails."""
+    value = _read(param)
+    return int(value) if value.isdigit() else DEFAULT_MAX_RETRIES
 
 
 @dataclass

@@ -30,7 +30,7 @@ def test_errors_before_the_mount_come_from_the_kernel_log_once(tmp_path: Path) -
     assert want >= 2, dmesg()[-3000:]
     journal = tmp_path / "journal"
     journal.mkdir(mode=0o700)
-    opts = f"log=errors,journal={journal / 'j.jsonl'},capacity=100000"
+    opts = f"log=errors,journal={journal / 'j.jsonl'},capacity=100000,backfill=on"
     with kernel_mount(tmp_path, opts) as mnt:
         recs = records(mnt)
         first_text = (mnt / "nvme_circular_buffer").read_text()
