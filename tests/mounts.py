@@ -65,6 +65,13 @@ def cleanup(mnt: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+def unmount(mnt: Path, timeout: float = 30) -> None:
+    """Unmount as a user does and wait for the daemon to have ended (its last writes done)."""
+    pids = daemon_pids(mnt)
+    subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), timeout, "the daemon")
+
+
 @contextlib.contextmanager
 def mounted(
     tmp_path: Path, opts: str, plan: str | None = None, name: str = "mnt"

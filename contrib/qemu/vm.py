@@ -422,7 +422,10 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
                         watchdog.cancel()
                     watchdog = threading.Timer(stall, on_stall)
                     watchdog.start()
-                if not any(n in line for n in NOISE) and HEARTBEAT not in line:
+                # The heartbeat lands inside pytest's lines ("test_x <beat>\nPASSED"): it is
+                # cut out, the rest of the line kept.
+                line = line.replace(HEARTBEAT + "\n", "")
+                if line and not any(n in line for n in NOISE):
                     sys.stdout.write(line)
                     sys.stdout.flush()
             code = proc.wait()

@@ -84,6 +84,10 @@ NEW_SUFFIX = ".new"
 # The most entries the journal holds in memory beyond the ring while its task is behind (a
 # storm, a stalled disk): references to the ring's entries, about 20 MiB at the most.
 BACKLOG_MAX = 1 << 16
+# The most entries one write (one turn of the task, one worker-thread call) takes: a turn's
+# length is bounded, so STALL_S measures the disk, not how far behind the journal is, and
+# "writing again" shows as soon as a turn has gone through.
+WRITE_BATCH = 4096
 # How far past journal_size the live file may grow while it cannot be rotated (a name in the way,
 # a failing rename): then writing stops, counting what is lost, until a rotation works again.
 OVERRUN = 2
@@ -282,9 +286,13 @@ class Journal:
         self._wake.set()
 
     def _collect(self) -> list[Entry]:
-        """The entries to write next, oldest first: the backlog, then what the cursor has."""
+        """The entries to write next, oldest first, WRITE_BATCH at most: from the backlog,
+        after what the cursor has has joined it. If more wait, the task goes on at once."""
         self._keep_all()
-        entries, self._backlog = self._backlog, []
+        entries = self._backlog[:WRITE_BATCH]
+        del self._backlog[:WRITE_BATCH]
+        if self._backlog:
+            self._wake.set()
         return entries
 
     def _render(self, entries: list[Entry]) -> tuple[list[bytes], int]:
@@ -561,7 +569,8 @@ class Journal:
         """Write what is waiting, on the caller's thread (what one turn of the task does, less
         the worker thread): for the end of the daemon and for tests."""
         if self._cursor is not None:
-            self._write_lines(self._render(self._collect()))
+            while batch := self._collect():
+                self._write_lines(self._render(batch))
         self._post_notes()
 
     def close(self) -> None:
