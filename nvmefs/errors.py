@@ -19,6 +19,9 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 
+# The exit statuses of the nvmefs command: success, errors found (scrub, watch), usage or setup.
+EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+
 
 class NvmefsError(Exception):
     """Base of every error nvmefs raises on purpose."""

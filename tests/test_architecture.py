@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("nvmefs.workloads", "nvmefs.options"),
     ("nvmefs.sources", "nvmefs.recorder"),
     ("nvmefs.outputs", "nvmefs.fs", "nvmefs.mountpoint"),  # peers: see PEERS
-    ("nvmefs.daemon", "nvmefs.report", "nvmefs.locate"),
+    ("nvmefs.daemon", "nvmefs.report", "nvmefs.locate", "nvmefs.console"),
     ("nvmefs.cli",),
     ("nvmefs.__main__",),
 ]

@@ -73,7 +73,7 @@ def public_dir() -> Iterator[Path]:
 
 # Imports first, then waits for a line on stdin: the two racers reach the checks together.
 RACER = (
-    "import sys; from nvmefs import cli; print('ready', flush=True); sys.stdin.readline(); "
+    "import sys; from nvmefs import cli, daemon; print('ready', flush=True); sys.stdin.readline(); "
     "sys.exit(cli.main(sys.argv[1:]))"
 )
 
