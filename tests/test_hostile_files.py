@@ -258,5 +258,14 @@ def test_a_journal_that_cannot_rotate_stops_at_twice_its_size_and_says_so(
             assert int(s["journal_lost"]) > 0 and "cannot rotate" in s["journal_problem"], s
             assert (d / "moved").stat().st_size <= 2 * (64 << 10)  # bounded: no unbounded growth
             path.rmdir()  # out of the way: it writes again, to a new PATH
-            wait_for(lambda: stats(mnt)["journal_state"] == "writing", 30, "writing again")
+            last: list[dict[str, str]] = [{}]
+
+            def writing() -> bool:
+                last[0] = stats(mnt)
+                return last[0]["journal_state"] == "writing"
+
+            try:
+                wait_for(writing, 30, "writing again")
+            except AssertionError:
+                raise AssertionError(f"not writing again: {last[0]}") from None
             wait_for(lambda: path.is_file(), 10, "a new journal at PATH")

@@ -151,7 +151,9 @@ class Journal:
         # says why) or STOPPED (closed).
         self.state = WRITING
         self.why = ""
-        self._writing_since: float | None = None  # when the write in progress began
+        # While a turn writes: when it began, or when its last write or rotation returned (a
+        # turn that goes on writing is not a stalled disk, however long it takes).
+        self._writing_since: float | None = None
         self._rotate_after = 0.0  # a failed rotation is tried again from then on (monotonic)
         # Public counters (metrics): lines written, rotations, write errors, entries lost.
         self.written = 0
@@ -229,8 +231,8 @@ class Journal:
         self.found = History()  # the ring holds them now
 
     def current_state(self) -> tuple[str, str]:
-        """(state, why): STALLED also while a write has been in progress for STALL_S or more
-        (a disk that does not answer), which no error says."""
+        """(state, why): STALLED also while a write has not returned for STALL_S or more (a
+        disk that does not answer), which no error says."""
         since = self._writing_since
         if self.state == WRITING and since is not None:
             took = time.monotonic() - since
@@ -433,6 +435,11 @@ class Journal:
         self._size += len(data)
         self.written += len(batch)
         self.dirty = True
+        self._progress()
+
+    def _progress(self) -> None:
+        if self._writing_since is not None:
+            self._writing_since = time.monotonic()
 
     def _try_rotate(self) -> bool:
         """Rotate; if that fails, go on writing the live file past journal_size (up to OVERRUN
@@ -481,6 +488,7 @@ class Journal:
         self._replace_fd(fd)
         self.rotations += 1
         d.sync()
+        self._progress()
 
     def _move(self, old: str, new: str) -> None:
         """Rename a journal file of the chain one place on. If another user holds the new

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +13,13 @@ import pytest
 import trio
 
 from nvmefs import options, workloads
+from nvmefs.nvme.status import Translator
 from nvmefs.outputs import journal as journal_mod
 from nvmefs.outputs.journal import Journal
 from nvmefs.recorder import Recorder
+from nvmefs.store.events import NvmeEvent
 from nvmefs.store.render import Renderer
+from nvmefs.store.ring import DebugRing
 from nvmefs.workloads import Progress
 from tests.helpers import sim_engine
 
@@ -158,3 +162,39 @@ async def test_the_journal_brakes_the_engines_own_storm_and_loses_nothing(
     j.close()
     assert progress.commands == 20_000 and progress.failed == 20_000
     assert j.lost == 0 and j.written == ring.appended - base >= 20_000
+
+
+def test_a_long_turn_that_goes_on_writing_is_not_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow disk is not a stalled one: a turn of many rotations, each of whose directory syncs
+    # takes a while, keeps the state "writing" while every write and rotation returns.
+    monkeypatch.setattr(journal_mod, "STALL_S", 0.4)
+    real_sync = journal_mod.SafeDir.sync
+
+    def slow_sync(self: journal_mod.SafeDir) -> None:
+        time.sleep(0.15)
+        real_sync(self)
+
+    monkeypatch.setattr(journal_mod.SafeDir, "sync", slow_sync)
+    opts = options.parse(
+        [f"journal={tmp_path / 'j.jsonl'}", "capacity=4096", "journal_size=64K", "journal_fsync=0"],
+        allow_fuse=False,
+    )
+    j = Journal.open(opts)
+    assert j is not None
+    ring = DebugRing(4096)
+    j.attach(ring)
+    status = Translator().decode(0x281)
+    for lba in range(3000):  # about 1 MB of lines: a dozen rotations in one turn
+        ring.append(NvmeEvent(status, ctrl="nvme0", nsid=1, slba=lba, nlb=1, disk="nvme0n1"))
+    states: list[str] = []
+    turn = threading.Thread(target=j.drain)
+    turn.start()
+    while turn.is_alive():
+        states.append(j.current_state()[0])
+        time.sleep(0.02)
+    turn.join()
+    j.close()
+    assert j.rotations >= 8 and j.lost == 0
+    assert len(states) > 40 and set(states) == {"writing"}, states
