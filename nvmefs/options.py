@@ -314,6 +314,21 @@ OPTIONS: dict[str, Option] = {
         sources=frozenset({KERNEL}),
         commands=frozenset({MOUNT}),
     ),
+    "locate": Option(
+        _onoff,
+        True,
+        "kernel: each error's LBA looked up: the file (or metadata, free space) it is in",
+        flag=True,
+        sources=frozenset({KERNEL, DEVICE}),
+        needs="kernel",
+    ),
+    "locate_wait": Option(
+        _float_min(0.1),
+        2.0,
+        "kernel: seconds an error entry waits for its LBA's owner before it goes without",
+        sources=frozenset({KERNEL, DEVICE}),
+        needs="kernel",
+    ),
     # the engine
     "qd": Option(_int_range(1, 1023), 8, "commands in flight", sources=SENDS_IO),
     "bs": Option(size, 128 << 10, "bytes per command (scrub, randread)", sources=SENDS_IO),

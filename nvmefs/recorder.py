@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nvmefs.engine.base import SourceBase
+from nvmefs.engine.kernel import KernelEngine
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.engine.sink import COUNTERS
 from nvmefs.errors import UsageError
@@ -143,6 +144,10 @@ class Recorder:
             ]
             if isinstance(e, PassthroughEngine):  # which loop reads: compiled or python
                 rows.append(("datapath", e.datapath))
+            elif isinstance(e, KernelEngine):  # which consumer reads its trace pages
+                rows.append(("trace_consumer", e.trace_consumer))
+                if e.placer is not None:
+                    rows += e.placer.status()
             for word, n in sorted(s.by_status.items()):
                 rows.append((f"status_0x{word:x}", n))
             for (admin, opcode), n in sorted(s.by_opcode.items()):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from nvmefs import options
-from nvmefs.engine import backfill, kernel
+from nvmefs.engine import backfill, kernel, owners
 from nvmefs.engine.base import SourceBase
 from nvmefs.engine.passthrough import PassthroughEngine
 from nvmefs.engine.register import Engine
@@ -126,6 +127,7 @@ def kernel_engine(spec: kernel.KernelSpec, opts: Parsed, ring: DebugRing) -> ker
         spec,
         ring,
         buffer_kb=opts["trace_buffer_kb"],
+        placer=partial(owners.Placer, wait_s=opts["locate_wait"]) if opts["locate"] else None,
         translator=Translator(opts["profile"]),
         policy=LogPolicy(opts["log"]),
         log_attempts=opts["log_attempts"],

@@ -18,6 +18,8 @@ VALUES = {
     "prom_interval": "5", "metrics_listen": ":9464", "journal": "/tmp/j.jsonl",
     "journal_size": "1M", "journal_keep": "2", "journal_fsync": "0", "syslog": "/dev/log",
     "backfill": "off",
+    "locate": "off",
+    "locate_wait": "5",
 }  # fmt: skip
 
 

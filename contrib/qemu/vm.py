@@ -30,6 +30,7 @@ Its controllers, found in the guest by serial number (/sys/class/nvme/*/serial):
                  namespace 1 (16 MiB, blkdebug read errors at LBA 20480): native multipath, the
                  kernel's head nvmeXn1 over the hidden path disks nvmeXcYn1; mpb sits behind
                  the hot-pluggable root port rp2 (mpa holds the namespace device: it stays)
+    nvmefs-fs    320 MiB, blkdebug read errors at LBA 400000 (195 MiB in): for filesystems
 
 QMP: a guest can ask the host to run a QMP command (block_set_io_throttle, device_del, ...) by
 writing {"execute": ...} to WORK/qmp/req-N.json; the reply lands in WORK/qmp/rep-N.json.
@@ -64,6 +65,9 @@ WRITE_ERROR_LBAS = (8192,)
 # Far from what a partition or signature probe reads (the head is probed whenever a path
 # comes back): LBA 2048 there would fail every such probe.
 MP_READ_ERROR_LBAS = (20480,)
+# nvmefs-fs (320 MiB: XFS wants 300): a read error in the middle, where a filesystem's data goes.
+FS_MB = 320
+FS_READ_ERROR_LBAS = (400000,)
 # The guest's own partition scan reads sector 2048 at boot; QEMU reports each failure.
 NOISE = ("aio failed", "blkdebug")
 
@@ -204,7 +208,7 @@ def fetch_kernel(suite: str) -> Path:
 def make_disks() -> None:
     WORK.mkdir(exist_ok=True)
     sizes = (("err", DISK_MB), ("pi", 16), ("zns", 16), ("ro", 16), ("slow", 16), ("big", 256),
-             ("mp", 16))  # fmt: skip
+             ("mp", 16), ("fs", FS_MB))  # fmt: skip
     for name, size_mb in sizes:
         path = WORK / f"{name}.img"
         path.unlink(missing_ok=True)
@@ -219,6 +223,11 @@ def make_disks() -> None:
     mp_rules = [f'[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "{lba}"\n'
                 'once = "off"\n' for lba in MP_READ_ERROR_LBAS]  # fmt: skip
     (WORK / "blkdebug-mp.conf").write_text("\n".join(mp_rules))
+    # A rule's event only arms it; from then on it fails reads and writes of its sector alike,
+    # unless iotype says which: a filesystem must be able to write where reads fail.
+    fs_rules = [f'[inject-error]\nevent = "read_aio"\niotype = "read"\nerrno = "5"\n'
+                f'sector = "{lba}"\nonce = "off"\n' for lba in FS_READ_ERROR_LBAS]  # fmt: skip
+    (WORK / "blkdebug-fs.conf").write_text("\n".join(fs_rules))
     qmp = WORK / "qmp"
     shutil.rmtree(qmp, ignore_errors=True)
     qmp.mkdir()
@@ -260,6 +269,10 @@ def qemu_opts(qmp_sock: Path) -> str:
             "-device nvme,id=mpa,serial=nvmefs-mp,subsys=mps",
             "-device nvme,id=mpb,serial=nvmefs-mp,subsys=mps,bus=rp2",
             "-device nvme-ns,drive=mp,nsid=1,shared=on,bus=mpa",
+            f"-blockdev driver=raw,node-name=fs,file.driver=blkdebug,"
+            f"file.config={w}/blkdebug-fs.conf,file.image.driver=file,"
+            f"file.image.filename={w}/fs.img",
+            "-device nvme,serial=nvmefs-fs,drive=fs",
         ]
     )
 

@@ -297,7 +297,7 @@ class SourceBase:
             await trio.sleep(BRAKE_POLL_S)
 
     def _log_host(self, kind: str, message: str, **fields: Any) -> None:
-        self.ring.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
+        self.sink.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
 
     @property
     def latency_avg_us(self) -> float:

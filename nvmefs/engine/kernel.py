@@ -4,12 +4,17 @@ Theory of operation
 - A private tracefs instance enables `nvme:nvme_complete_rq` (filtered `status != 0` unless the
   log policy wants successes too) and `block:block_rq_complete` filtered `error != 0`. One trio
   task per CPU waits on that CPU's trace_pipe_raw (buffer_percent 0: woken by any data) and
-  decodes its pages with offsets from each event's format file.
+  hands its pages to the trace consumer, which reads them with the offsets of each event's
+  format file.
 - nvme_complete_rq fires for every attempt of a request; the block event fires once, at the
-  request's final completion, right after the last nvme_complete_rq and on the same CPU (same
-  call chain: nvme_complete_rq -> nvme_end_req -> blk_mq_end_request). So `Pairing` keeps each
-  CPU's last attempt: the block event that follows makes it final (one entry, as the patch
-  logged); any other event on that CPU, or a grace period, means it was retried.
+  request's final completion, right after the last nvme_complete_rq and on the same CPU. Each
+  page goes to a trace consumer (nvmefs.linux.tracebulk: the compiled one, or its Python
+  fallback where it was not built; `stats` says which runs, as `trace_consumer`) that decodes,
+  pairs each CPU's last attempt with the block event that follows it (final: one entry, as the
+  patch logged; any other event on that CPU, or a grace period, means it was retried) and counts.
+  It hands back only the attempts the log policy keeps (its `keep` table, reconfigured when
+  the policy changes) and every retried path error (its `watch` table: SCT 3); its counters
+  go to the completion sink in bulk after each read turn and each expiry.
 - Lost events are counted exactly from the instance's per-CPU stats and logged; controllers
   appearing or disappearing are logged; the instance is removed at exit, by its guardian
   process at once if the daemon is killed (see nvmefs.linux.tracefs), and by the next start if
@@ -25,11 +30,13 @@ Theory of operation
   path that ends with no block event and that the kernel's rule (nvme.disposition) fails over
   - a path error (SCT 3: the controller going away gives 0x370/0x371) not yet out of retries -
   was not an error of the namespace: `nvme_failover_req` requeues its bios on another path and
-  ends the request with success, logging nothing. It is counted (`failovers`, and as retried)
-  and noted as a host entry of the path, at most two per path and status per slow round
-  (the first at once, then how many more); paths that appear or go are noted too. (The kernel
-  also fails over any status of a request whose path queue is dying; with a status that is no
-  path error, the trace cannot tell that from a retry, and it counts as one.)
+  ends the request with success, logging nothing. The consumer hands back every retried path
+  error, whatever the policy, and the engine applies that rule to it. A failover is counted
+  (`failovers`, and as retried) and noted as a host entry of the path, at most two per path
+  and status per slow round (the first at once, then how many more); paths that appear or go
+  are noted too. (The kernel also fails over any status of a request whose path queue is
+  dying; with a status that is no path error, the trace cannot tell that from a retry, and it
+  counts as one.)
 """
 
 from __future__ import annotations
@@ -45,29 +52,31 @@ from typing import Any
 import trio
 
 from nvmefs.engine.base import EngineState, SourceBase
+from nvmefs.engine.owners import Placer
 from nvmefs.errors import EngineError, UsageError
-from nvmefs.linux import devices, tracefs
+from nvmefs.linux import devices, tracebulk, tracefs
 from nvmefs.linux.devices import Disk
+from nvmefs.linux.tracebulk import RETRIED, Attempt, BlockEnd, Consumer, Fed
 from nvmefs.nvme.disposition import Disposition, decide
 from nvmefs.nvme.policy import LogPolicy
-from nvmefs.nvme.status import SCT_SC_MASK
+from nvmefs.nvme.status import SCT_PATH, SCT_SC_MASK, sct_of
 from nvmefs.store import events
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.ring import DebugRing
 
 S = EngineState
-NVME_FIELDS = ("disk", "ctrl_id", "qid", "cid", "retries", "flags", "status")
-BLOCK_FIELDS = ("dev", "sector", "nr_sector", "error", "rwbs")
 USER_CMD = 0x2  # NVME_REQ_USERCMD: a passthrough command from userspace
 NO_SECTOR = (1 << 64) - 1  # block events of passthrough requests carry sector -1
 PAGE = 4096
 PAGES_PER_TURN = 16
-GRACE_S = 1.0  # an attempt with no block event after this long was retried
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
 SLOW_S = 5.0  # lost-event counts and the controller set, this often
 OPS = {"R": "read", "W": "write", "D": "discard", "N": "other", "F": "flush"}
+# The codes whose retried attempts the consumer hands back whatever the log policy: path
+# errors, which native multipath fails over instead of retrying (see `_is_failover`).
+PATH_ERRORS = bytes(sct_of(code) == SCT_PATH for code in range(SCT_SC_MASK + 1))
 # Every NVMe namespace (and each hidden path disk of native multipath) is a block device of the
 # kernel's extended major: the block errors worth tracing are theirs, and those with no disk.
 BLOCK_EXT_MAJOR = 259
@@ -87,62 +96,6 @@ def operation(rwbs: str, qid: int, flags: int) -> str:
     if ops.startswith("DE"):
         return "secure-erase"
     return OPS.get(ops[0], "other")
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One nvme_complete_rq record: one attempt of a request."""
-
-    cpu: int
-    ctrl_id: int
-    disk: str
-    qid: int
-    cid: int
-    retries: int
-    flags: int
-    status: int
-    seen: float  # monotonic seconds
-
-
-@dataclass(slots=True)
-class BlockEnd:
-    """One block_rq_complete record with an error: a request's final completion."""
-
-    dev: int
-    sector: int
-    nr_sector: int
-    error: int
-    rwbs: str
-
-
-class Pairing:
-    """Each CPU's last attempt, made final by the block event that follows it on that CPU.
-
-    Invariant: at most one pending attempt per CPU; every attempt given to `attempt()` comes
-    back exactly once, from `block()` (final) or as superseded/expired (it was retried)."""
-
-    def __init__(self) -> None:
-        self.pending: dict[int, Attempt] = {}
-
-    def attempt(self, a: Attempt) -> Attempt | None:
-        """Note `a`; returns the attempt it supersedes on its CPU (that one was retried)."""
-        old = self.pending.get(a.cpu)
-        self.pending[a.cpu] = a
-        return old
-
-    def block(self, cpu: int) -> Attempt | None:
-        """A block event on `cpu`: the attempt it ends, if one is pending there."""
-        return self.pending.pop(cpu, None)
-
-    def other(self, cpu: int) -> Attempt | None:
-        """Any other event on `cpu`: the pending attempt there was not final."""
-        return self.pending.pop(cpu, None)
-
-    def expire(self, now: float, grace: float = GRACE_S) -> list[Attempt]:
-        old = [a for a in self.pending.values() if now - a.seen >= grace]
-        for a in old:
-            del self.pending[a.cpu]
-        return old
 
 
 @dataclass(frozen=True)
@@ -207,7 +160,8 @@ class KernelEngine(SourceBase):
     """An engine whose completions are the kernel's: it sends nothing, it reads tracepoints.
 
     Invariant: while running, its tracefs instance exists and is read on every CPU; after
-    `running()` it exists no more."""
+    `running()` it exists no more. What its trace consumer counted is in the sink by the end
+    of each read turn, `page()` and `expire()`."""
 
     def __init__(
         self,
@@ -216,6 +170,8 @@ class KernelEngine(SourceBase):
         *,
         buffer_kb: int | None = None,
         disks: Callable[[], dict[str, Disk]] = devices.disks,
+        compiled: bool | None = None,
+        placer: Callable[[DebugRing], Placer] | None = None,
         **kw: Any,
     ) -> None:
         kw.setdefault("ctrl_name", "kernel")
@@ -223,7 +179,13 @@ class KernelEngine(SourceBase):
         self.spec = spec
         self.buffer_kb = buffer_kb
         self.disks = disks  # the block disks by name, read again when an unknown one shows up
-        self.pairing = Pairing()
+        # The trace consumer, made for the formats of the running kernel (`use_formats`):
+        # the compiled one when there, unless `compiled` asks for one (False: the Python one).
+        self.compiled = compiled
+        self.consumer: Consumer | None = None
+        # What looks up the owner of each entry's LBA on the way to the ring (`locate`), while
+        # running: made for the ring by `placer`.
+        self.placer = None if placer is None else placer(ring)
         self.instance: tracefs.Instance | None = None
         self.lost_events = 0
         # Attempts the kernel failed over to another path (native multipath), and the
@@ -245,7 +207,10 @@ class KernelEngine(SourceBase):
         self._held: list[tuple[Attempt, BlockEnd | None]] = []
 
     def policy_changed(self, policy: LogPolicy) -> None:
-        # The log policy decides the kernel filter too: log=all needs the successes.
+        # The log policy decides what the consumer hands back, and the kernel filter too:
+        # log=all needs the successes.
+        if self.consumer is not None:
+            self.consumer.configure(policy.table, self.log_attempts, PATH_ERRORS)
         if self.instance is not None:
             self.instance.set_filter("nvme", "nvme_complete_rq", self.spec.nvme_filter(policy))
 
@@ -288,6 +253,9 @@ class KernelEngine(SourceBase):
                 for cpu, fd in zip(cpus, fds, strict=True):
                     nursery.start_soon(self._read_cpu, cpu, fd)
                 nursery.start_soon(self._housekeeping)
+                if self.placer is not None:
+                    self.sink.front = self.placer
+                    nursery.start_soon(self.placer.run)
                 self._change_state(S.READY)
                 try:
                     yield self
@@ -297,6 +265,9 @@ class KernelEngine(SourceBase):
         except OSError as e:
             raise EngineError(f"tracefs: {e.strerror or e}") from None
         finally:
+            if self.placer is not None:  # what waits for a lookup goes now, in order
+                self.sink.front = None
+                self.placer.flush()
             self._change_state(S.STOPPED)
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -305,14 +276,26 @@ class KernelEngine(SourceBase):
             self.instance = None
 
     def use_formats(self, nvme: tracefs.EventFormat, block: tracefs.EventFormat) -> None:
-        """The formats of the two events, as this kernel's format files give them."""
-        nvme.require(*NVME_FIELDS)
-        block.require(*BLOCK_FIELDS)
-        self._nvme, self._block = nvme, block
+        """The formats of the two events, as this kernel's format files give them: a new
+        consumer reads them (TraceError if neither could)."""
+        self.consumer = tracebulk.consumer(
+            nvme, block, self.policy.table, self.log_attempts, PATH_ERRORS, compiled=self.compiled
+        )
+
+    @property
+    def trace_consumer(self) -> str:
+        """Which consumer reads the pages: "compiled" or "python" (before the formats are
+        known, the one `use_formats` will make)."""
+        if self.consumer is not None:
+            return self.consumer.impl
+        compiled = tracebulk.available() if self.compiled is None else self.compiled
+        return "compiled" if compiled else "python"
 
     # -- reading -------------------------------------------------------------------------------
 
     async def _read_cpu(self, cpu: int, fd: int) -> None:
+        consumer = self.consumer
+        assert consumer is not None  # use_formats() made it before the readers start
         while True:
             await trio.lowlevel.wait_readable(fd)
             # A bounded number of pages per turn: under a flood the FUSE requests, the other
@@ -324,46 +307,55 @@ class KernelEngine(SourceBase):
                     break
                 if not page:
                     break
-                self.page(cpu, page)
+                self._fed(consumer.feed(cpu, page))
+            self._count(consumer)
             await trio.lowlevel.checkpoint()
 
     def page(self, cpu: int, page: bytes) -> None:
-        """Take one trace_pipe_raw page of `cpu`."""
-        lost, records = tracefs.parse_page(page)
-        if lost:
+        """Take one trace_pipe_raw page of `cpu`: its entries, then its counters."""
+        consumer = self.consumer
+        assert consumer is not None, "use_formats() first"
+        self._fed(consumer.feed(cpu, page))
+        self._count(consumer)
+
+    def _fed(self, fed: Fed) -> None:
+        """What the consumer handed back of one page: a loss it reported, then the attempts
+        it kept, in record order."""
+        if fed.lost:
             self._check_lost()
-        nvme_id, block_id = self._nvme.id, self._block.id
-        now = time.monotonic()
-        for rec in records:
-            kind = tracefs.record_type(rec)
-            if kind == nvme_id:
-                f = self._nvme.decode(rec, NVME_FIELDS)
-                a = Attempt(cpu, int(f["ctrl_id"]), str(f["disk"]), int(f["qid"]), int(f["cid"]),
-                            int(f["retries"]), int(f["flags"]), int(f["status"]), now)  # fmt: skip
-                self._count(a)
-                if a.status == 0:  # a success is final at once (and only seen under log=all)
-                    self._superseded(self.pairing.other(cpu))
-                    self._emit(a, None)
-                    continue
-                self._superseded(self.pairing.attempt(a))
-            elif kind == block_id:
-                a2 = self.pairing.block(cpu)
-                if a2 is not None:
-                    f = self._block.decode(rec, BLOCK_FIELDS)
-                    b = BlockEnd(int(f["dev"]), int(f["sector"]), int(f["nr_sector"]),
-                                 int(f["error"]), str(f["rwbs"]))  # fmt: skip
-                    self._failed(a2, b)
-                    self._emit(a2, b)
+        for f in fed.finals:
+            if f.kind == RETRIED:
+                self._retried(f.attempt)
+            else:  # final with its block event, or a success (final at once, under log=all)
+                self._emit(f.attempt, f.block)
 
-    def _count(self, a: Attempt) -> None:
-        self.sink.attempt(a.status)
+    def _count(self, consumer: Consumer) -> None:
+        """The consumer's counters since the last call, into the sink: every attempt by
+        status word, every request that ended failing by controller, namespace and status,
+        every retried attempt."""
+        counts = consumer.take_counts()
+        sink = self.sink
+        for (_ctrl, _disk, word), n in counts.attempts.items():
+            sink.attempt(word, n)
+        for (ctrl_id, name, dev, admin, word), n in counts.failed.items():
+            disk = self._disk(name, dev)
+            nsid = disk.nsid if disk is not None and not admin else None
+            sink.final_failure(f"nvme{ctrl_id}", nsid, word, n)
+        if counts.retried:
+            sink.retried(counts.retried)
 
-    def _superseded(self, a: Attempt | None) -> None:
-        """An attempt that was retried: counted, and logged only with log_attempts; or one
-        that was failed over to another path: counted, and a host entry of its path."""
-        if a is None:
-            return
-        self.sink.retried()
+    def expire(self, now: float) -> None:
+        """Attempts that waited tracebulk.GRACE_S with no block event were retried (or failed
+        over): as any retried attempt, then counted."""
+        consumer = self.consumer
+        assert consumer is not None, "use_formats() first"
+        for f in consumer.expire(now):
+            self._retried(f.attempt)
+        self._count(consumer)
+
+    def _retried(self, a: Attempt) -> None:
+        """A retried attempt the consumer handed back (counted there): one that was failed
+        over to another path, a host entry of its path; else logged only with log_attempts."""
         if self._is_failover(a):
             self._failed_over(a)
         elif self.log_attempts:
@@ -443,13 +435,6 @@ class KernelEngine(SourceBase):
             return
         self._log_entry(a, b)
 
-    def _failed(self, a: Attempt, b: BlockEnd) -> None:
-        """Count a request that ended with a failing status (logged or not)."""
-        if a.status & SCT_SC_MASK:
-            disk = self._disk(a.disk, b.dev)
-            nsid = disk.nsid if disk is not None and a.qid else None
-            self.sink.final_failure(f"nvme{a.ctrl_id}", nsid, a.status)
-
     def _log_entry(self, a: Attempt, b: BlockEnd | None) -> None:
         if not self.sink.logs(a.status):
             return
@@ -491,13 +476,14 @@ class KernelEngine(SourceBase):
     async def _housekeeping(self) -> None:
         # Every wake-up costs CPU that the machine's own I/O wants: only often while attempts
         # wait for their block event or passthrough entries for their owner.
+        consumer = self.consumer
+        assert consumer is not None  # use_formats() made it before the housekeeping starts
         last_slow = time.monotonic()
         while True:
-            busy = self.pairing.pending or self._held
+            busy = consumer.pending() or self._held
             await trio.sleep(HOUSEKEEPING_S if busy else SLOW_S)
             now = time.monotonic()
-            for a in self.pairing.expire(now):
-                self._superseded(a)
+            self.expire(now)
             if self._held:
                 self._release_held(now)
             if now - last_slow >= SLOW_S:

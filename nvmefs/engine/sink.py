@@ -101,14 +101,24 @@ class Attempt(Protocol):
     decision: Decision
 
 
+class Appender(Protocol):
+    """What takes a source's entries before its ring: DebugRing.append's signature."""
+
+    def append(self, event: Any, mono_ns: int | None = None, wall_ns: int | None = None) -> object:
+        """Take `event`, timed now unless times are given."""
+        ...
+
+
 class Sink:
     """The translator, the log policy and the counters of one engine, and its ring.
 
     `policy`, `translator` and `log_attempts` may be replaced at any time (the control file):
-    the next completion follows them."""
+    the next completion follows them. `front`, when set, takes the entries of `log` and
+    `append` on their way to the ring (the kernel source's lookup of each LBA's owner)."""
 
     __slots__ = (
         "crdt",
+        "front",
         "log_attempts",
         "max_retries",
         "on_error",
@@ -136,6 +146,7 @@ class Sink:
         # Told the status word of every attempt that failed (the kernel source uses it to know
         # an engine's own passthrough commands when it sees them in the tracepoints).
         self.on_error: Callable[[int], None] | None = None
+        self.front: Appender | None = None
         self.stats = Stats()
 
     # -- engines that issue commands -----------------------------------------------------------
@@ -237,17 +248,17 @@ class Sink:
 
     # -- the kernel source: completions it only watches ----------------------------------------
 
-    def attempt(self, word: int) -> None:
-        """One attempt the kernel completed with status `word`."""
+    def attempt(self, word: int, n: int = 1) -> None:
+        """`n` attempts the kernel completed with status `word`."""
         st = self.stats
-        st.completions += 1
-        st.by_status[word] += 1
+        st.completions += n
+        st.by_status[word] += n
         if word & SCT_SC_MASK:
-            st.errors += 1
+            st.errors += n
 
-    def final_failure(self, ctrl: str, nsid: int | None, word: int) -> None:
-        """A request that ended with the failing status `word`, logged or not."""
-        self.stats.failed[(ctrl, nsid, word)] += 1
+    def final_failure(self, ctrl: str, nsid: int | None, word: int, n: int = 1) -> None:
+        """`n` requests that ended with the failing status `word`, logged or not."""
+        self.stats.failed[(ctrl, nsid, word)] += n
 
     def logs(self, word: int) -> bool:
         """Whether the log policy makes an entry of a completion with status `word`."""
@@ -256,4 +267,9 @@ class Sink:
     def log(self, event: NvmeEvent) -> None:
         """The entry of a completion the policy logs (see `logs`)."""
         self.stats.logged += 1
-        self.ring.append(event)
+        self.append(event)
+
+    def append(self, event: Any) -> None:
+        """An entry of the source's own (a host event), or one `log` counted: to the ring,
+        through `front` when it is set."""
+        (self.ring if self.front is None else self.front).append(event)

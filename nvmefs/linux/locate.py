@@ -49,6 +49,7 @@ from typing import Any
 
 from nvmefs.errors import UsageError
 from nvmefs.linux import mountinfo
+from nvmefs.store.events import Place
 
 SYS_BLOCK = "/sys/class/block"
 SYS_DEV_BLOCK = "/sys/dev/block"
@@ -66,16 +67,14 @@ CACHE_SIZE = 256
 UNSUPPORTED = frozenset({"btrfs", "bcachefs", "zfs", "nfs", "nfs4", "cifs", "tmpfs", "overlay"})
 EXT = frozenset({"ext2", "ext3", "ext4"})
 
-OWNERS = ("file", "metadata", "free", "unresolved")
-
 
 @dataclass(frozen=True, slots=True)
 class Location:
-    """The answer for one LBA. `owner` is one of OWNERS; `file` and `file_range` are set when
-    the owner is a file (`file_range` is [start, end) in bytes of the file, clipped to its
-    size), `reason` says why for "unresolved" and what for "metadata". LBAs are in the disk's
-    logical block size; `partition_lba` is the LBA counted from the partition's start (equal
-    to `lba` on a disk without partitions)."""
+    """The answer for one LBA. `owner` is one of nvmefs.store.events.OWNERS; `file` and
+    `file_range` are set when the owner is a file (`file_range` is [start, end) in bytes of
+    the file, clipped to its size), `reason` says why for "unresolved" and what for
+    "metadata". LBAs are in the disk's logical block size; `partition_lba` is the LBA counted
+    from the partition's start (equal to `lba` on a disk without partitions)."""
 
     disk: str
     lba: int
@@ -95,6 +94,11 @@ class Location:
         d = asdict(self)
         d["file_range"] = list(self.file_range) if self.file_range else None
         return d
+
+    def place(self) -> Place:
+        """What an entry records of this answer."""
+        return Place(self.owner, self.partition, self.fs, self.fs_block, self.file,
+                     self.file_range, self.reason)  # fmt: skip
 
 
 # ---------------------------------------------------------------- block devices (sysfs)

@@ -22,7 +22,7 @@ from nvmefs.linux.safefiles import SafeDir, UnsafePath
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Translator
 from nvmefs.store import events
-from nvmefs.store.events import ORIGINS, HostEvent, NvmeEvent
+from nvmefs.store.events import ORIGINS, OWNERS, HostEvent, NvmeEvent, Place
 from nvmefs.store.render import RECORD_KEYS
 from nvmefs.store.ring import EVENT, SEQ, Entry
 
@@ -123,6 +123,33 @@ def _opt_str(rec: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _place(rec: dict[str, Any]) -> Place | None:
+    """The Place a record holds (render.place_record), or None if it holds none; ValueError if
+    what it holds is not one."""
+    owner = rec.get("owner")
+    if owner is None:
+        return None
+    if owner not in OWNERS:
+        raise ValueError("owner is not one nvmefs writes")
+    rng = rec.get("file_range")
+    if rng is not None and not (
+        isinstance(rng, list)
+        and len(rng) == 2
+        and all(type(x) is int and 0 <= x <= MAX_I64 for x in rng)
+        and rng[0] <= rng[1]
+    ):
+        raise ValueError("file_range is not a byte range")
+    return Place(
+        owner,
+        partition=_opt_str(rec, "partition"),
+        fs=_opt_str(rec, "fs"),
+        fs_block=_opt_int(rec, "fs_block", MAX_U64),
+        file=_opt_str(rec, "file"),
+        file_range=None if rng is None else (rng[0], rng[1]),
+        reason=_opt_str(rec, "owner_reason"),
+    )
+
+
 class Replay:
     """Turns journal records back into ring entries, marked as replayed. Every field is
     checked for its type and range: a line that is not what nvmefs writes must not reach the
@@ -166,6 +193,7 @@ class Replay:
                 setattr(event, key, _opt_int(rec, key, hi))
             for key in NVME_STRS:
                 setattr(event, key, _opt_str(rec, key))
+            event.place = _place(rec)
         else:
             message = rec["message"]
             if not isinstance(message, str):

@@ -12,6 +12,26 @@ from typing import Any
 
 from nvmefs.nvme.status import Status
 
+# Who owns an LBA (nvmefs locate's answer, and an entry's `place`): a file, filesystem metadata,
+# free space, or nobody nvmefs could find (with the reason).
+OWNERS = ("file", "metadata", "free", "unresolved")
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """What owns the first LBA of an entry's request, as `nvmefs locate` found it: `owner` is one
+    of OWNERS; `file` and `file_range` ([start, end) in bytes of the file) when a file does;
+    `reason` says why for "unresolved" and which for "metadata". `partition` and `fs` name the
+    block device and filesystem type the LBA lies in, `fs_block` its filesystem block."""
+
+    owner: str
+    partition: str | None = None
+    fs: str | None = None
+    fs_block: int | None = None
+    file: str | None = None
+    file_range: tuple[int, int] | None = None
+    reason: str | None = None
+
 
 @dataclass(slots=True)
 class NvmeEvent:
@@ -31,6 +51,7 @@ class NvmeEvent:
     op: str | None = None  # what the request was when the opcode is unknown (kernel source)
     replayed: bool = False  # read back from the journal of an earlier run, not seen by this one
     origin: str | None = None  # KMSG: read from the kernel log, not seen by a source
+    place: Place | None = None  # what owns slba (kernel source, `locate`), when it was found
 
     kind = "nvme"
 

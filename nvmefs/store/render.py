@@ -29,7 +29,7 @@ from typing import Any
 
 from nvmefs.nvme import tables
 from nvmefs.nvme.status import Status
-from nvmefs.store.events import CLEARED, KMSG, HostEvent, NvmeEvent
+from nvmefs.store.events import CLEARED, KMSG, HostEvent, NvmeEvent, Place
 from nvmefs.store.ring import Entry
 
 INFO_MAX = 255
@@ -218,7 +218,9 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full", ascii_only: bool = False) -> str
     st = ev.status
     if fmt == "seed":
         return f"{SEED_PREFIX}0x{st.status:x}"
-    if None not in (ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retries):
+    if ev.place is None and None not in (
+        ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retries
+    ):  # fmt: skip
         # The common case, a completion with all its context, in one formatting step.
         text = (
             f"{_status_text(st)} ctrl={escape(ev.ctrl, ascii_only)} nsid={ev.nsid} qid={ev.qid} "  # type: ignore[arg-type]
@@ -243,7 +245,22 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full", ascii_only: bool = False) -> str
         value = getattr(ev, key)
         if value is not None:
             parts.append(f"{key}={value}")
+    if ev.place is not None:
+        parts += place_words(ev.place, ascii_only)
     return cap(" ".join(parts))
+
+
+def place_words(place: Place, ascii_only: bool = False) -> list[str]:
+    """What a text line says of the owner of an entry's LBA: the file and its byte range, or
+    that it is free space or metadata; nothing when it is not resolved (JSON says why)."""
+    if place.owner == "file" and place.file is not None:
+        words = [f"file={escape(place.file, ascii_only)}"]
+        if place.file_range is not None:
+            words.append(f"bytes={place.file_range[0]}..{place.file_range[1]}")  # as `locate`
+        return words
+    if place.owner in ("free", "metadata"):
+        return [f"owner={place.owner}"]
+    return []
 
 
 # Fields of host events the text line leaves out: their message says it already.
@@ -277,6 +294,27 @@ def missed_info(missed: int) -> str:
     noun = "entry" if missed == 1 else "entries"
     why = "overwritten or cleared before this reader reached them"
     return f"nvmefs: {missed} {noun} missed ({why})"
+
+
+# The keys of an entry's JSON record that say what owns its LBA, and the Place field of each
+# (replay reads them back by this table too).
+PLACE_KEYS = {
+    "owner": "owner",
+    "file": "file",
+    "file_range": "file_range",
+    "partition": "partition",
+    "fs": "fs",
+    "fs_block": "fs_block",
+    "owner_reason": "reason",
+}
+
+
+def place_record(place: Place) -> dict[str, Any]:
+    """The PLACE_KEYS of an entry's JSON record (file_range as a list)."""
+    rec = {key: getattr(place, name) for key, name in PLACE_KEYS.items()}
+    if place.file_range is not None:
+        rec["file_range"] = list(place.file_range)
+    return rec
 
 
 class Renderer:
@@ -334,6 +372,8 @@ class Renderer:
                 nlb=event.nlb,
                 retries=event.retries,
             )
+            if event.place is not None:
+                rec.update(place_record(event.place))
         elif isinstance(event, HostEvent):
             rec["message"] = event.message
             # A field never takes the place of the record's own keys (a field "seq" would

@@ -1,28 +1,44 @@
-"""The kernel source's logic without a kernel: pairing, entries, policy, specs, refusals."""
+"""The kernel source's logic without a kernel: pairing, entries, policy, specs, refusals, and
+the same entries and counters whichever trace consumer reads the pages.
+
+The tests that run the compiled consumer fail when it was not built (the test setup builds it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import trio
 
 from nvmefs.engine import kernel
-from nvmefs.engine.kernel import Attempt, KernelEngine, KernelSpec, Pairing, operation
+from nvmefs.engine.kernel import KernelEngine, KernelSpec, operation
+from nvmefs.engine.owners import Placer
 from nvmefs.errors import UsageError
+from nvmefs.linux import tracebulk
 from nvmefs.linux.devices import Disk, kernel_dev
+from nvmefs.linux.tracebulk import Attempt, Pairing
 from nvmefs.linux.tracefs import EventFormat, Instance
 from nvmefs.nvme.policy import LogPolicy
-from nvmefs.store.events import NvmeEvent
+from nvmefs.recorder import Recorder
+from nvmefs.store.events import HostEvent, NvmeEvent, Place
+from nvmefs.store.render import Clock, Renderer
 from nvmefs.store.ring import EVENT, DebugRing
 from tests.linux.test_tracefs import real_tracefs
 from tests.linux.tracepages import BLOCK_FORMAT, NVME_FORMAT, block_record, nvme_record, page
 
 DISK = Disk("nvme0n1", 259 << 20, 1, 4096)
+# A native-multipath namespace (head nvme5n1) and its path through controller nvme7.
+HEAD = Disk("nvme5n1", 259 << 20 | 5, 1, 512)
+PATH = Disk("nvme5c7n1", 0, 1, 512, head="nvme5n1", ctrl="nvme7")
 
 
-def engine(log: str = "media", log_attempts: bool = False) -> KernelEngine:
-    e = KernelEngine(KernelSpec("kernel"), DebugRing(64), policy=LogPolicy(log),
-                     log_attempts=log_attempts, disks=lambda: {DISK.name: DISK})  # fmt: skip
+def engine(
+    log: str = "media", log_attempts: bool = False, compiled: bool | None = None
+) -> KernelEngine:
+    disks = {d.name: d for d in (DISK, HEAD, PATH)}
+    e = KernelEngine(KernelSpec("kernel"), DebugRing(256), policy=LogPolicy(log),
+                     log_attempts=log_attempts, disks=lambda: disks,
+                     compiled=compiled)  # fmt: skip
     e.use_formats(
         EventFormat.parse("nvme", "nvme_complete_rq", NVME_FORMAT),
         EventFormat.parse("block", "block_rq_complete", BLOCK_FORMAT),
@@ -100,6 +116,23 @@ def test_an_attempt_with_no_block_event_expires_as_retried() -> None:
     a = Attempt(0, 0, "nvme0n1", 1, 5, 0, 0, 0x281, seen=10.0)
     assert p.attempt(a) is None
     assert p.expire(10.5) == [] and p.expire(11.0) == [a] and p.pending == {}
+    e = engine(log_attempts=True)
+    e.page(0, page(nvme_record(0x281, 0)))
+    assert e.consumer is not None and e.consumer.pending() == 1 and e.stats.retries == 0
+    e.expire(1e12)
+    assert e.consumer.pending() == 0 and e.stats.retries == 1
+    assert [(ev.retries, ev.slba) for ev in entries(e)] == [(0, None)]
+
+
+def test_a_policy_change_reaches_the_consumer() -> None:
+    admin = page(nvme_record(0x4002, 0, qid=0, disk=""), block_record(0, 0, -95, "N", dev=0))
+    e = engine("media")
+    e.page(0, admin)
+    assert entries(e) == []
+    e.policy = LogPolicy("errors")
+    e.page(0, admin)
+    assert [ev.status.status for ev in entries(e)] == [0x4002]
+    assert e.stats.failed == {("nvme0", None, 0x4002): 2}  # counted under either policy
 
 
 @pytest.mark.parametrize(
@@ -168,3 +201,108 @@ def test_the_block_filter_is_one_this_kernel_accepts(tmp_path: Path) -> None:
             assert text.strip() == kernel.BLOCK_FILTER
         finally:
             inst.remove()
+
+
+# -- the same entries and counters from either trace consumer ----------------------------------
+
+
+def consumer_built() -> None:
+    """The compiled consumer is built wherever the tests are set up: its absence is a failure
+    here, not a reason to skip."""
+    if not tracebulk.available():
+        pytest.fail(f"no compiled consumer: {tracebulk.unavailable()}")
+
+
+def mixed_pages() -> list[tuple[int, bytes]]:
+    """Pages of every kind the engine meets: failed reads and writes paired across CPUs and
+    pages, retried attempts, admin and passthrough errors, successes, path errors that fail
+    over, a record too short to read, a page after lost events."""
+    path_error = nvme_record(0x370, 0, disk="nvme5c7n1", ctrl=7, cid=40)
+    aborted = nvme_record(0x371, 1, disk="nvme5c7n1", ctrl=7)
+    return [
+        (0, page(*a_failed_read())),
+        (1, page(nvme_record(0x281, 5, cid=1))),
+        (0, page(nvme_record(0x280, 0, cid=2), nvme_record(0x280, 1, cid=3))),
+        (0, page(block_record(64, 8, -61, "WS"), nvme_record(0x4002, qid=0, disk=""))),
+        (1, page(block_record(2048, 8, -61), block_record(2048, 8, -61), path_error, lost=3)),
+        (0, page(block_record(0, 0, -95, "N", dev=0), nvme_record(0), nvme_record(0, cid=9))),
+        (2, page(nvme_record(0x281, 0, flags=0x2), block_record((1 << 64) - 1, 1, -61, "RS"))),
+        (2, page(nvme_record(0x281, 5, disk="nvme5c7n1", ctrl=7), nvme_record(0x281)[:40])),
+        (2, page(block_record(2048, 1, -61, "RS", dev=0), aborted)),
+        (3, page(nvme_record(0x2, 0, disk="nvme0n1"), nvme_record(0x2, 1, disk="nvme0n1"))),
+    ]
+
+
+def run_pages(e: KernelEngine) -> list[NvmeEvent | HostEvent]:
+    """The pages into `e`, the log policy changed halfway, then every pending attempt expired:
+    the ring's entries."""
+    pages = mixed_pages()
+    for cpu, pg in pages[:5]:
+        e.page(cpu, pg)
+    e.policy = LogPolicy("errors" if e.policy.spec != "errors" else "media")
+    for cpu, pg in pages[5:]:
+        e.page(cpu, pg)
+    e.expire(1e12)
+    e._flush_failovers()
+    return [x[EVENT] for x in e.ring]
+
+
+@pytest.mark.parametrize(
+    ("log", "log_attempts"), [("media", False), ("errors", True), ("all", False), ("all", True)]
+)
+def test_the_compiled_and_the_python_consumer_give_the_same_entries_and_counters(
+    log: str, log_attempts: bool
+) -> None:
+    consumer_built()
+    c, py = engine(log, log_attempts, compiled=True), engine(log, log_attempts, compiled=False)
+    assert (c.trace_consumer, py.trace_consumer) == ("compiled", "python")
+    ring = run_pages(c)
+    assert ring == run_pages(py) and any(isinstance(ev, NvmeEvent) for ev in ring)
+    assert c.stats == py.stats and c.failovers == py.failovers == 2
+    assert c.stats.completions == 18 and c.stats.failed.total() > 0
+
+
+def test_stats_say_which_consumer_reads_the_trace() -> None:
+    consumer_built()
+    for compiled, impl in ((None, "compiled"), (True, "compiled"), (False, "python")):
+        e = KernelEngine(KernelSpec("kernel"), DebugRing(4), compiled=compiled)
+        rec = Recorder(e.ring, Renderer(Clock("jiffies"), "full"), source="kernel", engine=e)
+        assert f"\ntrace_consumer {impl}\n" in rec.stats_text()
+        e.use_formats(
+            EventFormat.parse("nvme", "nvme_complete_rq", NVME_FORMAT),
+            EventFormat.parse("block", "block_rq_complete", BLOCK_FORMAT),
+        )
+        assert f"\ntrace_consumer {impl}\n" in rec.stats_text()
+
+
+async def test_entries_get_the_owner_of_their_lba_on_the_way_to_the_ring() -> None:
+    asked: list[tuple[str, int]] = []
+
+    def look(disk: str, lba: int, timeout: float) -> Place:
+        asked.append((disk, lba))
+        return Place("file", "/dev/nvme0n1", "ext4", 32, "/srv/a", (0, 4096))
+
+    disks = {DISK.name: DISK}
+    e = KernelEngine(KernelSpec("kernel"), DebugRing(256), disks=lambda: disks,
+                     placer=lambda ring: Placer(ring, look))  # fmt: skip
+    e.use_formats(
+        EventFormat.parse("nvme", "nvme_complete_rq", NVME_FORMAT),
+        EventFormat.parse("block", "block_rq_complete", BLOCK_FORMAT),
+    )
+    assert e.placer is not None
+    async with trio.open_nursery() as nursery:
+        e.sink.front = e.placer  # as running() sets it up
+        nursery.start_soon(e.placer.run)
+        e.page(0, page(*a_failed_read()))
+        e._log_host("notice", "after the error")
+        with trio.fail_after(5):
+            while len(e.ring) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    first, note = (x[EVENT] for x in e.ring)
+    assert isinstance(first, NvmeEvent) and first.place is not None
+    assert (first.place.file, first.slba) == ("/srv/a", 256)
+    assert isinstance(note, HostEvent) and note.message == "after the error"
+    assert asked == [("nvme0n1", 256)] and e.stats.logged == 1
+    text = Recorder(e.ring, Renderer(Clock("uptime")), engine=e).stats_text()
+    assert "locate_lookups 1\n" in text and "locate_placed 1\n" in text

@@ -89,17 +89,16 @@ def test_a_failover_waiting_for_its_grace_period_is_one_too() -> None:
     e = engine()
     e.page(1, page(nvme_record(ABORTED, 0, disk="nvme5c7n1", ctrl=7)))
     assert e.failovers == 0  # not yet known: a block event could still end it
-    for a in e.pairing.expire(1e12):
-        e._superseded(a)
-    assert e.failovers == 1 and nvme_entries(e) == [] and len(host_entries(e)) == 1
+    e.expire(1e12)
+    assert e.failovers == 1 and e.stats.retries == 1
+    assert nvme_entries(e) == [] and len(host_entries(e)) == 1
 
 
 def test_failovers_of_one_path_log_the_first_at_once_and_then_how_many_more() -> None:
     e = engine()
     for n in range(10):
         e.page(n % 2, page(nvme_record(HOST_PATH_ERROR, 0, disk="nvme5c7n1", ctrl=7, cid=n)))
-    for a in e.pairing.expire(1e12):
-        e._superseded(a)
+    e.expire(1e12)
     assert e.failovers == 10 and len(host_entries(e)) == 1
     e._flush_failovers()
     first, more = host_entries(e)
@@ -140,8 +139,7 @@ def test_the_kernels_max_retries_decides_when_a_path_error_is_final() -> None:
     e = engine()
     e.kernel_max_retries = 0  # nvme_core.max_retries=0: nothing is retried or failed over
     e.page(0, page(nvme_record(HOST_PATH_ERROR, 0, disk="nvme5c7n1", ctrl=7)))
-    for a in e.pairing.expire(1e12):
-        e._superseded(a)
+    e.expire(1e12)
     assert e.failovers == 0
 
 

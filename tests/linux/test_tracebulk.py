@@ -574,10 +574,10 @@ def test_any_readable_format_is_read_the_same_by_both(data: st.DataObject) -> No
     both.counts()
 
 
-# -- the same as the kernel source's own consumer ------------------------------------------------
+# -- the kernel source logs and counts what its consumer gives -----------------------------------
 
 
-def test_the_python_consumer_pairs_as_the_kernel_engine_does() -> None:
+def test_the_kernel_engine_logs_and_counts_what_the_consumer_gives() -> None:
     from nvmefs.engine.kernel import KernelEngine, KernelSpec
     from nvmefs.linux.devices import Disk
     from nvmefs.store.events import NvmeEvent

@@ -78,15 +78,35 @@ def assert_one_clean_line(line: str) -> None:
     unescape(text)  # every backslash starts a whole escape, even where the cap cut
 
 
-@given(ctrl=OPT_TEXT, disk=OPT_TEXT, op=OPT_TEXT, full=st.booleans(), replayed=st.booleans())
-@example(ctrl=FORGED, disk=None, op=None, full=True, replayed=True)
+@given(
+    ctrl=OPT_TEXT,
+    disk=OPT_TEXT,
+    op=OPT_TEXT,
+    file=OPT_TEXT,
+    full=st.booleans(),
+    replayed=st.booleans(),
+)
+@example(ctrl=FORGED, disk=None, op=None, file=FORGED, full=True, replayed=True)
 def test_any_strings_of_an_nvme_event_make_one_clean_line_and_round_trip_in_json(
-    ctrl: str | None, disk: str | None, op: str | None, full: bool, replayed: bool
+    ctrl: str | None,
+    disk: str | None,
+    op: str | None,
+    file: str | None,
+    full: bool,
+    replayed: bool,
 ) -> None:
-    # `full`: all the context, the engines' common case, formatted in one step.
+    # `full`: all the context, the engines' common case, formatted in one step. `file`: the
+    # owner of its LBA, a file any user may have named.
     ctx: dict[str, Any] = dict(nsid=1, qid=2, cid=3, opcode=2, slba=4, nlb=8, retries=0)
+    place = None if file is None else events.Place("file", fs="ext4", file=file, file_range=(0, 9))
     ev = NvmeEvent(
-        T.decode(0x4281), ctrl=ctrl, disk=disk, op=op, replayed=replayed, **(ctx if full else {})
+        T.decode(0x4281),
+        ctrl=ctrl,
+        disk=disk,
+        op=op,
+        replayed=replayed,
+        place=place,
+        **(ctx if full else {}),
     )
     entry = (1, 5_000_000_000, WALL, ev)
     for fmt in ("full", "seed"):
@@ -95,6 +115,9 @@ def test_any_strings_of_an_nvme_event_make_one_clean_line_and_round_trip_in_json
     assert line.isascii() and line.endswith("\n") and line.count("\n") == 1
     rec = json.loads(line)
     assert (rec["ctrl"], rec["disk"], rec["op"]) == (ctrl, disk, op)
+    assert rec.get("file") == file
+    if file is not None and ctrl is disk is op is None:  # what comes first leaves it room
+        assert " file=" in renderer().line(entry)
 
 
 @given(
