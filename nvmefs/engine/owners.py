@@ -11,8 +11,9 @@ Theory of operation
   LOOKUP_S (nvmefs.linux.locate stops its tools and its walk by then) and its answer is cached
   for CACHE_S (a file may be moved or removed), CACHE_SIZE answers at most. At most
   LOOKUPS_PER_S lookups start a second: in a storm of distinct LBAs the others are not looked up
-  and their entries go on without a place (counted), so the recorder's cost stays bounded
-  whatever the rate of errors.
+  and their entries go on as unresolved, saying so (counted), so the recorder's cost stays bounded
+  whatever the rate of errors; at most a second's worth of lookups wait at once (lookups slower
+  than the rate do not pile up). A lookup that fails in any way answers "unresolved" and why.
 - An entry waits `wait_s` at most (the option locate_wait); then it goes to the ring with an
   "unresolved" place that says so (counted as late); a lookup still under way fills the cache
   for the next error there. An entry whose LBA is over the rate says that. At most HELD_MAX
@@ -25,6 +26,7 @@ Theory of operation
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -50,6 +52,8 @@ CACHE_SIZE = 1024
 CACHE_S = 60.0
 # The most entries waiting at once.
 HELD_MAX = 4096
+
+log = logging.getLogger(__name__)
 
 UNRESOLVED = OWNERS[-1]
 Key = tuple[str, int]  # (disk, LBA)
@@ -135,6 +139,11 @@ class Placer:
         while self.held:
             self._send(self.held.popleft())
 
+    @property
+    def lookups_queued(self) -> int:
+        """LBAs waiting for their lookup to start (at most a second's worth)."""
+        return len(self._queue)
+
     def status(self) -> list[tuple[str, object]]:
         """The lines of `stats` about lookups."""
         return [
@@ -165,13 +174,24 @@ class Placer:
                 await self._lookup_wake.wait()
                 self._lookup_wake = trio.Event()
             key = self._queue.popleft()
-            place = await trio.to_thread.run_sync(
-                self._lookup, key[0], key[1], max(LOOKUP_S, self.wait_s), abandon_on_cancel=True
-            )
+            try:
+                place = await trio.to_thread.run_sync(
+                    self._guarded, key, max(LOOKUP_S, self.wait_s), abandon_on_cancel=True
+                )
+            finally:
+                self._queued.discard(key)
             self.lookups += 1
-            self._queued.discard(key)
             self._remember(key, place)
             self._wake.set()
+
+    def _guarded(self, key: Key, timeout: float) -> Place:
+        """The lookup of `key` (in the worker thread); whatever goes wrong in it is the answer,
+        unresolved, never the end of the source."""
+        try:
+            return self._lookup(key[0], key[1], timeout)
+        except Exception as e:  # a bug, or the system changing under the lookup: reported
+            log.warning("looking up %s LBA %d failed", key[0], key[1], exc_info=True)
+            return Place(UNRESOLVED, reason=f"the lookup failed ({type(e).__name__}: {e})")
 
     async def _send_on(self) -> None:
         while True:
@@ -200,7 +220,7 @@ class Placer:
         hit = self._cache.get(key)
         if hit is None:
             return None
-        if time.monotonic() - hit[0] > CACHE_S:
+        if time.monotonic() - hit[0] > max(CACHE_S, 2 * self.wait_s):  # kept for its waiters
             del self._cache[key]
             return None
         self._cache.move_to_end(key)
@@ -213,9 +233,13 @@ class Placer:
             self._cache.popitem(last=False)
 
     def _start_lookup(self, key: Key) -> bool:
-        """Queue a lookup of `key` (once); False if the rate allows none now."""
+        """Queue a lookup of `key` (once); False if the rate allows none now, or a second's
+        worth wait already (lookups slower than the rate: the queue stays bounded)."""
         if key in self._queued:
             return True
+        if len(self._queue) >= self.lookups_per_s:
+            self.skipped += 1
+            return False
         now = time.monotonic()
         second, n = self._window
         if now - second >= 1.0:

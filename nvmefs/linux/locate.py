@@ -509,7 +509,7 @@ def _file_answer(loc: Location, path: str, phys: int, block: int) -> Location:
         # The inode owns the block but no data extent covers it: its extent tree, an xattr
         # block, or a directory's index.
         return replace(loc, owner="metadata", file=path, reason=f"metadata of {path}")
-    return replace(loc, owner="file", file=path, file_range=(rng[0], min(rng[1], size)))
+    return replace(loc, owner="file", file=path, file_range=within(rng, size))
 
 
 def _same_device(source: str, dev: str) -> bool:
@@ -664,9 +664,17 @@ def _resolve(
     return replace(loc, reason=f"no file maps it (searched {walk.files} files)")
 
 
-def _clip(path: str, rng: tuple[int, int]) -> tuple[int, int]:
+def within(rng: tuple[int, int], size: int) -> tuple[int, int] | None:
+    """A file's byte range [start, end) cut at its size; None for a block wholly past its end
+    (space allocated beyond it, or a file that shrank meanwhile)."""
+    if rng[0] >= size:
+        return None
+    return rng[0], min(rng[1], size)
+
+
+def _clip(path: str, rng: tuple[int, int]) -> tuple[int, int] | None:
     with contextlib.suppress(OSError):
-        return rng[0], min(rng[1], os.stat(path).st_size)
+        return within(rng, os.stat(path).st_size)
     return rng
 
 

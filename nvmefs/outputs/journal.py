@@ -212,7 +212,7 @@ class Journal:
             ring.restore(found.entries)
         self._cursor = Cursor(ring)
         ring.subscribe(self._on_append)
-        ring.before_clear(self._keep_all)  # what a clear takes away is journaled all the same
+        ring.before_clear(self._before_clear)
         ring.add_brake(self._behind)
         if found.entries or found.bad or found.refused:
             text = f"replayed {0 if restart else len(found.entries)} entries from {self.path}"
@@ -273,6 +273,11 @@ class Journal:
             self._keep_all()
         self._wake.set()
 
+    def _before_clear(self) -> None:
+        # What a clear takes away is journaled all the same.
+        self._keep_all()
+        self._wake.set()
+
     def _keep_all(self) -> None:
         """Move what the cursor has into the backlog (bounded: the oldest beyond BACKLOG_MAX
         are counted lost)."""
@@ -285,7 +290,6 @@ class Journal:
         if over > 0:
             del self._backlog[:over]
             self._lose(over, "the journal fell too far behind")
-        self._wake.set()
 
     def _collect(self) -> list[Entry]:
         """The entries to write next, oldest first, WRITE_BATCH at most: from the backlog,
@@ -415,8 +419,6 @@ class Journal:
             batch.append(line)
             size += len(line)
         self._flush(batch)
-        if self.fsync_interval == 0:
-            self._wake.set()  # the task syncs, off the event loop
 
     def _flush(self, batch: list[bytes]) -> None:
         if not batch or self._fd is None:

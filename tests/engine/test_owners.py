@@ -194,3 +194,45 @@ def test_the_owner_is_in_both_files_and_comes_back_from_the_journal() -> None:
     for bad in ({"owner": "mine"}, {"file_range": [9, 1]}, {"file_range": "0-9"}, {"file": 7}):
         with pytest.raises(ValueError):
             Replay("linux-7.1").entry(json.dumps({**rec, **bad}).encode())
+
+
+async def test_a_lookup_that_breaks_answers_unresolved_and_the_next_one_runs() -> None:
+    ring = DebugRing(64)
+
+    def look(disk: str, lba: int, timeout: float) -> Place:
+        if lba == 1:
+            raise ValueError("a sysfs file changed under the lookup")
+        return FILE
+
+    p = Placer(ring, look, wait_s=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.run)
+        p.append(error(1))
+        p.append(error(2))
+        with trio.fail_after(5):
+            while len(ring) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    broken, fine = events(ring)
+    assert isinstance(broken, NvmeEvent) and broken.place is not None
+    assert broken.place.owner == "unresolved" and "ValueError" in (broken.place.reason or "")
+    assert isinstance(fine, NvmeEvent) and fine.place == FILE
+
+
+async def test_lookups_slower_than_the_rate_do_not_pile_up() -> None:
+    ring = DebugRing(1 << 12)
+
+    def look(disk: str, lba: int, timeout: float) -> Place:
+        time.sleep(0.2)
+        return FILE
+
+    p = Placer(ring, look, wait_s=0.05, lookups_per_s=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.run)
+        for second in range(3):
+            for i in range(40):
+                p.append(error(second * 1000 + i))
+                assert p.lookups_queued <= 5
+                await trio.sleep(0.025)
+        nursery.cancel_scope.cancel()
+    assert p.skipped > 0 and len(ring) == 120

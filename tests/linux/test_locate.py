@@ -419,3 +419,14 @@ def test_ext4_file_whose_name_has_a_newline_is_still_found(tmp_path: Path) -> No
         assert (
             "owner file=" + str(mnt) + "/two\\x0alines and\\\\ spaces bytes=12288..16384\n" in text
         )
+
+
+@given(start=st.integers(0, 1 << 40), length=st.integers(1, 1 << 20), size=st.integers(0, 1 << 41))
+def test_a_byte_range_is_cut_at_the_file_size_and_never_reversed(
+    start: int, length: int, size: int
+) -> None:
+    rng = locate.within((start, start + length), size)
+    if start >= size:  # a block allocated past the end of the file: no bytes of it
+        assert rng is None
+    else:
+        assert rng is not None and rng[0] == start < rng[1] <= min(start + length, size)

@@ -198,3 +198,31 @@ def test_a_long_turn_that_goes_on_writing_is_not_a_stall(
     j.close()
     assert j.rotations >= 8 and j.lost == 0
     assert len(states) > 40 and set(states) == {"writing"}, states
+
+
+async def test_an_idle_journal_sleeps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing to write: a turn a FOLLOW_S (to follow PATH), not a worker thread call per loop
+    # turn (each one the machine's CPU, on a machine in trouble).
+    opts = options.parse([f"journal={tmp_path / 'j.jsonl'}"], allow_fuse=False)
+    j = Journal.open(opts)
+    assert j is not None
+    ring = DebugRing(64)
+    j.attach(ring)
+    turns = 0
+    real = j._write_lines
+
+    def counted(batch: tuple[list[bytes], int]) -> None:
+        nonlocal turns
+        turns += 1
+        real(batch)
+
+    monkeypatch.setattr(j, "_write_lines", counted)
+    rec = Recorder(ring, Renderer())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(j.run, rec)
+        ring.append(NvmeEvent(Translator().decode(0x281), ctrl="nvme0", nsid=1, slba=1, nlb=1))
+        await trio.sleep(1.5)
+        nursery.cancel_scope.cancel()
+    j.close()
+    assert j.written == 1
+    assert turns <= 5, turns
