@@ -15,6 +15,9 @@ Theory of operation
   It hands back only the attempts the log policy keeps (its `keep` table, reconfigured when
   the policy changes) and every retried path error (its `watch` table: SCT 3); its counters
   go to the completion sink in bulk after each read turn and each expiry.
+- With `locate` on, the source's entries reach the ring through a Placer (engine/owners.py,
+  as the sink's `front`): an entry with a disk and an LBA waits, a bounded while, for the file
+  (or metadata, free space) behind that LBA, and the source's entries keep their order.
 - Lost events are counted exactly from the instance's per-CPU stats and logged; controllers
   appearing or disappearing are logged; the instance is removed at exit, by its guardian
   process at once if the daemon is killed (see nvmefs.linux.tracefs), and by the next start if

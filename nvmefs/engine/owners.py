@@ -109,8 +109,8 @@ class Placer:
         self._window = (0.0, 0)  # (second it started, lookups started in it)
         self.lookups = 0  # lookups done
         self.placed = 0  # entries that went to the ring with their LBA's owner found
-        self.late = 0  # entries that waited wait_s (or were pushed out) and went without
-        self.skipped = 0  # LBAs not looked up: more than LOOKUPS_PER_S a second
+        self.late = 0  # entries that waited wait_s (or were pushed out) and went unresolved
+        self.skipped = 0  # LBAs not looked up: over lookups_per_s, or a second's worth queued
 
     # -- the source's side ---------------------------------------------------------------------
 

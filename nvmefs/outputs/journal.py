@@ -327,10 +327,6 @@ class Journal:
             return
         finally:
             self._writing_since = None
-        if self.state == STALLED and lines:
-            self.state, self.why = WRITING, ""
-            self._note(f"writing again; {self._episode} entries lost in all")
-            self._episode = 0
 
     def _post_notes(self) -> None:
         """Append the notices the writing made to the ring (on the event loop's thread)."""
@@ -438,6 +434,10 @@ class Journal:
         self.written += len(batch)
         self.dirty = True
         self._progress()
+        if self.state == STALLED:  # it writes again: said at once, not at the end of the turn
+            self.state, self.why = WRITING, ""
+            self._note(f"writing again; {self._episode} entries lost in all")
+            self._episode = 0
 
     def _progress(self) -> None:
         if self._writing_since is not None:
