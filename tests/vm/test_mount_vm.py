@@ -101,10 +101,12 @@ def test_mount_ring_and_tail_f_within_2s(tmp_path: Path) -> None:
 
 def test_hung_device_is_logged_and_the_ring_stays_readable(tmp_path: Path) -> None:
     mnt = tmp_path / "slow"
-    mount(mnt, ng("nvmefs-slow"), "workload=randread,qd=4,bs=4K,io_timeout=3,retries=0,log=errors")
-    # 100 bytes/s: a 4 KiB read takes 40 s, far past two 3 s timeouts, so the kernel aborts,
-    # then resets the controller and cancels the passthrough commands (-EINTR).
-    throttle = dict(device="slow", bps=100, bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
+    mount(mnt, ng("nvmefs-slow"), "workload=randread,qd=1,bs=4K,io_timeout=3,retries=0,log=errors")
+    # 400 bytes/s: a 4 KiB read takes 10 s, past two 3 s timeouts, so the kernel aborts, then
+    # resets the controller and cancels the passthrough commands (-EINTR). One read at a time:
+    # QEMU's reset waits for the reads its throttle holds, and the whole guest with it (at
+    # 100 bytes/s and 4 in flight that was over 2 minutes: taken for a stalled guest).
+    throttle = dict(device="slow", bps=400, bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
     try:
         wait_for(lambda: int(stats(mnt)["completions"]) > 50, 60, "I/O before the stall")
         assert "error" not in qmp("block_set_io_throttle", **throttle)
