@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from nvmefs.errors import UsageError
 from nvmefs.linux import locate as resolver
 from nvmefs.options import ArgParser, integer, shown
-from nvmefs.store.render import escape
+from nvmefs.store.render import escape, place_words
 
 PROG = "nvmefs locate"
 
@@ -50,9 +50,8 @@ def render(loc: resolver.Location) -> str:
         out.append(f"fs {escape(loc.fs)} on {escape(loc.mountpoint or '')}")
     if loc.fs_block is not None:
         out.append(f"fs_block {loc.fs_block} ({loc.fs_block_size}-byte blocks)")
-    if loc.owner == "file" and loc.file_range is not None:
-        name = escape(loc.file or "")
-        out.append(f"owner file={name} bytes={loc.file_range[0]}..{loc.file_range[1]}")
+    if loc.owner == "file":  # as an entry's text line names it
+        out.append(" ".join(["owner", *place_words(loc.place())]))
     elif loc.owner == "metadata":
         out.append(f"owner metadata ({escape(loc.reason)})" if loc.reason else "owner metadata")
     elif loc.owner == "free":
