@@ -23,14 +23,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from nvmefs.errors import EXIT_OK, EXIT_USAGE, EngineError, NvmefsError, UsageError
+from nvmefs.errors import EXIT_OK, EXIT_USAGE, PROG, EngineError, NvmefsError, UsageError
 from nvmefs.linux import devices
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import STATUS_MASK, Translator, parse_status
 from nvmefs.options import ArgParser
-
-PROG = "nvmefs"
 
 
 def _decode_parser() -> ArgParser:

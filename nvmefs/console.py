@@ -20,15 +20,13 @@ from typing import Any
 import trio
 
 from nvmefs import daemon, mainloop, options, workloads
-from nvmefs.errors import EXIT_FOUND, EXIT_OK, UsageError
+from nvmefs.errors import EXIT_FOUND, EXIT_OK, PROG, UsageError
 from nvmefs.options import ArgParser
 from nvmefs.sources import Source, build_engine, open_source, running
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.render import Clock, Renderer
 from nvmefs.store.ring import EVENT, Cursor, DebugRing
 from nvmefs.workloads import Progress
-
-PROG = "nvmefs"
 
 
 def _source_args(command: str, description: str, argv: Sequence[str]) -> argparse.Namespace:

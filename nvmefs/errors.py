@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 
-# The exit statuses of the nvmefs command: success, errors found (scrub, watch), usage or setup.
+# The command's name, and its exit statuses: success, errors found (scrub, watch), usage or setup.
+PROG = "nvmefs"
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
 
