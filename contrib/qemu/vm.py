@@ -40,11 +40,13 @@ writing {"execute": ...} to WORK/qmp/req-N.json; the reply lands in WORK/qmp/rep
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,8 +54,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -68,8 +71,25 @@ MP_READ_ERROR_LBAS = (20480,)
 # nvmefs-fs (320 MiB: XFS wants 300): a read error in the middle, where a filesystem's data goes.
 FS_MB = 320
 FS_READ_ERROR_LBAS = (400000,)
-# The guest's own partition scan reads sector 2048 at boot; QEMU reports each failure.
-NOISE = ("aio failed", "blkdebug")
+# QEMU reports each injected failure on its stderr ("qemu-system-x86_64: aio failed: ..."; the
+# guest's own partition scan reads sector 2048 at every boot). Written into the same pipe as
+# the guest's output, the report can land inside a guest line: it is cut out, the rest kept.
+QEMU_NOISE = re.compile(r"qemu-system-[\w-]+: [^\n]*(?:aio failed|blkdebug)[^\n]*\n?")
+# The guest kernel's console is shown at this level (below 4: errors and worse - soft lockups,
+# RCU stalls, hung tasks, oopses), so a guest that stalls says why where it can. What the
+# kernel prints at boot before it reads the level (earlyprintk) is cut: lines from time 0 and
+# the decompressor's.
+CONSOLE_LOGLEVEL = 4
+BOOT_NOISE = ("[    0.000000] ", "Memory KASLR", "Poking KASLR", " (edd=off", "Probing EDD")
+# A line of the guest kernel's console (printk's timestamp first).
+KERNEL_LINE = re.compile(r"\[ *\d+\.\d+\] ")
+# The kernel's reports of the I/O errors the tests inject on purpose (each one ratelimited).
+KERNEL_IO_ERRORS = re.compile(
+    KERNEL_LINE.pattern + r".*(I/O Cmd\(|Admin Cmd\(|I/O error|medium error|protection error|"
+    r"target error|space allocation error|Buffer I/O error)"
+)
+# Hung tasks are reported after this long: before the runner's stall limit ends the guest.
+HUNG_TASK_S = 40
 
 
 KERNELS = WORK / "kernels"
@@ -286,6 +306,18 @@ class QmpRelay(threading.Thread):
         self.stop = threading.Event()
         self._sock: socket.socket | None = None
         self._file: TextIO | None = None
+        self._lock = threading.Lock()  # the relay's thread and a stall report share the socket
+
+    def hmp(self, command: str, cpu: int | None = None) -> str:
+        """A human-monitor command's output ("" if QEMU cannot be reached)."""
+        args: dict[str, object] = {"command-line": command}
+        if cpu is not None:
+            args["cpu-index"] = cpu
+        with self._lock:
+            if not self._connect():
+                return ""
+            reply = self._call({"execute": "human-monitor-command", "arguments": args})
+        return str(reply.get("return", ""))
 
     def _connect(self) -> bool:
         if self._sock is not None:
@@ -320,13 +352,73 @@ class QmpRelay(threading.Thread):
                     continue
                 rep = qdir / req.name.replace("req-", "rep-")
                 try:
-                    reply = self._call(json.loads(req.read_text()))
+                    with self._lock:
+                        reply = self._call(json.loads(req.read_text()))
                 except (OSError, ValueError) as e:
                     reply = {"error": {"class": "RelayError", "desc": str(e)}}
                 tmp = rep.with_suffix(".tmp")
                 tmp.write_text(json.dumps(reply))
                 tmp.rename(rep)
                 req.unlink()
+
+
+# The guest copies its kernel's symbols here at start (the stall report names addresses with
+# them: Debian's System.map is a stub, and KASLR moves the kernel at every boot).
+KALLSYMS = WORK / "kallsyms.txt"
+
+
+class Monitor(Protocol):
+    def hmp(self, command: str, cpu: int | None = None) -> str: ...
+
+
+def stall_report(
+    relay: Monitor, kallsyms: Path = KALLSYMS, samples: int = 3, pause: float = 1.0
+) -> list[str]:
+    """Where a stalled guest's vCPUs are: each one's instruction pointer, sampled `samples`
+    times `pause` seconds apart, and the kernel text addresses on its stack at the first,
+    named from `kallsyms` (the guest's /proc/kallsyms). Spinning in one function and sleeping
+    in the idle loop tell different stories."""
+    names = symbols(kallsyms)
+    out = []
+    for i in range(samples):
+        regs = relay.hmp("info registers -a")
+        rips = re.findall(r"\bRIP=([0-9a-f]+)", regs)
+        rsps = re.findall(r"\bRSP=([0-9a-f]+)", regs)
+        where = ", ".join(f"cpu{n} {names(int(r, 16))}" for n, r in enumerate(rips))
+        out.append(f"vm: stalled guest, sample {i + 1}: {where or 'no registers'}")
+        if i == 0:
+            for n, rsp in enumerate(rsps):
+                words = re.findall(r"0x([0-9a-f]{16})", relay.hmp(f"x /96gx 0x{rsp}", cpu=n))
+                calls = [names(int(w, 16)) for w in words]
+                calls = [c for c in calls if not c.startswith("0x")]
+                out.append(f"vm:   cpu{n} stack: {' < '.join(calls[:24]) or '?'}")
+        if i + 1 < samples:
+            time.sleep(pause)
+    return out
+
+
+def symbols(kallsyms: Path) -> Callable[[int], str]:
+    """address -> "symbol+0xoff [module]" from a /proc/kallsyms copy (its text symbols), or
+    the address in hex if no symbol starts within 64 KiB below it."""
+    table: list[tuple[int, str, str]] = []
+    with contextlib.suppress(OSError):
+        for line in kallsyms.read_text(errors="replace").splitlines():
+            fields = line.split()  # address, type, name, [module]
+            if len(fields) >= 3 and fields[1] in ("t", "T"):
+                with contextlib.suppress(ValueError):
+                    module = f" {fields[3]}" if len(fields) > 3 else ""
+                    table.append((int(fields[0], 16), fields[2], module))
+    table.sort()
+    starts = [t[0] for t in table]
+
+    def name(addr: int) -> str:
+        i = bisect.bisect_right(starts, addr) - 1
+        if i < 0 or addr - starts[i] > 0x10000:
+            return hex(addr)
+        start, symbol, module = table[i]
+        return f"{symbol}+{addr - start:#x}{module}"
+
+    return name
 
 
 def vng_command(command: list[str], interactive: bool = False) -> list[str]:
@@ -337,6 +429,9 @@ def vng_command(command: list[str], interactive: bool = False) -> list[str]:
         vng, "--run", image, "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
         f"--rwdir={REPO}", "--cwd", str(REPO),
         "--append=nvme_core.io_timeout=30",
+        # --verbose puts the kernel console on stderr; the level after it keeps it to errors.
+        "--verbose", f"--append=loglevel={CONSOLE_LOGLEVEL}",
+        f"--append=sysctl.kernel.hung_task_timeout_secs={HUNG_TASK_S}",
         *kernel_append(image),
         # = form: the value starts with a dash and must not be taken for an option
         f"--qemu-opts={qemu_opts(qmp_sock)}",
@@ -374,9 +469,26 @@ HEARTBEAT_S = 15
 BOOT_S = 240
 
 
+def alive(line: str) -> bool:
+    """Whether a line of the VM's output shows the guest's programs running: not the kernel's
+    console (a locked-up kernel goes on reporting the lockup) nor QEMU's reports alone."""
+    return not KERNEL_LINE.match(line) and bool(QEMU_NOISE.sub("", line).strip())
+
+
+def shown(line: str) -> str:
+    """What of a line of the VM's output is shown ("" for nothing). The heartbeat and QEMU's
+    reports land inside pytest's lines ("test_x <beat>\nPASSED"): they are cut out, the rest
+    kept; boot chatter and the kernel's reports of injected I/O errors are dropped whole."""
+    line = QEMU_NOISE.sub("", line.replace(HEARTBEAT + "\n", ""))
+    if line.startswith(BOOT_NOISE) or KERNEL_IO_ERRORS.match(line):
+        return ""
+    return line
+
+
 def with_heartbeat(command: list[str]) -> list[str]:
     """`command` run by a shell beside the heartbeat loop, which ends with it; same status."""
     script = (
+        f"cat /proc/kallsyms > {_quote(str(KALLSYMS))} 2>/dev/null; "
         f"(while sleep {HEARTBEAT_S}; do echo {HEARTBEAT}; done) & beat=$!; "
         '"$@"; rc=$?; kill $beat; exit $rc'
     )
@@ -421,6 +533,11 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
 
         def on_stall() -> None:
             stalled.set()
+            try:
+                report = stall_report(relay)
+            except (OSError, ValueError) as e:
+                report = [f"vm: no stall report: {e}"]
+            print("\n".join(report), file=sys.stderr, flush=True)
             kill_all()
 
         # Started before the first line too: a guest that never boots is a stalled one.
@@ -430,15 +547,13 @@ def _run(command: list[str], timeout: float, interactive: bool, stall: float) ->
             watchdog.start()
         try:
             for line in proc.stdout:
-                if stall:  # every line the guest prints restarts the watchdog
+                if stall and alive(line):  # the guest's programs restart the watchdog
                     if watchdog is not None:
                         watchdog.cancel()
                     watchdog = threading.Timer(stall, on_stall)
                     watchdog.start()
-                # The heartbeat lands inside pytest's lines ("test_x <beat>\nPASSED"): it is
-                # cut out, the rest of the line kept.
-                line = line.replace(HEARTBEAT + "\n", "")
-                if line and not any(n in line for n in NOISE):
+                line = shown(line)
+                if line:
                     sys.stdout.write(line)
                     sys.stdout.flush()
             code = proc.wait()

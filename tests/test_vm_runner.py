@@ -1,0 +1,111 @@
+"""The VM runner's own logic (contrib/qemu/vm.py), without a VM: what of the guest's output is
+shown, what keeps the stall watchdog quiet, and how a stalled guest's vCPUs are named."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vm() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("nvmefs_vm_runner", REPO / "contrib/qemu/vm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing look a module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+QEMU_AIO = "qemu-system-x86_64: aio failed: Input/output error\n"
+
+
+def test_qemus_reports_and_the_heartbeat_are_cut_out_the_rest_kept(vm: ModuleType) -> None:
+    name = "tests/vm/test_admin.py::test_x "
+    assert vm.shown(name + QEMU_AIO) == name  # pytest's "PASSED" follows on the next line
+    assert vm.shown(name + vm.HEARTBEAT + "\n") == name
+    assert vm.shown(QEMU_AIO) == ""
+    assert vm.shown(vm.HEARTBEAT + "\n") == ""
+    assert vm.shown("PASSED [  2%]\n") == "PASSED [  2%]\n"
+
+
+def test_kernel_lines_are_shown_unless_boot_chatter_or_an_injected_io_error(vm: ModuleType) -> None:
+    lockup = "[  812.104233] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [python3:912]\n"
+    hung = "[  900.000001] INFO: task python3:77 blocked for more than 40 seconds.\n"
+    assert vm.shown(lockup) == lockup and vm.shown(hung) == hung
+    for noise in [
+        "[    0.000000] Linux version 6.1.0-57-amd64\n",
+        "Probing EDD (edd=off to disable)... ok\n",
+        "[   16.7] nvme7n1: I/O Cmd(0x2) @ LBA 2048, 8 blocks, I/O Error (sct 0x2 / sc 0x81) \n",
+        "[   16.8] critical medium error, dev nvme7n1, sector 2048 op 0x0:(READ) flags 0x80700\n",
+        "[   16.9] Buffer I/O error on dev nvme7n1, logical block 256, async page read\n",
+    ]:
+        assert vm.shown(noise) == "", noise
+
+
+def test_only_the_guests_programs_restart_the_stall_watchdog(vm: ModuleType) -> None:
+    # A locked-up kernel repeats its report: that must not pass for a living guest.
+    assert not vm.alive("[  834.1] watchdog: BUG: soft lockup - CPU#1 stuck for 44s!\n")
+    assert not vm.alive(QEMU_AIO)
+    assert vm.alive(vm.HEARTBEAT + "\n")
+    assert vm.alive("tests/vm/test_admin.py::test_x " + QEMU_AIO)
+
+
+KALLSYMS = """\
+ffffffff81000000 T _stext
+ffffffff81001000 t do_idle
+ffffffff81002000 T native_safe_halt
+ffffffff81a00000 D some_data
+ffffffffc0100000 t rb_get_reader_page\t[ring_buffer_test]
+"""
+
+REGISTERS = """\
+CPU#0
+RAX=0000000000000000 RBX=ffff888003f0c000
+RSI=0000000000000000 RDI=0000000000000000 RBP=ffffc90000093e90 RSP=ffffc90000093e40
+RIP=ffffffffc0100042 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0
+CPU#1
+RSI=0000000000000000 RDI=0000000000000000 RBP=0000000000000000 RSP=ffffc9000008be80
+RIP=ffffffff8100200b RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+"""
+
+
+class FakeMonitor:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int | None]] = []
+
+    def hmp(self, command: str, cpu: int | None = None) -> str:
+        self.calls.append((command, cpu))
+        if command == "info registers -a":
+            return REGISTERS
+        # x /96gx: the stack words, a return address into do_idle among data
+        return "ffffc9000008be80: 0x0000000000000000 0xffffffff81001234\n" \
+               "ffffc9000008be90: 0xffffffff81a00010 0x00007ffd12345678\n"  # fmt: skip
+
+
+def test_a_stall_report_names_each_vcpus_place_and_stack(vm: ModuleType, tmp_path: Path) -> None:
+    syms = tmp_path / "kallsyms.txt"
+    syms.write_text(KALLSYMS)
+    mon = FakeMonitor()
+    report = vm.stall_report(mon, syms, samples=2, pause=0)
+    assert report[0] == (
+        "vm: stalled guest, sample 1: cpu0 rb_get_reader_page+0x42 [ring_buffer_test], "
+        "cpu1 native_safe_halt+0xb"
+    )
+    # Only text symbols name stack words: the data address and the user one are left out.
+    assert report[1] == "vm:   cpu0 stack: do_idle+0x234"
+    assert report[2] == "vm:   cpu1 stack: do_idle+0x234"
+    assert report[3].startswith("vm: stalled guest, sample 2: ")
+    assert len(report) == 4
+    assert ("x /96gx 0xffffc9000008be80", 1) in mon.calls  # each CPU's stack from its own RSP
+
+
+def test_without_kallsyms_addresses_are_shown_in_hex(vm: ModuleType, tmp_path: Path) -> None:
+    name = vm.symbols(tmp_path / "missing")
+    assert name(0xFFFFFFFF81002000) == "0xffffffff81002000"
