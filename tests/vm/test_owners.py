@@ -89,9 +89,7 @@ def file_offset(path: Path, part_start: int, lba: int) -> int | None:
     return None
 
 
-# XFS passed in a boot of its own twice but stalled the guest in the full suite (twice): ext4 only
-# until that is understood (issue 21 note).
-@pytest.mark.parametrize("fs", ["ext4"])
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
 def test_each_error_names_the_file_and_its_bytes_then_free_space(tmp_path: Path, fs: str) -> None:
     with filesystem(tmp_path, fs) as (disk, part, mnt):
         files = fill(mnt)
