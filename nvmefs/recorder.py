@@ -145,7 +145,11 @@ class Recorder:
             if isinstance(e, PassthroughEngine):  # which loop reads: compiled or python
                 rows.append(("datapath", e.datapath))
             elif isinstance(e, KernelEngine):  # which consumer reads its trace pages
-                rows.append(("trace_consumer", e.trace_consumer))
+                rows += [
+                    ("trace_consumer", e.trace_consumer),
+                    ("trace_lost_events", e.lost_events),  # the kernel's count, exact
+                    ("failovers", e.failovers),  # attempts failed over to another path
+                ]
                 if e.placer is not None:
                     rows += e.placer.status()
             for word, n in sorted(s.by_status.items()):

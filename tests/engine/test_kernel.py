@@ -275,6 +275,16 @@ def test_stats_say_which_consumer_reads_the_trace() -> None:
         assert f"\ntrace_consumer {impl}\n" in rec.stats_text()
 
 
+def test_stats_count_lost_trace_events_and_failovers() -> None:
+    e = engine("errors", False)
+    rec = Recorder(e.ring, Renderer(Clock("jiffies"), "full"), source="kernel", engine=e)
+    assert "\ntrace_lost_events 0\nfailovers 0\n" in rec.stats_text()
+    run_pages(e)
+    assert e.failovers == 2
+    e.lost_events = 7  # as _check_lost adds the instance's counts
+    assert "\ntrace_lost_events 7\nfailovers 2\n" in rec.stats_text()
+
+
 async def test_entries_get_the_owner_of_their_lba_on_the_way_to_the_ring() -> None:
     asked: list[tuple[str, int]] = []
 
