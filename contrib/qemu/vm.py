@@ -250,6 +250,12 @@ def qemu_opts(qmp_sock: Path) -> str:
     return " ".join(
         [
             f"-qmp unix:{qmp_sock},server=on,wait=off",
+            # One host thread runs both vCPUs in turn. With a thread each (TCG's default), a
+            # vCPU can run code another is patching: the kernel patches its text whenever a
+            # tracepoint or static key is switched (the kernel source does), and a 6.12 guest
+            # died of it ("Oops: int3" at a patched site, during a kernel-source test); the
+            # guests that froze for good in kernel-source tests on a loaded machine fit it too.
+            "-accel tcg,thread=single",
             "-device pcie-root-port,id=rp1,chassis=1,slot=1",
             # -blockdev, not -drive: a -drive is deleted with its device on device_del, and the
             # hot-unplug test plugs the same disk back in.

@@ -59,7 +59,7 @@ from nvmefs.engine.owners import Placer
 from nvmefs.errors import EngineError, UsageError
 from nvmefs.linux import devices, tracebulk, tracefs
 from nvmefs.linux.devices import Disk
-from nvmefs.linux.tracebulk import RETRIED, Attempt, BlockEnd, Consumer, Fed
+from nvmefs.linux.tracebulk import RETRIED, USER_CMD, Attempt, BlockEnd, Consumer, Fed
 from nvmefs.nvme.disposition import Disposition, decide
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import SCT_PATH, SCT_SC_MASK, sct_of
@@ -68,7 +68,6 @@ from nvmefs.store.events import NvmeEvent
 from nvmefs.store.ring import DebugRing
 
 S = EngineState
-USER_CMD = 0x2  # NVME_REQ_USERCMD: a passthrough command from userspace
 NO_SECTOR = (1 << 64) - 1  # block events of passthrough requests carry sector -1
 PAGE = 4096
 PAGES_PER_TURN = 16

@@ -7,7 +7,8 @@
  * at the offsets the format files gave, and pairs them per CPU as the Python consumer does
  * (nvmefs.linux.tracebulk.PythonConsumer): each CPU's last failed attempt waits; the block
  * event that follows on that CPU makes it final; the next attempt on that CPU means it was
- * retried; a success is final at once. Time-based expiry of a waiting attempt is an explicit
+ * retried; a success is final at once, and so is a failed admin or user passthrough attempt
+ * (never retried). Time-based expiry of a waiting attempt is an explicit
  * call (nvmefs_tb_expire), with the caller's clock.
  *
  * Every attempt and every failed request is counted here, in a small table keyed by controller,
@@ -34,6 +35,8 @@
 #define NVMEFS_TB_FINAL 0     /* an attempt made final by its block event */
 #define NVMEFS_TB_SUCCESS 1   /* a successful attempt: final at once, no block event */
 #define NVMEFS_TB_RETRIED 2   /* an attempt that was retried (reported if watched or logged) */
+#define NVMEFS_TB_ALONE 3     /* a failed admin or passthrough attempt: final, no block event */
+#define NVMEFS_TB_USER_CMD 0x2 /* NVME_REQ_USERCMD in an attempt's flags: a user passthrough */
 #define NVMEFS_TB_ATTEMPT 0   /* a count of attempts */
 #define NVMEFS_TB_FAILED 1    /* a count of requests that ended failing */
 
@@ -72,7 +75,7 @@ struct nvmefs_tb_block {
 
 /* What Python must see: an attempt the policy keeps, with its block event when FINAL. */
 struct nvmefs_tb_final {
-    uint32_t kind; /* NVMEFS_TB_FINAL, _SUCCESS or _RETRIED */
+    uint32_t kind; /* NVMEFS_TB_FINAL, _SUCCESS, _RETRIED or _ALONE */
     struct nvmefs_tb_attempt a;
     struct nvmefs_tb_block b; /* zero unless FINAL */
 };
@@ -412,6 +415,18 @@ static void record(struct nvmefs_tb *c, uint32_t cpu, const uint8_t *rec, size_t
                 c->npending--;
             }
             emit(c, NVMEFS_TB_SUCCESS, &a, NULL, out, n);
+            return;
+        }
+        if (a.qid == 0 || (a.flags & NVMEFS_TB_USER_CMD)) {
+            /* Admin and user passthrough commands are never retried (the driver marks them
+             * REQ_FAILFAST_DRIVER): final at once. Since 6.x their block event carries no
+             * error, so the in-kernel filter drops it; where it comes, nothing waits for it. */
+            if (p->used) {
+                p->used = 0;
+                c->npending--;
+            }
+            count(c, NVMEFS_TB_FAILED, a.qid == 0, a.ctrl_id, 0, a.status, a.disk, a.disk_len);
+            emit(c, NVMEFS_TB_ALONE, &a, NULL, out, n);
             return;
         }
         if (!p->used)

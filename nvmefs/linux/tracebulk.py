@@ -6,7 +6,10 @@ Theory of operation
   (same call chain: nvme_complete_rq -> nvme_end_req -> blk_mq_end_request). So `Pairing` keeps
   each CPU's last failed attempt: the block event that follows on that CPU makes it final; the
   next attempt on that CPU, or `expire()` after a grace period, means it was retried. A success
-  (seen only when the in-kernel filter lets successes through: log=all) is final at once.
+  (seen only when the in-kernel filter lets successes through: log=all) is final at once, and
+  so is a failed admin (qid 0) or user passthrough (flags USER_CMD) attempt: the driver marks
+  those requests REQ_FAILFAST_DRIVER, never retried, and since 6.x their block event carries no
+  error (the in-kernel filter, `error != 0`, drops it: on 6.12 they were lost waiting for it).
 - A consumer takes one CPU's trace_pipe_raw pages (`feed`), counts every attempt by (controller,
   disk, status word) and every request that ended failing by (controller, disk or dev, admin,
   status word), and returns only the `Final`s the log policy keeps (its 2048-entry table, as
@@ -64,10 +67,11 @@ CPU_MAX = 65536
 GRACE_S = 1.0  # an attempt with no block event after this long was retried
 _M64 = (1 << 64) - 1
 
-FINAL = "final"  # an attempt made final by its block event (the block is there)
+FINAL = "final"  # a request's last attempt: with its block event, or alone (admin, passthrough)
+USER_CMD = 0x2  # NVME_REQ_USERCMD in an attempt's flags: a passthrough command from userspace
 SUCCESS = "success"  # a successful attempt: final at once, no block event
 RETRIED = "retried"  # an attempt that was retried: handed back if watched, or logged
-_KINDS = (FINAL, SUCCESS, RETRIED)  # by tracebulk.c's NVMEFS_TB_* number
+_KINDS = (FINAL, SUCCESS, RETRIED, FINAL)  # by tracebulk.c's NVMEFS_TB_* number (3: alone)
 
 
 def unavailable() -> str | None:
@@ -342,6 +346,11 @@ class PythonConsumer(_Base):
                     self._superseded(pairing.other(cpu), out)
                     self._emit(SUCCESS, a, None, out)
                     continue
+                if a.qid == 0 or a.flags & USER_CMD:  # never retried: final at once
+                    self._superseded(pairing.other(cpu), out)
+                    counts.failed[(a.ctrl_id, a.disk, 0, a.qid == 0, a.status)] += 1
+                    self._emit(FINAL, a, None, out)
+                    continue
                 self._superseded(pairing.attempt(a), out)
             elif kind == block.id:
                 if len(rec) < self._block_need:
@@ -507,7 +516,7 @@ class CompiledConsumer(_Base):
             )
             kind = _KINDS[f.kind]
             blk = None
-            if kind == FINAL:
+            if f.kind == 0:  # NVMEFS_TB_FINAL: with its block event
                 b = f.b
                 blk = BlockEnd(
                     b.dev & m["dev"],
