@@ -14,9 +14,10 @@ A fetched kernel stays out of /boot: its modules are in WORK/kernels/VERSION/lib
 virtme-ng finds them (it walks up from the image to the nearest lib/modules) and links them into
 the guest's /lib/modules.
 
-The VM (virtme-ng, TCG, 2 vCPUs, 2 GiB: with 1 GiB the guest, whose programs page in over
-9p, was seen to freeze for good now and then) shares the host's root filesystem read-only, and this
-checkout read-write at the same path, so the checkout's virtual environment runs in the guest.
+The VM (virtme-ng, TCG, 2 vCPUs run by one host thread (see qemu_opts), 2 GiB: with 1 GiB the
+guest, whose programs page in over 9p, was seen to freeze for good now and then) shares the
+host's root filesystem read-only, and this checkout read-write at the same path, so the
+checkout's virtual environment runs in the guest.
 Its controllers, found in the guest by serial number (/sys/class/nvme/*/serial):
 
     nvmefs-err   64 MiB, blkdebug read errors at LBAs 2048 and 40960, write errors at LBA 8192,
@@ -323,6 +324,7 @@ class QmpRelay(threading.Thread):
         if not self.sock_path.exists():
             return False
         s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)  # a QEMU that stopped answering is an error, not a hang of the runner
         try:
             s.connect(str(self.sock_path))
         except OSError:
