@@ -28,7 +28,7 @@ PASSED = REPO / "contrib/qemu/work/vm-passed.txt"
 STALL_S = 120
 STALLED = 125  # contrib/qemu/vm.py's exit status then
 TIMED_OUT = 124
-# The whole suite in one VM: about 20 minutes under TCG on 2 cores (each nvmefs process the
+# The whole suite in one VM: about 15 minutes under TCG on 2 cores (each nvmefs process the
 # guest starts spends 10-30 s importing), with room for a loaded machine.
 VM_S = 1800
 BOOTS = 3
