@@ -111,6 +111,8 @@ class Placer:
         self.placed = 0  # entries that went to the ring with their LBA's owner found
         self.late = 0  # entries that waited wait_s (or were pushed out) and went unresolved
         self.skipped = 0  # LBAs not looked up: over lookups_per_s, or a second's worth queued
+        self.lookup_ms_last = 0  # how long the last lookup took, and the longest one
+        self.lookup_ms_max = 0
 
     # -- the source's side ---------------------------------------------------------------------
 
@@ -152,6 +154,8 @@ class Placer:
             ("locate_late", self.late),
             ("locate_skipped", self.skipped),
             ("locate_waiting", len(self.held)),
+            ("locate_lookup_ms_last", self.lookup_ms_last),
+            ("locate_lookup_ms_max", self.lookup_ms_max),
         ]
 
     # -- the task ------------------------------------------------------------------------------
@@ -174,6 +178,7 @@ class Placer:
                 await self._lookup_wake.wait()
                 self._lookup_wake = trio.Event()
             key = self._queue.popleft()
+            start = time.monotonic()
             try:
                 place = await trio.to_thread.run_sync(
                     self._guarded, key, max(LOOKUP_S, self.wait_s), abandon_on_cancel=True
@@ -181,6 +186,8 @@ class Placer:
             finally:
                 self._queued.discard(key)
             self.lookups += 1
+            self.lookup_ms_last = round((time.monotonic() - start) * 1000)
+            self.lookup_ms_max = max(self.lookup_ms_max, self.lookup_ms_last)
             self._remember(key, place)
             self._wake.set()
 

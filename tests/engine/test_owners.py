@@ -79,6 +79,7 @@ async def test_a_slow_lookup_never_holds_an_entry_past_its_wait() -> None:
 
     def look(disk: str, lba: int, timeout: float) -> Place:
         gate.wait(10)
+        time.sleep(0.05)
         return FILE
 
     p = Placer(ring, look, wait_s=0.2)
@@ -103,6 +104,10 @@ async def test_a_slow_lookup_never_holds_an_entry_past_its_wait() -> None:
     assert took < 2, took
     last = events(ring)[-1]
     assert isinstance(last, NvmeEvent) and last.place == FILE
+    # stats says how long lookups take: the slow one waited for the gate, the second did not.
+    status = dict(p.status())
+    assert status["locate_lookup_ms_max"] >= took * 1000 > 0, status
+    assert 50 <= status["locate_lookup_ms_last"] < status["locate_lookup_ms_max"], status
 
 
 def test_lookups_beyond_the_rate_are_skipped_and_counted() -> None:
