@@ -50,14 +50,6 @@ NO_SECTOR = (1 << 64) - 1
 SRC = Path(tracebulk.__file__).with_name("tracebulk.c")
 
 
-@pytest.fixture
-def compiled_built() -> None:
-    """The compiled consumer is built wherever the tests are set up (contrib/bootstrap installs
-    a C compiler): its absence is a failure here, not a reason to skip."""
-    if not tracebulk.available():
-        pytest.fail(f"no compiled consumer: {tracebulk.unavailable()}")
-
-
 needs_compiled = pytest.mark.usefixtures("compiled_built")
 IMPLS = [
     pytest.param(PythonConsumer, id="python"),
