@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from nvmefs.engine.sink import FOLD_BURST, FOLD_RATE
 from nvmefs.errors import UsageError
 from nvmefs.nvme import tables
 from nvmefs.nvme.policy import LogPolicy
@@ -366,6 +367,12 @@ OPTIONS: dict[str, Option] = {
     # the ring and its renderings
     "capacity": Option(_capacity, 1024, "ring entries (bounded by the machine's memory)"),
     "log": Option(_log, "media", "media, errors, all, or statuses 0x281:0x285..."),
+    "fold": Option(
+        _int_range(0),
+        FOLD_RATE,
+        f"errors/s (bursts of {FOLD_BURST}) logged one by one before a storm's like errors fold"
+        " into one entry with their count; 0: never",
+    ),
     "profile": Option(_choice(*tables.PROFILES), tables.DEFAULT_PROFILE, "kernel mapping"),
     "format": Option(_choice(*FORMATS), "full", "entry text: full, or the seed's bare text"),
     "clock": Option(_choice(*CLOCKS), "jiffies", "ticks: jiffies, uptime or realtime"),

@@ -139,6 +139,9 @@ class Recorder:
                 ("firmware", e.firmware),
                 ("namespaces", len(e.namespaces)),
                 *((c.field, getattr(s, c.field)) for c in COUNTERS),
+                # Logged requests in the open fold of a storm, not in the ring yet: logged ==
+                # the entries written + their repeats + this.
+                ("folding", e.sink.folder.pending),
                 ("latency_avg_us", f"{e.latency_avg_us:.1f}"),
                 ("latency_max_us", f"{s.latency_ns_max / 1000:.1f}"),
             ]
@@ -194,7 +197,10 @@ class Recorder:
 
     def clear(self) -> int:
         """Empty the ring, then append a notice of how many entries went, so that a follower's
-        stream says why the entries stopped (its missed line counts them too)."""
+        stream says why the entries stopped (its missed line counts them too). The engine's
+        open fold, if any, goes to the ring first: it stands for errors from before the clear."""
+        if self.engine is not None:
+            self.engine.sink.flush()
         n = self.ring.clear()
         noun = "entry" if n == 1 else "entries"
         self.ring.append(HostEvent(events.NOTICE, f"cleared {n} {noun}", {events.CLEARED: n}))

@@ -111,6 +111,7 @@ def build_engine(src: Source, opts: Parsed, ring: DebugRing) -> SourceBase:
         "max_retries": opts["retries"],
         "queue_depth": max(opts["qd"] + 1, 2),
         "log_attempts": opts["log_attempts"],
+        "fold": opts["fold"],
     }
     if src.sim is not None:
         return Engine(src.sim, ring, **kw)
@@ -131,6 +132,7 @@ def kernel_engine(spec: kernel.KernelSpec, opts: Parsed, ring: DebugRing) -> ker
         translator=Translator(opts["profile"]),
         policy=LogPolicy(opts["log"]),
         log_attempts=opts["log_attempts"],
+        fold=opts["fold"],
     )
 
 

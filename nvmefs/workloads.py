@@ -250,7 +250,7 @@ async def health_poll(engine: EngineBase, progress: Progress, state: dict[str, i
     new = [e for e in parse_error_log(page) if e["error_count"] > last]
     for e in sorted(new, key=lambda e: e["error_count"]):
         st = translator.decode(e["status"])
-        engine.ring.append(
+        engine.sink.append(
             HostEvent(
                 events.NOTICE,
                 f"controller error log entry {e['error_count']}: Status = 0x{e['status']:x} "
@@ -271,7 +271,7 @@ async def health_poll(engine: EngineBase, progress: Progress, state: dict[str, i
     )
     warning = smart.critical_warning
     if warning and warning != state.get("critical_warning", 0):
-        engine.ring.append(
+        engine.sink.append(
             HostEvent(
                 events.NOTICE,
                 f"SMART critical warning 0x{warning:02x}",
@@ -309,7 +309,7 @@ async def idle(engine: EngineBase, progress: Progress, *, interval: float) -> No
             await health_poll(engine, progress, state)
         except CommandError as e:
             progress.failed += 1
-            engine.ring.append(
+            engine.sink.append(
                 HostEvent(events.HOST_ERROR, f"health poll failed: {e}", {"ctrl": engine.ctrl_name})
             )
 
@@ -330,7 +330,7 @@ async def kernel_health(engine: KernelEngine, progress: Progress, *, interval: f
             async with poller.running():
                 await idle(poller, progress, interval=interval)
         except (EngineError, CommandError) as e:
-            engine.ring.append(
+            engine.sink.append(
                 HostEvent(events.HOST_ERROR, f"health polling stopped: {e}", {"ctrl": ctrl.name})
             )
 

@@ -3,6 +3,7 @@ its output fails (issue: hardening)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,3 +106,30 @@ def test_watch_ends_when_its_reader_leaves() -> None:
     _, err = w.communicate()
     timer.cancel()
     assert w.returncode == 0 and err == b""
+
+
+def test_a_storm_scrub_prints_fewer_entries_that_account_for_every_failed_read(
+    tmp_path: Path,
+) -> None:
+    """Folding end to end: every read of the namespace fails (DNR, no retry), far over the
+    rate; the entries printed stand for every one of them exactly (1 + repeats each), the
+    last fold included (the source's end flushes it)."""
+    plan = tmp_path / "p.toml"
+    plan.write_text('[[fault]]\nopcode = "read"\nstatus = 0x4281\n')
+    reads = (8 << 20) // 512
+    p = nvmefs("scrub", "sim", "-o", f"sim_size=8M,bs=512,qd=32,format=json,faults={plan}")
+    assert p.returncode == 1 and p.stderr == "", p.stderr
+    recs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert all(r["kind"] == "nvme" and r["status"] == "0x4281" for r in recs)
+    assert sum(1 + r["repeats"] for r in recs) == reads
+    assert len(recs) < reads // 4 and recs[-1]["repeats"] > 0
+    covered = sorted((r["lba_range"] or [r["slba"], r["slba"]]) for r in recs)
+    assert covered[0][0] == 0 and max(hi for _, hi in covered) == reads - 1
+    # fold=0: one entry per failed read, as before folding.
+    p = nvmefs("scrub", "sim", "-o", f"sim_size=1M,bs=512,format=json,fold=0,faults={plan}")
+    recs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(recs) == (1 << 20) // 512 and all(r["repeats"] == 0 for r in recs)
+
+
+def test_a_fold_rate_that_is_no_number_is_refused_in_one_line() -> None:
+    refused(nvmefs("scrub", "sim", "-o", "fold=abc"), "option fold=abc: 'abc' is not a number")

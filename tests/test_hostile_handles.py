@@ -42,7 +42,9 @@ pytestmark = pytest.mark.fuse
 
 REPO = Path(__file__).resolve().parents[1]
 STORM = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
-STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0"
+# fold=0: every failed read an entry of its own (a storm that folded would not turn the
+# ring over).
+STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0,fold=0"
 READ_ONLY = (BUF, f"{BUF}.jsonl", "stats", "nvmefs.prom")
 MiB = 1 << 20
 # What one open handle costs the daemon beyond the bytes its stream keeps (the stream object and

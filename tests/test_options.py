@@ -20,6 +20,7 @@ VALUES = {
     "backfill": "off",
     "locate": "off",
     "locate_wait": "5",
+    "fold": "50",
 }  # fmt: skip
 
 
@@ -93,3 +94,13 @@ def test_parsed_options_cannot_be_edited() -> None:
         parsed.values["qd"] = 5  # type: ignore[index]
     again = parsed.with_defaults(qd=9, bs=4096)
     assert (parsed["qd"], parsed["bs"], again["qd"], again["bs"]) == (4, 128 << 10, 4, 4096)
+
+
+def test_fold_is_a_rate_of_entries_and_0_turns_folding_off() -> None:
+    assert options.parse([], allow_fuse=False)["fold"] == 200
+    assert options.parse(["fold=0"], allow_fuse=False)["fold"] == 0
+    assert options.parse(["fold=0x10"], allow_fuse=False)["fold"] == 16
+    for bad, why in [("abc", "'abc' is not a number"), ("-1", "not a number"), ("1.5", "number")]:
+        with pytest.raises(options.OptionError, match=f"^option fold={bad}: .*{why}") as e:
+            options.parse([f"fold={bad}"], allow_fuse=False)
+        assert "\n" not in str(e.value)

@@ -76,9 +76,9 @@ def plain_rows(lines: list[bytes]) -> dict[tuple[Any, ...], dict[str, Any]]:
             continue
         key = (r["ctrl"], r["nsid"], r["disk"], r["status"])
         row = rows.setdefault(key, {"count": 0, "times": [], "lbas": []})
-        row["count"] += 1
+        row["count"] += 1 + r.get("repeats", 0)  # a folded entry stands for 1 + repeats
         row["times"].append(r["wall_ns"])
-        row["lbas"] += [r["slba"], r["slba"] + r["nlb"] - 1]
+        row["lbas"] += [r["slba"], r["slba"] + r["nlb"] - 1, *(r.get("lba_range") or [])]
     return {
         k: {
             "count": v["count"],
@@ -330,3 +330,38 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("nvmefs: report: "), p.stderr
     assert message.format(tmp=tmp_path) in p.stderr, p.stderr
+
+
+def test_folded_entries_count_as_every_error_they_stand_for(tmp_path: Path) -> None:
+    """A storm's folded entries (issue 20) in a journal: the report counts 1 + repeats for
+    each, in its totals, rows, LBA map and errors over time."""
+    from nvmefs.nvme.status import Translator
+    from nvmefs.store.events import NvmeEvent
+    from nvmefs.store.render import Renderer
+
+    st = Translator().decode(0x4281)
+    wall = 1_796_213_948_000_000_000
+    events = [
+        NvmeEvent(st, "sim0", 1, 1, 3, 2, False, 4096, 8, 0),
+        NvmeEvent(st, "sim0", 1, 1, 4, 2, False, 8192, 8, 0, repeats=4999,
+                  lba_range=(8192, 60_000)),
+        NvmeEvent(st, "sim0", 1, 1, 5, 2, False, 70_000, 8, 0, repeats=20,
+                  lba_range=(70_000, 70_167)),
+    ]  # fmt: skip
+    r = Renderer()
+    path = tmp_path / "j.jsonl"
+    path.write_text(
+        "".join(r.json_line((i + 1, i, wall + i * 10**9, e)) for i, e in enumerate(events))
+    )
+    p = run_nvmefs("report", str(path), "--json")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    doc = json.loads(p.stdout)
+    assert (doc["records"], doc["errors"], doc["folded"]) == (3, 5022, 5019)
+    (ns,) = doc["namespaces"]
+    (row,) = ns["statuses"]
+    assert (row["count"], row["lba_min"], row["lba_max"]) == (5022, 4096, 70_167)
+    assert sum(ns["lba_map"]["0x4281"]) == sum(ns["over_time"]["0x4281"]) == 5022
+    assert report_rows(doc) == plain_rows(path.read_bytes().splitlines())
+    text = run_nvmefs("report", str(path)).stdout
+    assert "nvmefs report: 5022 NVMe errors on 1 namespace" in text
+    assert "5019 errors folded into like entries" in text

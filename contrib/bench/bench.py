@@ -282,8 +282,10 @@ def cat_seconds(path: Path) -> tuple[float, int]:
 def bench_fuse_cat(r: Results, reps: int, large: int) -> None:
     shm = Path(tempfile.mkdtemp(prefix="nvmefs-bench-", dir="/dev/shm"))
     try:
-        # 1024 chunks of 64 KiB, every read failing once: a full default ring.
-        with mounted("sim_size=64M,bs=64K,passes=1,log=errors,retries=0", ALL_READS_FAIL) as mnt:
+        # 1024 chunks of 64 KiB, every read failing once: a full default ring (fold=0: an
+        # entry each, as in a storm below the folding rate).
+        opts = "sim_size=64M,bs=64K,passes=1,log=errors,fold=0,retries=0"
+        with mounted(opts, ALL_READS_FAIL) as mnt:
             wait_until(lambda: stats(mnt)["workload"] == "idle", 120)
             data = (mnt / "nvme_circular_buffer").read_bytes()
             (shm / "ring").write_bytes(data)
@@ -294,7 +296,10 @@ def bench_fuse_cat(r: Results, reps: int, large: int) -> None:
             r.values["daemon_rss_mb"] = _rss_mb(int(stats(mnt)["pid"]))
             print(f"  {'daemon_rss_mb':<40} {r.values['daemon_rss_mb']:>14,.1f} MB (full ring)")
         # One pass of 512-byte reads, every one failing once: `large` entries, then idle.
-        opts = f"sim_size={large * 512},bs=512,qd=64,passes=1,log=errors,retries=0,capacity={large}"
+        opts = (
+            f"sim_size={large * 512},bs=512,qd=64,passes=1,log=errors,fold=0,retries=0,"
+            f"capacity={large}"
+        )
         with mounted(opts, ALL_READS_FAIL) as mnt:
             wait_until(lambda: stats(mnt)["workload"] == "idle", 900)
             data = (mnt / "nvme_circular_buffer").read_bytes()

@@ -49,7 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 BUF = "nvme_circular_buffer"
 STORM_PLAN = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
-STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0"
+STORM_OPTS = "log=all,fold=0,workload=randread,bs=4K,qd=32,retries=0"  # every entry its own
 
 # The daemon, with the per-user bounds of nvmefs.fs.handles set for this run (the global ones
 # raised to match when they would otherwise stop the opens first); 0 leaves a bound as it is.

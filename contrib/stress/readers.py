@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 NVMEFS = [sys.executable, "-m", "nvmefs"]
 BUF = "nvme_circular_buffer"
 STORM_PLAN = '[[fault]]\nopcode = "read"\nlba = [0, 1000000]\nstatus = 0x281\n'
-STORM_OPTS = "log=all,workload=randread,bs=4K,qd=32,retries=0"
+STORM_OPTS = "log=all,fold=0,workload=randread,bs=4K,qd=32,retries=0"  # every entry its own
 LINE = re.compile(rb"^\[[0-9TZ:.+ -]+\] [^\n\x00]+\n$")
 MISSED = re.compile(rb"nvmefs: (\d+) entr(?:y|ies) missed")
 

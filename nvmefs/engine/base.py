@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from nvmefs.engine.sink import Sink, Stats
+from nvmefs.engine.sink import FOLD_RATE, Sink, Stats
 from nvmefs.errors import (
     CommandAborted,
     CommandError,
@@ -80,6 +80,9 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
 ACCEPTING = frozenset({S.STARTING, S.READY, S.RESETTING})
 # How often a workload held by a brake looks again (the journal writes thousands at a time).
 BRAKE_POLL_S = 0.002
+# The shortest sleep of the fold timer: a fold's deadline is on the monotonic clock, which a
+# test's mock trio clock may run ahead of; this keeps the timer from spinning meanwhile.
+FOLD_TIMER_MIN_S = 0.005
 
 # The ring-entry kind of each way a command can end without a status.
 ERROR_KINDS: dict[type[CommandError], str] = {
@@ -179,7 +182,8 @@ class SourceBase:
     kernel source is one; engines that send commands of their own are EngineBase's.
 
     Invariant: every completion of the source reaches the ring and the counters through
-    `sink`, and nothing else changes them.
+    `sink`, and nothing else changes them. The sink's open fold reaches the ring at its
+    deadline (`fold_timer`, which every source runs) or when the source ends (`sink.flush`).
     """
 
     def __init__(
@@ -191,15 +195,17 @@ class SourceBase:
         ctrl_name: str = "sim0",
         max_retries: int = 5,
         log_attempts: bool = False,
+        fold: float = FOLD_RATE,
     ) -> None:
         # Where completions become counters and entries (the translator, the log policy,
-        # Stats and the ring live there): the one sink of every source.
+        # Stats, the folder and the ring live there): the one sink of every source.
         self.sink = Sink(
             ring,
             translator or Translator(),
             policy or LogPolicy(),
             max_retries=max_retries,
             log_attempts=log_attempts,
+            fold=fold,
         )
         self.ctrl_name = ctrl_name
         self.state = EngineState.STOPPED
@@ -296,6 +302,25 @@ class SourceBase:
         while ring.held():
             await trio.sleep(BRAKE_POLL_S)
 
+    async def fold_timer(self) -> None:
+        """Send each fold of the sink on at its deadline even when no entry comes to end it
+        (the last fold of a storm that stopped), until cancelled: every source runs it while
+        it runs, and flushes the sink when it ends. It sleeps while no fold is open."""
+        folder = self.sink.folder
+        try:
+            while True:
+                opened = trio.Event()
+                folder.on_open = opened.set
+                if folder.deadline is None:
+                    await opened.wait()
+                deadline = folder.deadline
+                if deadline is not None:
+                    wait = (deadline - time.monotonic_ns()) / 1e9
+                    await trio.sleep(max(wait, FOLD_TIMER_MIN_S))
+                    self.sink.tick(time.monotonic_ns())
+        finally:
+            folder.on_open = None
+
     def _log_host(self, kind: str, message: str, **fields: Any) -> None:
         self.sink.append(HostEvent(kind, message, {"ctrl": self.ctrl_name, **fields}))
 
@@ -311,7 +336,8 @@ class EngineBase(SourceBase):
     Invariant: each command submitted ends as exactly one result (a Completion or a
     CommandError), and unless it failed because the engine stopped, exactly one ring entry
     when the log policy (or, for host errors, always) says so; with `log_attempts`, one per
-    logged attempt instead.
+    logged attempt instead. In a storm, a logged failure's entry may be a like entry's count
+    instead (its `repeats`: see sink.Folder).
     """
 
     def __init__(

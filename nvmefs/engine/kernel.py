@@ -255,6 +255,7 @@ class KernelEngine(SourceBase):
                 for cpu, fd in zip(cpus, fds, strict=True):
                     nursery.start_soon(self._read_cpu, cpu, fd)
                 nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self.fold_timer)
                 if self.placer is not None:
                     self.sink.front = self.placer
                     nursery.start_soon(self.placer.run)
@@ -267,6 +268,7 @@ class KernelEngine(SourceBase):
         except OSError as e:
             raise EngineError(f"tracefs: {e.strerror or e}") from None
         finally:
+            self.sink.flush()  # the open fold, through the placer if it is the front
             if self.placer is not None:  # what waits for a lookup goes now, in order
                 self.sink.front = None
                 self.placer.flush()

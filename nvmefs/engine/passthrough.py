@@ -106,6 +106,7 @@ class PassthroughEngine(BulkEngine):
             self._open(self.source)
             await self._identify()
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.fold_timer)
                 if self.transport == "uring":
                     entries = 1 << max(1, (self.queue_depth - 1).bit_length())
                     try:
@@ -126,6 +127,7 @@ class PassthroughEngine(BulkEngine):
         finally:
             self._change_state(S.STOPPED)
             self._close()
+            self.sink.flush()  # the open fold, last: nothing is logged after this
 
     def _choose_datapath(self) -> str:
         wanted = self._datapath_wanted

@@ -77,19 +77,23 @@ class Engine(EngineBase):
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await self.transport.start(nursery)
-            try:
-                self._change_state(S.STARTING)
-                await self._bring_up()
-                self._change_state(S.READY)
-                yield self
-            finally:
-                self._change_state(S.STOPPED)
-                self._disable(CommandAborted("engine stopped"))
-                await self.transport.stop()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self.transport.start(nursery)
+                nursery.start_soon(self.fold_timer)
+                try:
+                    self._change_state(S.STARTING)
+                    await self._bring_up()
+                    self._change_state(S.READY)
+                    yield self
+                finally:
+                    self._change_state(S.STOPPED)
+                    self._disable(CommandAborted("engine stopped"))
+                    await self.transport.stop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.sink.flush()  # the open fold, last: nothing is logged after this
 
     def stop_reaping(self) -> None:
         """Stop the reaper tasks: whoever drives the queues now reaps them (benchmarks)."""
@@ -264,7 +268,7 @@ class Engine(EngineBase):
         reaped, violations = q.qp.consume(q.cq.view)
         for e in violations:
             self.sink.protocol_error()
-            self.ring.append(
+            self.sink.append(  # after the open fold, if any: entries keep their order
                 HostEvent(events.HOST_ERROR, f"protocol violation: {e}", {"ctrl": self.ctrl_name})
             )
         if not reaped:

@@ -8,6 +8,10 @@ translator once; the kernel's disposition rule (nvme.disposition.decide) says wh
 is done or retried; the log policy says which completions become entries (one per command at
 its final disposition, or one per attempt with `log_attempts`).
 
+Between the log policy and the ring (or `front`) stands the `Folder`: in a storm of like
+failures it folds the requests over FOLD_RATE into one entry with an exact count (`repeats`),
+so that the per-entry work of every output stays bounded whatever the rate of errors.
+
 Invariant: `stats` is changed here and nowhere else (tests/test_architecture.py checks it), so
 every counter means the same whatever the source. COUNTERS lists its plain counters once, for
 `stats` and the Prometheus families alike.
@@ -15,6 +19,7 @@ every counter means the same whatever the source. COUNTERS lists its plain count
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +38,8 @@ class Stats:
     """Counters over every attempt (completions) and every command's end (the rest)."""
 
     completions: int = 0
-    logged: int = 0
+    logged: int = 0  # every one the policy logged, an entry of its own or folded into one
+    folded: int = 0  # those of them counted in the `repeats` of an entry sent to the ring
     errors: int = 0
     retries: int = 0
     timeouts: int = 0
@@ -67,7 +73,16 @@ COUNTERS = (
         "nvmefs_completions_total",
         "Command attempts that completed with an NVMe status, success or not.",
     ),
-    CounterSpec("logged", "nvmefs_logged_total", "Completions the log policy wrote to the ring."),
+    CounterSpec(
+        "logged",
+        "nvmefs_logged_total",
+        "Completions the log policy logged: an entry of their own, or folded into one in a storm.",
+    ),
+    CounterSpec(
+        "folded",
+        "nvmefs_folded_total",
+        "Logged completions folded into a like entry's repeats in a storm (fold=).",
+    ),
     CounterSpec(
         "errors",
         "nvmefs_completion_errors_total",
@@ -109,15 +124,187 @@ class Appender(Protocol):
         ...
 
 
+# Folding: in a storm (a dying drive fails thousands of requests a second, each at an LBA of
+# its own) an entry per request would cost every output (ring, journal, syslog, kmsg, the
+# renderings) its Python work per request, and turn a 1024-entry ring over in a fraction of a
+# second. So failed requests go to the ring one entry each while they come at most FOLD_RATE a
+# second on average, in bursts of up to FOLD_BURST (or a second's worth, if more): ordinary
+# bursts of errors, a few hundred, never fold. Beyond that, consecutive like ones fold into
+# one entry that counts them exactly (the option fold=; 0: never fold).
+FOLD_RATE = 200
+FOLD_BURST = 1000
+# A fold goes to the ring at most this long after it opened, even while like failures keep
+# coming, so the ring and its readers are never more than about this far behind.
+FOLD_S = 1.0
+FOLD_NS = int(FOLD_S * 1_000_000_000)
+# Past every LBA (64 bits): the lowest LBA of a fold none of whose requests had one yet.
+NO_LBA = 1 << 64
+
+Send = Callable[[Any, int | None, int | None], None]
+
+
+class Folder:
+    """Folds storms of like failures into one entry each, between the log policy and the ring.
+
+    The rule: an entry goes on (`send`) at once unless it is a failure over the rate (a token
+    bucket, `rate` a second and `burst` deep, that the failures sent unfolded take from) or
+    like the open fold. A failure over the rate with no fold open opens one: it is held, as
+    the fold's first event. While a fold is open, every like event (same status word, opcode,
+    admin, op, controller, namespace, disk and origin, not replayed: it differs only in LBA,
+    blocks, cid, qid or retries) is counted into it, whatever the bucket holds, and nothing
+    of it is kept but a count and the lowest and highest LBA. The fold goes on as its first event,
+    with `repeats` (how many more) and `lba_range` set and timed when it opened, when anything
+    else comes (an unlike entry, which follows it; a host event: `close`), when FOLD_NS have
+    passed since it opened (at the next entry, or `tick`), or when the source ends (`close`).
+    Entries come to it before `front` (the kernel source's Placer): a fold's LBA is looked up
+    once, for its first event.
+
+    Invariant: every event given to `add` is sent exactly once, on its own or counted in the
+    `repeats` of exactly one event sent; events are sent in the order given (a fold stands
+    where its first event was: nothing given after that is sent before it); `stats.folded` is
+    the sum of the `repeats` sent, so `stats.logged` == the events sent + their repeats +
+    `pending`.
+    """
+
+    __slots__ = (
+        "burst",
+        "first",
+        "hi",
+        "last_ns",
+        "lo",
+        "mono_ns",
+        "on_open",
+        "per_ns",
+        "rate",
+        "repeats",
+        "send",
+        "stats",
+        "tokens",
+        "until",
+        "wall_ns",
+    )
+
+    def __init__(
+        self, send: Send, stats: Stats, rate: float = FOLD_RATE, burst: int = FOLD_BURST
+    ) -> None:
+        if rate < 0:
+            raise ValueError(f"fold rate must be 0 or more, not {rate}")
+        self.send = send
+        self.stats = stats
+        self.rate = rate
+        self.burst = float(max(burst, rate))
+        self.per_ns = rate / 1_000_000_000
+        self.tokens = self.burst
+        self.last_ns = 0  # when the bucket was last filled (monotonic ns)
+        self.first: NvmeEvent | None = None  # the open fold's first event
+        self.repeats = 0  # like events counted into it since
+        self.lo = NO_LBA  # lowest first LBA and highest last LBA of them all (-1: none)
+        self.hi = -1
+        self.mono_ns = self.wall_ns = 0  # when it opened: the time its entry carries
+        self.until = 0  # when it goes on at the latest (monotonic ns)
+        # Called when a fold opens (the source's timer, which sends it on at `until`).
+        self.on_open: Callable[[], object] | None = None
+
+    @property
+    def deadline(self) -> int | None:
+        """When the open fold goes on at the latest (monotonic ns); None when none is open."""
+        return None if self.first is None else self.until
+
+    @property
+    def pending(self) -> int:
+        """The logged requests the open fold holds (not in the ring yet)."""
+        return 0 if self.first is None else 1 + self.repeats
+
+    def add(self, event: NvmeEvent, now: int) -> None:
+        """An entry the policy logged, at monotonic time `now` (ns). The hot path: a like event
+        costs a few compares and integer updates."""
+        first = self.first
+        if first is not None:
+            if (
+                now < self.until
+                and event.status is first.status  # the same word under the same profile
+                and event.opcode == first.opcode
+                and event.nsid == first.nsid
+                and event.ctrl == first.ctrl
+                and event.disk == first.disk
+                and event.op == first.op
+                and event.admin == first.admin
+                and event.origin == first.origin
+                and not event.replayed
+            ):
+                self.repeats += 1
+                slba = event.slba
+                if slba is not None:
+                    if slba < self.lo:
+                        self.lo = slba
+                    last = slba + (event.nlb or 1) - 1
+                    if last > self.hi:
+                        self.hi = last
+                return
+            self.close()
+        if not self.rate or event.status.ok:
+            self.send(event, None, None)
+            return
+        # The bucket, filled for the time since it was last looked at.
+        tokens = self.tokens + (now - self.last_ns) * self.per_ns
+        self.last_ns = now
+        if tokens >= 1.0:
+            self.tokens = (tokens if tokens < self.burst else self.burst) - 1.0
+            self.send(event, None, None)
+            return
+        self.tokens = tokens
+        if event.replayed or event.place is not None:  # not what a source logs: never held
+            self.send(event, None, None)
+            return
+        self._open(event, now)
+
+    def _open(self, event: NvmeEvent, now: int) -> None:
+        self.first = event
+        self.repeats = 0
+        slba = event.slba
+        if slba is None:
+            self.lo, self.hi = NO_LBA, -1
+        else:
+            self.lo, self.hi = slba, slba + (event.nlb or 1) - 1
+        # Its entry's times: read now, as the ring reads them for the entries before it (the
+        # caller's `now` may be older: a batch's).
+        self.mono_ns, self.wall_ns = time.monotonic_ns(), time.time_ns()
+        self.until = now + FOLD_NS
+        if self.on_open is not None:
+            self.on_open()
+
+    def close(self) -> None:
+        """Send the open fold on now (nothing if none is open)."""
+        first = self.first
+        if first is None:
+            return
+        self.first = None
+        n = self.repeats
+        if n:
+            first.repeats = n
+            if self.hi >= 0:
+                first.lba_range = (self.lo, self.hi)
+            self.stats.folded += n
+        self.send(first, self.mono_ns, self.wall_ns)
+
+    def tick(self, now: int) -> None:
+        """Send the open fold on if its time bound has passed at monotonic time `now` (ns)."""
+        if self.first is not None and now >= self.until:
+            self.close()
+
+
 class Sink:
     """The translator, the log policy and the counters of one engine, and its ring.
 
     `policy`, `translator` and `log_attempts` may be replaced at any time (the control file):
-    the next completion follows them. `front`, when set, takes the entries of `log` and
-    `append` on their way to the ring (the kernel source's lookup of each LBA's owner)."""
+    the next completion follows them. Logged entries pass `folder` (see Folder); `front`,
+    when set, takes the entries on their way from there to the ring (the kernel source's
+    lookup of each LBA's owner), as it takes those of `append`. A source calls `tick` at a
+    fold's deadline (SourceBase.fold_timer) and `flush` when it ends."""
 
     __slots__ = (
         "crdt",
+        "folder",
         "front",
         "log_attempts",
         "max_retries",
@@ -136,6 +323,7 @@ class Sink:
         *,
         max_retries: int = 5,
         log_attempts: bool = False,
+        fold: float = FOLD_RATE,
     ) -> None:
         self.ring = ring
         self.translator = translator
@@ -148,6 +336,7 @@ class Sink:
         self.on_error: Callable[[int], None] | None = None
         self.front: Appender | None = None
         self.stats = Stats()
+        self.folder = Folder(self.send, self.stats, fold)
 
     # -- engines that issue commands -----------------------------------------------------------
 
@@ -156,12 +345,13 @@ class Sink:
     ) -> list[Status]:
         """Attempts that completed together with an NVMe status (their words), at `now`: each
         one's status and disposition (set on it), its counters, and the entry of each that the
-        policy logs at its final disposition. The hot path: locals are hoisted."""
+        policy logs at its final disposition (through the folder). The hot path: locals are
+        hoisted."""
         table = self.translator.table
         logged = self.policy.table
         every = self.log_attempts
         st = self.stats
-        ring_append = self.ring.append
+        add = self.folder.add
         on_error = self.on_error
         max_retries, crdt = self.max_retries, self.crdt
         statuses: list[Status] = []
@@ -191,7 +381,7 @@ class Sink:
                     st.failed[(ctrl, cmd.nsid, word)] += 1
             if logged[code] and (final or every):
                 st.logged += 1
-                ring_append(
+                add(
                     NvmeEvent(
                         status,
                         ctrl,
@@ -203,7 +393,8 @@ class Sink:
                         cmd.slba,
                         cmd.nlb,
                         p.attempt,
-                    )
+                    ),
+                    now,
                 )
         n = len(words)
         st.completions += n
@@ -265,11 +456,25 @@ class Sink:
         return bool(self.policy.table[word & SCT_SC_MASK])
 
     def log(self, event: NvmeEvent) -> None:
-        """The entry of a completion the policy logs (see `logs`)."""
+        """The entry of a completion the policy logs (see `logs`), through the folder."""
         self.stats.logged += 1
-        self.append(event)
+        self.folder.add(event, time.monotonic_ns())
 
     def append(self, event: Any) -> None:
-        """An entry of the source's own (a host event), or one `log` counted: to the ring,
-        through `front` when it is set."""
-        (self.ring if self.front is None else self.front).append(event)
+        """An entry of the source's own (a host event): to the ring after the open fold, if
+        any (order is kept), through `front` when it is set. Never folded."""
+        self.folder.close()
+        self.send(event, None, None)
+
+    def send(self, event: Any, mono_ns: int | None, wall_ns: int | None) -> None:
+        """An entry that goes on (from the folder, or `append`): to `front` when it is set,
+        else to the ring; timed now unless times are given (a fold's, when it opened)."""
+        (self.ring if self.front is None else self.front).append(event, mono_ns, wall_ns)
+
+    def tick(self, now: int) -> None:
+        """Send the open fold on if its time bound has passed at monotonic time `now` (ns)."""
+        self.folder.tick(now)
+
+    def flush(self) -> None:
+        """Send the open fold on now (the source is ending, or the ring is being cleared)."""
+        self.folder.close()

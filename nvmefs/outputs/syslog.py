@@ -116,10 +116,10 @@ NILVALUE = "-"
 NAME_MAX = 32
 HOSTNAME_MAX = 255
 VALUE_MAX = 64  # a param value, before escaping (status names are up to 51 characters)
-PARAMS_MAX = 16  # params of one message (an NVMe entry has at most 15)
+PARAMS_MAX = 17  # params of one message (an NVMe entry has at most 17)
 TEXT_MAX = INFO_MAX  # the MSG: the info text's own cap, escaped to ASCII before the cap
-# Header <= 7 + 27 + 255 + 6 + 10 + 32 + 5 spaces = 342; structured data <= 14 + 16 * (1 + 32
-# + 3 + 2 * 64) = 2638; MSG <= 1 + 255.
+# Header <= 7 + 27 + 255 + 6 + 10 + 32 + 5 spaces = 342; structured data <= 14 + 17 * (1 + 32
+# + 3 + 2 * 64) = 2802; MSG <= 1 + 255.
 MESSAGE_MAX = 4096
 
 # Entries read from the ring per step: the loop yields between steps.
@@ -250,6 +250,10 @@ def entry_params(seq: int, event: Any) -> list[tuple[str, Any]]:
             ("slba", event.slba),
             ("nlb", event.nlb),
             ("retries", event.retries),
+            # A folded entry (a storm's like failures): how many more it stands for, and
+            # their LBAs; neither for an entry of its own.
+            ("repeats", event.repeats or None),
+            ("lba_range", None if event.lba_range is None else "{}..{}".format(*event.lba_range)),
             ("blk_status", st.blk_status),
         ]
     else:

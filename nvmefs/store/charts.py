@@ -155,6 +155,8 @@ def text(summary: Summary, width: int = 80, colour: bool = False, unicode: bool 
     if t.lo is not None and t.hi is not None:
         out.append(_fit(f"  {clock(t.lo)} .. {clock(t.hi)} UTC", width))
     notes = [f"{summary.records} records read", f"{summary.skipped} not NVMe errors"]
+    if summary.folded:
+        notes.append(f"{summary.folded} errors folded into like entries")
     if summary.bad:
         notes.append(f"{summary.bad} unreadable")
     if summary.before_since:

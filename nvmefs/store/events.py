@@ -52,6 +52,13 @@ class NvmeEvent:
     replayed: bool = False  # read back from the journal of an earlier run, not seen by this one
     origin: str | None = None  # KMSG: read from the kernel log, not seen by a source
     place: Place | None = None  # what owns slba (kernel source, `locate`), when it was found
+    # A folded entry (engine/sink.py's Folder, in a storm) stands for 1 + `repeats` failed
+    # requests: this one and `repeats` more like it (same status, opcode, controller and
+    # namespace) that differed only in LBA, cid, qid or retries. `lba_range` is the lowest
+    # first LBA .. the highest last LBA of all of them (this one's included); None when the
+    # entry folds nothing (repeats 0) or none of them had an LBA.
+    repeats: int = 0
+    lba_range: tuple[int, int] | None = None
 
     kind = "nvme"
 

@@ -211,13 +211,28 @@ def _opcode_text(opcode: int, admin: bool) -> str:
     return text
 
 
+def fold_words(ev: NvmeEvent, fmt: str = "full") -> str:
+    """What ends the info text of a folded entry (one that stands for 1 + `repeats` failed
+    requests): ` (N more, LBA a..b)`, or ` (N more)` without an LBA range or in the seed
+    format; "" for an entry that folds nothing."""
+    n = ev.repeats
+    if not n:
+        return ""
+    if ev.lba_range is None or fmt == "seed":
+        return f" ({n} more)"
+    return f" ({n} more, LBA {ev.lba_range[0]}..{ev.lba_range[1]})"
+
+
 def nvme_info(ev: NvmeEvent, fmt: str = "full", ascii_only: bool = False) -> str:
-    """The info text of an NVMe completion: its status, then its context, at most INFO_MAX
-    bytes. Its strings (ctrl, disk, op) are escaped by `escape`; the rest is what nvmefs makes
-    (numbers, status and opcode names from its tables), plain printable ASCII."""
+    """The info text of an NVMe completion: its status, then its context, then how many more
+    like it a folded entry stands for (`fold_words`), at most INFO_MAX bytes (the fold's words
+    are kept whole: the context is cut before them). Its strings (ctrl, disk, op) are escaped
+    by `escape`; the rest is what nvmefs makes (numbers, status and opcode names from its
+    tables), plain printable ASCII."""
     st = ev.status
+    fold = fold_words(ev, fmt) if ev.repeats else ""
     if fmt == "seed":
-        return f"{SEED_PREFIX}0x{st.status:x}"
+        return f"{SEED_PREFIX}0x{st.status:x}{fold}"
     if ev.place is None and None not in (
         ev.ctrl, ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retries
     ):  # fmt: skip
@@ -227,7 +242,9 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full", ascii_only: bool = False) -> str
             f"cid={ev.cid} {_opcode_text(ev.opcode, ev.admin)} slba={ev.slba} nlb={ev.nlb} "  # type: ignore[arg-type]
             f"retries={ev.retries}"
         )
-        return text if len(text) <= INFO_MAX and text.isascii() else cap(text)
+        if len(text) + len(fold) <= INFO_MAX and text.isascii():
+            return text + fold
+        return cap(text, INFO_MAX - len(fold)) + fold
     parts = [_status_text(st)]
     if ev.ctrl is not None:
         parts.append(f"ctrl={escape(ev.ctrl, ascii_only)}")
@@ -247,7 +264,7 @@ def nvme_info(ev: NvmeEvent, fmt: str = "full", ascii_only: bool = False) -> str
             parts.append(f"{key}={value}")
     if ev.place is not None:
         parts += place_words(ev.place, ascii_only)
-    return cap(" ".join(parts))
+    return cap(" ".join(parts), INFO_MAX - len(fold)) + fold
 
 
 def place_words(place: Place, ascii_only: bool = False) -> list[str]:
@@ -371,6 +388,10 @@ class Renderer:
                 slba=event.slba,
                 nlb=event.nlb,
                 retries=event.retries,
+                # Always there (0 and null unless folded): the failed requests this entry
+                # stands for are 1 + repeats.
+                repeats=event.repeats,
+                lba_range=None if event.lba_range is None else list(event.lba_range),
             )
             if event.place is not None:
                 rec.update(place_record(event.place))

@@ -4,8 +4,12 @@ namespace they are (an LBA map) and when (errors over time), and its JSON form.
 Records are the JSON form of ring entries (render.Renderer.record, the lines of
 `nvme_circular_buffer.jsonl` and of a journal). Only NVMe entries with a failing status count
 (`kind` "nvme", a status whose SCT/SC is not zero); host events, notices and successes are
-skipped and counted. Records are not trusted (a journal may have been edited): a field of the
-wrong type or range makes the record `bad`, counted, never an exception.
+skipped and counted. A folded entry (`repeats` N, `lba_range` [a, b]: a storm's like failures)
+counts as the 1 + N errors it stands for, everywhere: its own at its first LBA, the N others
+spread evenly over the LBA map's buckets of a..b (where they fell within that range is not
+recorded), all of them at its time (a fold spans at most a second, the finest time bucket).
+Records are not trusted (a journal may have been edited): a field of the wrong type or range
+makes the record `bad`, counted, never an exception.
 
 Identity: an entry carries `ctrl` (nvme0, sim0), `nsid` and, from the kernel source, `disk`
 (nvme0n1); it carries no serial number or model. A namespace is grouped by (ctrl, nsid, disk) as
@@ -67,6 +71,20 @@ def _int(rec: Mapping[str, Any], key: str, hi: int, *, optional: bool = False) -
     return value
 
 
+def _lba_range(value: Any) -> tuple[int, int] | None:
+    """A record's `lba_range` ([lowest, highest] LBA of a folded entry), None if it has none."""
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(x) is int and 0 <= x <= MAX_U64 for x in value)
+        and value[0] <= value[1]
+    ):
+        raise BadRecord("lba_range is not an LBA range")
+    return (value[0], value[1])
+
+
 def _text(value: Any) -> str | None:
     """A record's string as it may be shown anywhere: escaped (no control or bidi character:
     render.escape) and capped; None for anything that is not a string."""
@@ -88,8 +106,9 @@ class Histogram:
 
     Invariant: every value added lies in [origin, origin + n * width), in bucket
     (value - origin) // width; origin is a multiple of width, width is min_width times a power
-    of two; the counts of all series sum to the number of values added; lo and hi are the
-    least and greatest value added; an origin given at the start stays covered."""
+    of two; the counts of all series sum to the counts added (`n` of each `add` and `spread`);
+    lo and hi are the least and greatest value added; an origin given at the start stays
+    covered."""
 
     def __init__(self, n: int = BUCKETS, min_width: int = 1, origin: int | None = None) -> None:
         if n < 2 or n % 2:
@@ -103,8 +122,28 @@ class Histogram:
         self.lo: int | None = None
         self.hi: int | None = None
 
-    def add(self, key: Any, value: int) -> int:
-        """Count `value` in `key`'s series (a new series if the key is new); its bucket index."""
+    def add(self, key: Any, value: int, n: int = 1) -> int:
+        """Count `value` `n` times in `key`'s series (a new series if the key is new); its
+        bucket index."""
+        counts = self._cover(key, value)
+        assert self.origin is not None
+        i = (value - self.origin) // self.width
+        counts[i] += n
+        return i
+
+    def spread(self, key: Any, lo: int, hi: int, n: int) -> None:
+        """Count `n` values somewhere in lo..hi (which of them is not known) in `key`'s series:
+        spread evenly over the buckets that range covers, the remainder one each to the
+        first ones, so the counts stay exact."""
+        self._cover(key, lo)
+        counts = self._cover(key, hi)
+        first, last = self.bucket_of(lo), self.bucket_of(hi)
+        each, rest = divmod(n, last - first + 1)
+        for i in range(first, last + 1):
+            counts[i] += each + (i - first < rest)
+
+    def _cover(self, key: Any, value: int) -> list[int]:
+        """Make the buckets cover `value` (and count it in lo and hi); `key`'s series."""
         if self.origin is None:
             self.origin = value - value % self.width
         if not self.origin <= value < self.origin + self.n * self.width:
@@ -114,9 +153,7 @@ class Histogram:
         counts = self.series.get(key)
         if counts is None:
             counts = self.series[key] = [0] * self.n
-        i = (value - self.origin) // self.width
-        counts[i] += 1
-        return i
+        return counts
 
     def _grow(self, value: int) -> None:
         assert self.origin is not None
@@ -244,8 +281,9 @@ class Summary:
     maps and one shared time histogram keyed by (namespace key, status), and how many records
     were read, counted, skipped (not NVMe errors), bad, before `since` and over the bounds.
 
-    Invariant: records == errors + skipped + bad + before_since + overflow, and errors is the
-    sum of every row's count, of every LBA map's counts plus no_lba, and of the time counts."""
+    Invariant: records == errors - folded + skipped + bad + before_since + overflow (a folded
+    entry's record counts 1 + repeats errors, `folded` the repeats), and errors is the sum of
+    every row's count, of every LBA map's counts plus no_lba, and of the time counts."""
 
     namespaces: dict[NsKey, Namespace] = field(default_factory=dict)
     time: Histogram = field(default_factory=lambda: Histogram(BUCKETS, MIN_TIME_BUCKET_NS))
@@ -255,6 +293,7 @@ class Summary:
     bad: int = 0
     before_since: int = 0
     overflow: int = 0
+    folded: int = 0  # errors counted from folded entries' repeats (beyond one per record)
     missed: int = 0  # entries a mount's reader lost (its missed lines), of any kind
     since_ns: int | None = None
 
@@ -281,6 +320,8 @@ class Summary:
             nsid = _int(rec, "nsid", MAX_U64 >> 32, optional=True)
             slba = _int(rec, "slba", MAX_U64, optional=True)
             nlb = _int(rec, "nlb", MAX_U64 >> 32, optional=True)
+            repeats = _int(rec, "repeats", MAX_I64, optional=True) or 0
+            lba_range = _lba_range(rec.get("lba_range"))
         except BadRecord:
             self.bad += 1
             return
@@ -301,8 +342,10 @@ class Summary:
                 self.overflow += 1
                 return
             row = ns.rows[word] = StatusRow(word, _text(rec.get("name")) or "")
-        self.errors += 1
-        row.count += 1
+        n = 1 + repeats  # the failed requests the entry stands for
+        self.errors += n
+        self.folded += repeats
+        row.count += n
         row.first_ns = min(row.first_ns, wall)
         row.last_ns = max(row.last_ns, wall)
         if slba is None:
@@ -312,7 +355,15 @@ class Summary:
             row.lba_min = slba if row.lba_min is None else min(row.lba_min, slba)
             row.lba_max = last if row.lba_max is None else max(row.lba_max, last)
             ns.lba.add(word, slba)
-        self.time.add((key, word), wall)
+        if repeats:
+            if lba_range is None:
+                ns.no_lba += repeats
+            else:
+                lo, hi = lba_range
+                row.lba_min = lo if row.lba_min is None else min(row.lba_min, lo)
+                row.lba_max = hi if row.lba_max is None else max(row.lba_max, hi)
+                ns.lba.spread(word, lo, hi, repeats)
+        self.time.add((key, word), wall, n)
 
     def identify(self, ctrl: str, serial: str | None, model: str | None) -> None:
         """Give the namespaces of controller `ctrl` its serial number and model."""
@@ -339,6 +390,7 @@ class Summary:
             "bad": self.bad,
             "before_since": self.before_since,
             "overflow": self.overflow,
+            "folded": self.folded,
             "missed": self.missed,
             "since_ns": self.since_ns,
             "first_ns": t.lo,

@@ -124,6 +124,18 @@ def test_the_kernel_sources_context_disk_and_op_are_params_too() -> None:
     }
 
 
+def test_a_folded_entry_says_how_many_more_and_their_lbas_in_params_and_text() -> None:
+    ev = nvme(repeats=4999, lba_range=(2048, 90111))
+    f = parse(entry_message((7, 0, WALL, ev), "h", 1))
+    params = f["params"]
+    assert isinstance(params, dict)
+    assert (params["repeats"], params["lba_range"]) == ("4999", "2048..90111")
+    assert list(params)[-3:] == ["repeats", "lba_range", "blk_status"]
+    assert str(f["msg"]).endswith(" (4999 more, LBA 2048..90111)")
+    # An entry of its own has neither.
+    assert "repeats" not in parse(entry_message((8, 0, WALL, nvme()), "h", 1))["params"]  # type: ignore[operator]
+
+
 @pytest.mark.parametrize(
     ("event", "pri", "severity"),
     [
