@@ -3,9 +3,10 @@
 Theory of operation
 - A private tracefs instance enables `nvme:nvme_complete_rq` (filtered `status != 0` unless the
   log policy wants successes too) and `block:block_rq_complete` filtered `error != 0`. One trio
-  task per CPU waits on that CPU's trace_pipe_raw (buffer_percent 0: woken by any data) and
-  hands its pages to the trace consumer, which reads them with the offsets of each event's
-  format file.
+  task per CPU waits on that CPU's trace_pipe_raw (buffer_percent 0: woken by any data), lets
+  READ_DELAY_S pass once it has read all there was (so that a storm's events come in full
+  pages, not one read and one turn of Python per event or two), and hands its pages to the
+  trace consumer, which reads them with the offsets of each event's format file.
 - nvme_complete_rq fires for every attempt of a request; the block event fires once, at the
   request's final completion, right after the last nvme_complete_rq and on the same CPU. Each
   page goes to a trace consumer (nvmefs.linux.tracebulk: the compiled one, or its Python
@@ -71,6 +72,9 @@ S = EngineState
 NO_SECTOR = (1 << 64) - 1  # block events of passthrough requests carry sector -1
 PAGE = 4096
 PAGES_PER_TURN = 16
+# How long a reader waits after it is woken, before it reads: what a storm writes meanwhile
+# (thousands of events a second) fills pages. Small beside the 2 s an entry may take.
+READ_DELAY_S = 0.05
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
@@ -300,16 +304,22 @@ class KernelEngine(SourceBase):
     async def _read_cpu(self, cpu: int, fd: int) -> None:
         consumer = self.consumer
         assert consumer is not None  # use_formats() made it before the readers start
+        drained = True  # the last turn read all there was: the next waits READ_DELAY_S
         while True:
             await trio.lowlevel.wait_readable(fd)
+            if drained:
+                await trio.sleep(READ_DELAY_S)
             # A bounded number of pages per turn: under a flood the FUSE requests, the other
             # CPUs and the housekeeping must still get theirs.
+            drained = False
             for _ in range(PAGES_PER_TURN):
                 try:
                     page = os.read(fd, PAGE)
                 except BlockingIOError:
+                    drained = True
                     break
                 if not page:
+                    drained = True
                     break
                 self._fed(consumer.feed(cpu, page))
             self._count(consumer)
