@@ -345,6 +345,13 @@ class Instance:
         except OSError as e:
             raise TraceError(f"{self.path / rel}: {e.strerror or e}") from None
 
+    def buffer_kb(self) -> int:
+        """The per-CPU buffer size (KiB) now: "1408", or "7 (expanded: 1408)" before the
+        kernel's first use of tracing expands it."""
+        text = (self.path / "buffer_size_kb").read_text()
+        m = re.search(r"expanded: (\d+)", text)
+        return int(m.group(1) if m else text.split()[0])
+
     def format(self, system: str, event: str) -> EventFormat:
         path = self.path / "events" / system / event / "format"
         try:

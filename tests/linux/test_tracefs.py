@@ -284,3 +284,26 @@ def test_remove_lets_the_guardian_go(tmp_path: Path) -> None:
     (inst.path / "buffer_percent").unlink()  # what create() wrote: tracefs removes it with the dir
     inst.remove()
     assert proc.returncode == 0 and inst.guardian is None and not inst.path.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "kb"), [("1408\n", 1408), ("7 (expanded: 1408)\n", 1408), ("8192\n", 8192)]
+)
+def test_an_instances_buffer_size_reads_as_the_kernel_writes_it(
+    tmp_path: Path, text: str, kb: int
+) -> None:
+    inst = Instance(fake_tracefs(tmp_path))
+    inst.path.mkdir()
+    (inst.path / "buffer_size_kb").write_text(text)
+    assert inst.buffer_kb() == kb
+
+
+@pytest.mark.parametrize(
+    ("cpus", "kernel_kb", "kb"),
+    [(2, 1408, 8192), (4, 1408, 8192), (8, 1408, 4096), (16, 1408, 2048), (32, 1408, None),
+     (256, 1408, None), (2, 16384, None), (1, 7, 8192)],
+)  # fmt: skip
+def test_the_default_buffer_holds_a_storm_within_a_bound_for_all_cpus(
+    cpus: int, kernel_kb: int, kb: int | None
+) -> None:
+    assert kernel.default_buffer_kb(cpus, kernel_kb) == kb
