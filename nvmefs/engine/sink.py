@@ -258,6 +258,22 @@ class Folder:
             return
         self._open(event, now)
 
+    def add_like(self, first: NvmeEvent, slba: int | None, nlb: int | None, now: int) -> bool:
+        """Count one more event into the open fold without making it: for a source that knows
+        the event it would make is like `first` (it made `first` from the same inputs, all
+        but the LBA, blocks, cid, qid and retries). False, counting nothing, when `first` is
+        not the open fold's first event or the fold's time is up: then make it and `add` it."""
+        if self.first is not first or now >= self.until:
+            return False
+        self.repeats += 1
+        if slba is not None:
+            if slba < self.lo:
+                self.lo = slba
+            last = slba + (nlb or 1) - 1
+            if last > self.hi:
+                self.hi = last
+        return True
+
     def _open(self, event: NvmeEvent, now: int) -> None:
         self.first = event
         self.repeats = 0
@@ -459,6 +475,20 @@ class Sink:
         """The entry of a completion the policy logs (see `logs`), through the folder."""
         self.stats.logged += 1
         self.folder.add(event, time.monotonic_ns())
+
+    def log_like(self, first: NvmeEvent, slba: int | None, nlb: int | None) -> bool:
+        """A completion the policy logs whose entry would be like `first` but for its LBA and
+        blocks (`slba`, `nlb`): counted into the open fold, as `log` would, if `first` opened
+        it and it is open still; False (nothing counted) otherwise: then make it and `log` it.
+        For a source in a storm: a folded request costs no entry of its own."""
+        if not self.folder.add_like(first, slba, nlb, time.monotonic_ns()):
+            return False
+        self.stats.logged += 1
+        return True
+
+    def opened_fold(self, event: NvmeEvent) -> bool:
+        """Whether `event`, just logged, opened the fold that is open now."""
+        return self.folder.first is event
 
     def append(self, event: Any) -> None:
         """An entry of the source's own (a host event): to the ring after the open fold, if

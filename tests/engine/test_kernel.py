@@ -6,6 +6,7 @@ The tests that run the compiled consumer fail when it was not built (the test se
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -316,3 +317,64 @@ async def test_entries_get_the_owner_of_their_lba_on_the_way_to_the_ring() -> No
     assert asked == [("nvme0n1", 256)] and e.stats.logged == 1
     text = Recorder(e.ring, Renderer(Clock("uptime")), engine=e).stats_text()
     assert "locate_lookups 1\n" in text and "locate_placed 1\n" in text
+
+
+def test_a_storm_folds_in_the_kernel_source_as_the_sink_folds_its_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel source counts a request like the one that opened the fold without making
+    its entry (_log_entry): the ring holds what the sink's folder makes of every entry."""
+    import random
+
+    from nvmefs.engine.sink import Folder, Stats
+
+    rnd = random.Random(5)
+    recs: list[bytes] = []
+    for i in range(3000):  # like failures in a row or not: reads, writes, two disks, two statuses
+        disk, rwbs = ("nvme0n1", "R") if rnd.random() < 0.7 else ("nvme5c7n1", "W")
+        status = 0x281 if rnd.random() < 0.9 else 0x280
+        sector = rnd.randrange(0, 1 << 20) * 8
+        ctrl = 0 if disk == "nvme0n1" else 7
+        recs += [nvme_record(status, 0, disk=disk, cid=i % 1000, ctrl=ctrl),
+                 block_record(sector, 8, -61, rwbs + "S")]  # fmt: skip
+    pages = [page(*recs[i : i + 40]) for i in range(0, len(recs), 40)]
+    # No refill, no expiry: the same folds whenever the test runs.
+    monkeypatch.setattr("nvmefs.engine.sink.time.monotonic_ns", lambda: 10**12)
+
+    def folded_entries(e: KernelEngine) -> list[tuple[Any, ...]]:
+        e.sink.flush()
+        return [(ev.status.status, ev.ctrl, ev.disk, ev.slba, ev.nlb, ev.cid, ev.op,
+                 ev.repeats, ev.lba_range)
+                for x in e.ring if isinstance(ev := x[EVENT], NvmeEvent)]  # fmt: skip
+
+    def run(fold: int) -> KernelEngine:
+        disks = {d.name: d for d in (DISK, HEAD, PATH)}
+        e = KernelEngine(KernelSpec("kernel"), DebugRing(10000), policy=LogPolicy("media"),
+                         disks=lambda: disks, fold=fold)  # fmt: skip
+        e.use_formats(
+            EventFormat.parse("nvme", "nvme_complete_rq", NVME_FORMAT),
+            EventFormat.parse("block", "block_rq_complete", BLOCK_FORMAT),
+        )
+        for pg in pages:
+            e.page(0, pg)
+        return e
+
+    folded = run(200)
+    each = run(0)  # every entry made: the folder's input
+    reference = DebugRing(10000)
+
+    def send(event: Any, mono_ns: int | None, wall_ns: int | None) -> None:
+        reference.append(event, mono_ns, wall_ns)
+
+    folder = Folder(send, Stats(), 200)
+    for x in each.ring:
+        if isinstance(ev := x[EVENT], NvmeEvent):
+            folder.add(ev, 10**12)
+    folder.close()
+    expected = [(ev.status.status, ev.ctrl, ev.disk, ev.slba, ev.nlb, ev.cid, ev.op,
+                 ev.repeats, ev.lba_range)
+                for x in reference if isinstance(ev := x[EVENT], NvmeEvent)]  # fmt: skip
+    got = folded_entries(folded)
+    assert got == expected
+    assert folded.stats.folded > 500 and folded.stats.logged == 3000
+    assert sum(1 + r[7] for r in got) == 3000
