@@ -42,6 +42,7 @@ BOOTS = 3
 OTHER_KERNELS = {
     "6.12": ("bookworm-backports", [
         "tests/vm/test_kernel_source.py", "tests/vm/test_backfill.py", "tests/vm/test_multipath.py",
+        "tests/vm/test_storm.py",
     ]),
     "5.10": ("bullseye", [
         "tests/vm/test_kernel_source.py::test_other_processes_errors_one_entry_per_failed_request",
