@@ -123,23 +123,6 @@ def _opt_str(rec: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _lba_range(rec: dict[str, Any]) -> tuple[int, int] | None:
-    """A folded entry's LBA range (render's `lba_range`, [lowest, highest]), or None if the
-    record holds none (a journal of before folding holds no key); ValueError if what it holds
-    is not one."""
-    rng = rec.get("lba_range")
-    if rng is None:
-        return None
-    if not (
-        isinstance(rng, list)
-        and len(rng) == 2
-        and all(type(x) is int and 0 <= x <= MAX_U64 for x in rng)
-        and rng[0] <= rng[1]
-    ):
-        raise ValueError("lba_range is not an LBA range")
-    return (rng[0], rng[1])
-
-
 def _place(rec: dict[str, Any]) -> Place | None:
     """The Place a record holds (render.place_record), or None if it holds none; ValueError if
     what it holds is not one."""
@@ -213,7 +196,7 @@ class Replay:
             event.place = _place(rec)
             # Absent from journals written before folding: an entry of its own.
             event.repeats = _opt_int(rec, "repeats", MAX_I64) or 0
-            event.lba_range = _lba_range(rec)
+            event.lba_range = events.lba_range(rec.get("lba_range"))
             if event.lba_range is not None and not event.repeats:
                 raise ValueError("lba_range of an entry that folds nothing")
         else:

@@ -88,6 +88,21 @@ ORIGINS = (KMSG,)
 CLEARED = "cleared"
 
 
+def lba_range(value: Any) -> tuple[int, int] | None:
+    """A record's `lba_range` (the JSON form of NvmeEvent.lba_range: [lowest, highest], LBAs
+    of 64 bits), or None for null or no key; ValueError for anything else."""
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(x) is int and 0 <= x < 1 << 64 for x in value)
+        and value[0] <= value[1]
+    ):
+        raise ValueError("lba_range is not an LBA range")
+    return (value[0], value[1])
+
+
 @dataclass(slots=True)
 class HostEvent:
     """Something the host saw or did, with no NVMe status: `kind` is one of the kinds above."""

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nvmefs.store import events
 from nvmefs.store.render import cap, escape
 
 # Buckets of every series (LBA map and errors over time). Even, as merging takes pairs.
@@ -69,20 +70,6 @@ def _int(rec: Mapping[str, Any], key: str, hi: int, *, optional: bool = False) -
     if type(value) is not int or not 0 <= value <= hi:  # bool is an int too: not here
         raise BadRecord(f"{key} is not an integer in 0..{hi}")
     return value
-
-
-def _lba_range(value: Any) -> tuple[int, int] | None:
-    """A record's `lba_range` ([lowest, highest] LBA of a folded entry), None if it has none."""
-    if value is None:
-        return None
-    if not (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(type(x) is int and 0 <= x <= MAX_U64 for x in value)
-        and value[0] <= value[1]
-    ):
-        raise BadRecord("lba_range is not an LBA range")
-    return (value[0], value[1])
 
 
 def _text(value: Any) -> str | None:
@@ -321,7 +308,10 @@ class Summary:
             slba = _int(rec, "slba", MAX_U64, optional=True)
             nlb = _int(rec, "nlb", MAX_U64 >> 32, optional=True)
             repeats = _int(rec, "repeats", MAX_I64, optional=True) or 0
-            lba_range = _lba_range(rec.get("lba_range"))
+            try:
+                lba_range = events.lba_range(rec.get("lba_range"))
+            except ValueError as e:
+                raise BadRecord(str(e)) from None
         except BadRecord:
             self.bad += 1
             return

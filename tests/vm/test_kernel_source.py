@@ -241,6 +241,26 @@ def test_a_killed_daemons_instance_goes_within_seconds(tmp_path: Path) -> None:
     assert instances() == []
 
 
+def errors_total(mnt: Path, ctrl: str) -> int:
+    """nvmefs_errors_total of controller `ctrl` (every failed request, logged or not)."""
+    total = 0
+    for ln in (mnt / "nvmefs.prom").read_text().splitlines():
+        if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln:
+            total += int(float(ln.rsplit(" ", 1)[1]))
+    return total
+
+
+def kernel_dropped(inst: str) -> int:
+    """What the kernel's buffers of instance `inst` dropped (overrun and dropped events)."""
+    n = 0
+    for cpu_dir in (TRACING / "instances" / inst / "per_cpu").glob("cpu*"):
+        for line in (cpu_dir / "stats").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("overrun", "dropped events"):
+                n += int(value)
+    return n
+
+
 def test_lost_events_are_counted_exactly(tmp_path: Path) -> None:
     block = controller("nvmefs-slow").namespaces[0].block  # no injected errors: fio runs clean
     # A ring big enough to keep every entry of the flood, so that no `lost` entry is dropped.
@@ -255,12 +275,7 @@ def test_lost_events_are_counted_exactly(tmp_path: Path) -> None:
         assert fio.returncode == 0, fio.stderr
         time.sleep(6)  # past one slow housekeeping round (the backstop for the last losses)
         lost_entries = [r for r in records(mnt) if r["kind"] == "lost"]
-        counted = 0
-        for cpu_dir in (TRACING / "instances" / inst / "per_cpu").glob("cpu*"):
-            for line in (cpu_dir / "stats").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() in ("overrun", "dropped events"):
-                    counted += int(value)
+        counted = kernel_dropped(inst)
         assert counted > 0, "the tiny buffer lost nothing: the test proves nothing"
         assert sum(int(r["lost"]) for r in lost_entries) == counted  # type: ignore[call-overload]
         assert int(stats(mnt)["completions"]) > 0

@@ -21,7 +21,14 @@ import pytest
 from nvmefs.linux import locate
 from tests.mounts import daemon_pids, wait_for
 from tests.vm.guest import controller
-from tests.vm.test_kernel_source import dd, err_nodes, kernel_mount, nvme_records, read_lba
+from tests.vm.test_kernel_source import (
+    dd,
+    err_nodes,
+    errors_total,
+    kernel_mount,
+    nvme_records,
+    read_lba,
+)
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
 BAD_LBA = 400000  # contrib/qemu/vm.py FS_READ_ERROR_LBAS (512-byte blocks)
@@ -164,15 +171,6 @@ def make_files(root: Path, n: int) -> None:
             os.close(os.open(sub / f"f{i:03}", os.O_CREAT | os.O_WRONLY, 0o644))
 
 
-def errors_counted(mnt: Path, ctrl: str) -> int:
-    """nvmefs_errors_total of controller `ctrl` (every failed request, logged or not)."""
-    total = 0
-    for ln in (mnt / "nvmefs.prom").read_text().splitlines():
-        if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln:
-            total += int(float(ln.rsplit(" ", 1)[1]))
-    return total
-
-
 def entries_of(mnt: Path, disk: str) -> int:
     return sum(r["disk"] == disk for r in nvme_records(mnt))
 
@@ -181,7 +179,7 @@ def arrival(mnt: Path, ctrl: str, disk: str, n: int) -> tuple[float, float, int]
     """Seconds until the `n`th error of `disk` is counted, and until it is in the ring; how
     many lookups had ended when it was counted."""
     t = time.monotonic()
-    wait_for(lambda: errors_counted(mnt, ctrl) >= n, 30, f"error {n} counted")
+    wait_for(lambda: errors_total(mnt, ctrl) >= n, 30, f"error {n} counted")
     counted = time.monotonic() - t
     lookups = int(stats_of(mnt)["locate_lookups"])
     wait_for(lambda: entries_of(mnt, disk) >= n, 60, f"entry {n}")

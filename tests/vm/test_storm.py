@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 from tests.mounts import stats
-from tests.vm.test_kernel_source import TRACING, err_nodes, instances, kernel_mount, records
+from tests.vm.test_kernel_source import (
+    err_nodes,
+    errors_total,
+    instances,
+    kernel_dropped,
+    kernel_mount,
+    records,
+)
 
 BAD_OFFSET = 2048 * 512  # contrib/qemu/vm.py READ_ERROR_LBAS[0], in bytes
 STORM_S = 8
@@ -32,26 +39,6 @@ def fio_storm(block: str, seconds: int = STORM_S) -> int:
     errors = int(job["total_err"])
     assert errors > 100, (errors, p.stderr)  # a storm, not a few errors
     return errors
-
-
-def errors_total(mnt: Path, ctrl: str) -> int:
-    """nvmefs_errors_total of controller `ctrl` (every failed request, logged or not)."""
-    total = 0
-    for ln in (mnt / "nvmefs.prom").read_text().splitlines():
-        if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln:
-            total += int(float(ln.rsplit(" ", 1)[1]))
-    return total
-
-
-def kernel_dropped(inst: str) -> int:
-    """What the kernel's buffers of instance `inst` dropped (overrun and dropped events)."""
-    n = 0
-    for cpu_dir in (TRACING / "instances" / inst / "per_cpu").glob("cpu*"):
-        for line in (cpu_dir / "stats").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("overrun", "dropped events"):
-                n += int(value)
-    return n
 
 
 def test_every_failed_request_of_a_storm_is_counted_and_in_the_journal(tmp_path: Path) -> None:
