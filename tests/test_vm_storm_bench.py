@@ -12,6 +12,8 @@ from types import ModuleType
 
 import pytest
 
+from nvmefs.linux import tracefs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -99,7 +101,7 @@ def test_tracecmd_stat_sums_overrun_and_dropped_not_commit_overrun(storm: Module
         "read events: 50848\n\nCPU: 1\nentries: 0\noverrun: 0\ncommit overrun: 0\n"
         "dropped events: 10\n"
     )
-    assert storm.parse_tracecmd_stat(text) == 17
+    assert tracefs.lost_events(text) == 17
 
 
 def test_tracecmd_report_counts_the_disks_events(storm: ModuleType) -> None:

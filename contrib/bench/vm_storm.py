@@ -198,18 +198,6 @@ def count_journal(lines: Iterable[str], disk: str) -> JournalCount:
     return c
 
 
-def parse_tracecmd_stat(text: str) -> int:
-    """Events the kernel lost, from `trace-cmd report --stat`: each CPU's `overrun` and
-    `dropped events` (what nvmefs reads from the instance's per-CPU stats too)."""
-    total = 0
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("overrun", "dropped events"):
-            with contextlib.suppress(ValueError):
-                total += int(value.strip())
-    return total
-
-
 @dataclass
 class ReportCount:
     block: int = 0  # block_rq_complete events of the disk: failed requests kept
@@ -595,7 +583,7 @@ def _run_tracecmd(
         assert rep.stdout is not None
         rc = count_tracecmd_report(rep.stdout, dev, disk)
     size = data.stat().st_size
-    run = Run("trace-cmd", fio, k1[0] - k0[0], k1[1] - k0[1], rc.block, parse_tracecmd_stat(stat),
+    run = Run("trace-cmd", fio, k1[0] - k0[0], k1[1] - k0[1], rc.block, tracefs.lost_events(stat),
               (cpu1 - cpu0) / fio.runtime_s)  # fmt: skip
     run.extra.update(
         nvme_events=rc.nvme,

@@ -286,6 +286,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lost_events(stats: str) -> int:
+    """Events lost, from the text of a CPU's per_cpu stats file (or several of them, as
+    `trace-cmd report --stat` prints them): the sum of its `overrun` (overwritten) and
+    `dropped events` (dropped when full) lines."""
+    total = 0
+    for line in stats.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("overrun", "dropped events"):
+            with contextlib.suppress(ValueError):
+                total += int(value.strip())
+    return total
+
+
 class Instance:
     """A private tracefs instance of this process. Invariant: while it exists its directory
     is instances/<name>, and once `create()` returned a guardian watches it unless `unguarded`
@@ -390,13 +403,7 @@ class Instance:
             text = (self.path / "per_cpu" / f"cpu{cpu}" / "stats").read_text()
         except OSError:
             return 0
-        total = 0
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("overrun", "dropped events"):
-                with contextlib.suppress(ValueError):
-                    total += int(value.strip())
-        return total
+        return lost_events(text)
 
     def remove(self) -> None:
         try:
