@@ -472,13 +472,10 @@ class KernelEngine(SourceBase):
     def _log_entry(self, a: Attempt, b: BlockEnd | None) -> None:
         if not self.sink.logs(a.status):
             return
-        # Everything of the entry but its LBA, blocks, cid, qid and retries comes from these:
-        # in a storm, a request like the one that opened the sink's fold is counted into it
+        # In a storm, a request like the one that opened the sink's fold is counted into it
         # without an entry of its own (the per-request work of a storm, in Python).
-        key = (a.ctrl_id, a.disk, a.status, a.qid == 0, a.flags & USER_CMD,
-               None if b is None else (b.dev, b.rwbs), self.translator.profile)  # fmt: skip
         like = self._like
-        if like is not None and like[0] == key:
+        if like is not None and like[0] == self._like_key(a, b):
             lba_size = like[2]
             slba = nlb = None
             if b is not None and b.sector != NO_SECTOR and lba_size:
@@ -506,7 +503,17 @@ class KernelEngine(SourceBase):
         )
         self.sink.log(event)
         opened = self.sink.opened_fold(event)
-        self._like = (key, event, disk.lba_size if disk is not None else 0) if opened else None
+        self._like = (
+            (self._like_key(a, b), event, disk.lba_size if disk is not None else 0)
+            if opened
+            else None
+        )
+
+    def _like_key(self, a: Attempt, b: BlockEnd | None) -> tuple[object, ...]:
+        """What everything of a request's entry but its LBA, blocks, cid, qid and retries
+        comes from: requests with the same key make like entries."""
+        return (a.ctrl_id, a.disk, a.status, a.qid == 0, a.flags & USER_CMD,
+                None if b is None else (b.dev, b.rwbs), self.translator.profile)  # fmt: skip
 
     def _disk(self, name: str, dev: int | None) -> Disk | None:
         disk = self._disks.get(name) if name else self._by_dev.get(dev or -1)
