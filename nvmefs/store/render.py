@@ -14,7 +14,8 @@ no line or paragraph separator, no bidi control that reorders what is shown), an
 escaped can be read back exactly, as the backslash itself is escaped. JSON lines need no rule
 of their own: json.dumps escapes every control character and, with its default ensure_ascii,
 everything outside ASCII, so a JSON line is one line of ASCII that gives the strings back as
-they were.
+they were. (The JSON line of an NvmeEvent is built by hand, the bytes json.dumps would give, as
+the journal renders every entry of an error storm on the event loop.)
 """
 
 from __future__ import annotations
@@ -100,12 +101,30 @@ class Clock:
         return _iso(wall_ns)
 
 
-def _iso(wall_ns: int) -> str:
+def _iso_datetime(wall_ns: int) -> str:
     # Integer arithmetic: a float of the nanoseconds rounds the microseconds.
     dt = datetime.datetime.fromtimestamp(wall_ns // 1_000_000_000, tz=datetime.UTC).replace(
         microsecond=wall_ns // 1000 % 1_000_000
     )
     return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# The last whole second `_iso` formatted, and its text up to the microseconds.
+_iso_second: tuple[int, str] = (0, _iso_datetime(0)[:-7])
+
+
+def _iso(wall_ns: int) -> str:
+    """`wall_ns` as UTC ISO 8601 to the microsecond (`_iso_datetime`); the text of the second is
+    made once per second, not per entry."""
+    global _iso_second
+    if type(wall_ns) is not int:
+        return _iso_datetime(wall_ns)
+    second, prefix = _iso_second
+    if wall_ns // 1_000_000_000 != second:
+        second = wall_ns // 1_000_000_000
+        prefix = _iso_datetime(second * 1_000_000_000)[:-7]  # less its "000000Z"
+        _iso_second = (second, prefix)
+    return f"{prefix}{wall_ns // 1000 % 1_000_000:06d}Z"
 
 
 # -- the escaping rule ---------------------------------------------------------------------------
@@ -174,6 +193,8 @@ def cap(text: str, limit: int = INFO_MAX) -> str:
     if len(raw) <= limit:
         return text
     cut = raw[:limit].decode("utf-8", "ignore")
+    if "\\" not in cut[-9:]:  # a cut escape is at most 9 characters, a backslash first
+        return cut
     m = _CUT_ESCAPE.search(cut)
     return cut if m is None else cut[: m.start(1)]
 
@@ -334,6 +355,81 @@ def place_record(place: Place) -> dict[str, Any]:
     return rec
 
 
+# -- JSON lines of NvmeEvents, by hand ------------------------------------------------------------
+
+# The string encoder json.dumps uses (with its default ensure_ascii).
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _json_values(values: tuple[Any, ...]) -> tuple[str, ...] | None:
+    """Each value as json.dumps writes it, for a str, an int, a bool or None; None if any value
+    is of another type (a float, a subclass...), which only json.dumps itself should write."""
+    out = []
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            out.append(_json_str(value))
+        elif kind is int:
+            out.append(str(value))
+        elif value is None:
+            out.append("null")
+        elif kind is bool:
+            out.append("true" if value else "false")
+        else:
+            return None
+    return tuple(out)
+
+
+def _json_pair(value: Any) -> str | None:
+    """A (first, last) range as json.dumps writes the list of it (null for None); None if it
+    is not a pair of scalars."""
+    if value is None:
+        return "null"
+    if type(value) is not tuple or len(value) != 2:
+        return None
+    if type(value[0]) is type(value[1]) is int:
+        return f"[{value[0]},{value[1]}]"
+    pair = _json_values(value)
+    return None if pair is None else f"[{pair[0]},{pair[1]}]"
+
+
+def _place_json(place: Place) -> str | None:
+    """The keys of `place_record` in a JSON line, after a comma; None as `_json_values`."""
+    if type(place) is not Place:
+        return None
+    values = _json_values(
+        (place.owner, place.file, place.partition, place.fs, place.fs_block, place.reason)
+    )
+    file_range = _json_pair(place.file_range)
+    if values is None or file_range is None:
+        return None
+    owner, file, partition, fs, fs_block, reason = values
+    return (
+        f',"owner":{owner},"file":{file},"file_range":{file_range},"partition":{partition},'
+        f'"fs":{fs},"fs_block":{fs_block},"owner_reason":{reason}'
+    )
+
+
+_NVME_KIND = _json_str(NvmeEvent.kind)
+
+# The JSON of each Status's as_dict (without its braces), by id, with the Status itself (which
+# keeps the id its own).
+_STATUS_JSON: dict[int, tuple[Status, str]] = {}
+_STATUS_JSON_MAX = 4096
+
+
+def _status_json(st: Status) -> str:
+    """`st.as_dict()` as json.dumps writes it in a record, without its braces."""
+    hit = _STATUS_JSON.get(id(st))
+    if hit is not None and hit[0] is st:
+        return hit[1]
+    text = json.dumps(st.as_dict(), separators=(",", ":"))[1:-1]
+    if len(_STATUS_JSON) >= _STATUS_JSON_MAX:
+        _STATUS_JSON.clear()
+    _STATUS_JSON[id(st)] = (st, text)
+    return text
+
+
 class Renderer:
     """Renders entries as text lines or JSON lines under one clock and format."""
 
@@ -407,7 +503,73 @@ class Renderer:
         return rec
 
     def json_line(self, entry: Entry) -> str:
-        return json.dumps(self.record(entry), separators=(",", ":")) + "\n"
+        line = self._nvme_json_line(entry)
+        if line is None:
+            line = json.dumps(self.record(entry), separators=(",", ":")) + "\n"
+        return line
+
+    def _nvme_json_line(self, entry: Entry) -> str | None:
+        """The JSON line of an NvmeEvent entry, as json.dumps writes its `record` (same keys,
+        same order), built as a string; None for any other entry, or for one with a value that
+        only json.dumps should write."""
+        seq, mono_ns, wall_ns, ev = entry
+        if type(ev) is not NvmeEvent or type(ev.status) is not Status:
+            return None
+        if not type(seq) is type(mono_ns) is type(wall_ns) is int:
+            return None
+        clock = self.clock
+        jiffies = clock.jiffies(mono_ns)
+        if type(jiffies) is not int:
+            return None
+        if clock.kind == "jiffies":
+            ticks = f'"{jiffies}"'
+        else:
+            ticks = _json_str(clock.ticks(mono_ns, wall_ns))
+        # The numbers go into the line as they are when all are ints (an f-string writes an int
+        # as json.dumps does), the common case.
+        numbers: tuple[Any, ...] | None
+        numbers = (ev.nsid, ev.qid, ev.cid, ev.opcode, ev.slba, ev.nlb, ev.retries, ev.repeats)
+        if set(map(type, numbers)) != {int}:
+            numbers = _json_values(numbers)
+        opcode = ev.opcode
+        texts = _json_values(
+            (
+                info(ev, self.fmt),
+                ev.ctrl,
+                None if opcode is None else tables.opcode_name(opcode, ev.admin),
+                ev.admin,
+                ev.disk,
+                ev.op,
+            )
+        )
+        lba_range = _json_pair(ev.lba_range)
+        if numbers is None or texts is None or lba_range is None:
+            return None
+        nsid, qid, cid, opcode_, slba, nlb, retries, repeats = numbers
+        info_, ctrl, opcode_name, admin, disk, op = texts
+        line = (
+            f'{{"seq":{seq},"ticks":{ticks},"jiffies":{jiffies},"monotonic_ns":{mono_ns},'
+            # _iso's text needs no escape: digits, "-", "T", ":", "." and "Z".
+            f'"wall_ns":{wall_ns},"wall":"{_iso(wall_ns)}","kind":{_NVME_KIND},"info":{info_},'
+            f"{_status_json(ev.status)},"
+            f'"ctrl":{ctrl},"nsid":{nsid},"qid":{qid},"cid":{cid},"opcode":{opcode_},'
+            f'"opcode_name":{opcode_name},"admin":{admin},"disk":{disk},"op":{op},'
+            f'"slba":{slba},"nlb":{nlb},"retries":{retries},"repeats":{repeats},'
+            f'"lba_range":{lba_range}'
+        )
+        if ev.place is not None:
+            place = _place_json(ev.place)
+            if place is None:
+                return None
+            line += place
+        if ev.origin is not None:
+            origin = _json_values((ev.origin,))
+            if origin is None:
+                return None
+            line += f',"origin":{origin[0]}'
+        if ev.replayed:
+            line += ',"replayed":true'
+        return line + "}\n"
 
     def missed_json_line(self, missed: int, mono_ns: int, wall_ns: int) -> str:
         return (
