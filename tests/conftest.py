@@ -41,3 +41,13 @@ def protected(request: pytest.FixtureRequest) -> Iterator[str]:
         pytest.fail("needs root: it sets the fs.protected_* sysctls", pytrace=False)
     with hostile.protections(hostile.STOCK if request.param == "stock" else hostile.OFF):
         yield request.param
+
+
+@pytest.fixture
+def compiled_built() -> None:
+    """The compiled trace consumer is built wherever the tests are set up (contrib/bootstrap
+    installs a C compiler): its absence is a failure here, not a reason to skip."""
+    from nvmefs.linux import tracebulk
+
+    if not tracebulk.available():
+        pytest.fail(f"no compiled consumer: {tracebulk.unavailable()}")

@@ -16,6 +16,12 @@ Theory of operation
   It hands back only the attempts the log policy keeps (its `keep` table, reconfigured when
   the policy changes) and every retried path error (its `watch` table: SCT 3); its counters
   go to the completion sink in bulk after each read turn and each expiry.
+- In a storm the sink folds like entries (engine/sink.py's Folder). While the open fold is one
+  this source's entry opened, the consumer is told what the like requests look like
+  (tracebulk.Like) and counts them itself, with their LBA range, into a number the sink adds
+  to the fold: a storm's requests, failures or log=all's successes, cost no Python each. What
+  it cannot fold the same way (retried attempts, passthrough ones that may be this process's
+  own) comes back as entries, which `_log_entry` counts into the fold without an entry.
 - With `locate` on, the source's entries reach the ring through a Placer (engine/owners.py,
   as the sink's `front`): an entry with a disk and an LBA waits, a bounded while, for the file
   (or metadata, free space) behind that LBA, and the source's entries keep their order.
@@ -60,7 +66,7 @@ from nvmefs.engine.owners import Placer
 from nvmefs.errors import EngineError, UsageError
 from nvmefs.linux import devices, tracebulk, tracefs
 from nvmefs.linux.devices import Disk
-from nvmefs.linux.tracebulk import RETRIED, USER_CMD, Attempt, BlockEnd, Consumer, Fed
+from nvmefs.linux.tracebulk import RETRIED, USER_CMD, Attempt, BlockEnd, Consumer, Fed, Like
 from nvmefs.nvme.disposition import Disposition, decide
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import SCT_PATH, SCT_SC_MASK, sct_of
@@ -225,8 +231,13 @@ class KernelEngine(SourceBase):
         self._own: list[tuple[int, float]] = []
         self._held: list[tuple[Attempt, BlockEnd | None]] = []
         # The inputs of the entry that opened the sink's fold, the entry, its disk's LBA size
-        # (see _log_entry).
-        self._like: tuple[tuple[object, ...], NvmeEvent, int] | None = None
+        # and what of the like requests the trace consumer can fold itself (see _log_entry),
+        # and the fold the consumer was last given (see _feed).
+        self._like: tuple[tuple[object, ...], NvmeEvent, int, Like | None] | None = None
+        self._fold_given: Like | None = None
+        # Whether the consumer makes LBAs from block events as _log_entry does: the kernel's
+        # sector and nr_sector are unsigned (see use_formats).
+        self._fold_lbas = False
 
     def policy_changed(self, policy: LogPolicy) -> None:
         # The log policy decides what the consumer hands back, and the kernel filter too:
@@ -309,6 +320,8 @@ class KernelEngine(SourceBase):
         self.consumer = tracebulk.consumer(
             nvme, block, self.policy.table, self.log_attempts, PATH_ERRORS, compiled=self.compiled
         )
+        self._fold_given = None
+        self._fold_lbas = not (block.fields["sector"].signed or block.fields["nr_sector"].signed)
 
     @property
     def trace_consumer(self) -> str:
@@ -341,7 +354,7 @@ class KernelEngine(SourceBase):
                 if not page:
                     drained = True
                     break
-                self._fed(consumer.feed(cpu, page))
+                self._fed(self._feed(consumer, cpu, page))
             self._count(consumer)
             await trio.lowlevel.checkpoint()
 
@@ -349,19 +362,51 @@ class KernelEngine(SourceBase):
         """Take one trace_pipe_raw page of `cpu`: its entries, then its counters."""
         consumer = self.consumer
         assert consumer is not None, "use_formats() first"
-        self._fed(consumer.feed(cpu, page))
+        self._fed(self._feed(consumer, cpu, page))
         self._count(consumer)
 
+    def _feed(self, consumer: Consumer, cpu: int, page: bytes) -> Fed:
+        """One page to the consumer, which folds the requests like the open fold's first entry
+        while that fold takes them (at the time of the feed)."""
+        now = time.monotonic_ns()
+        like = self._like
+        fold = None
+        if (
+            like is not None
+            and like[3] is not None
+            and self.sink.folding(like[1], now)
+            and like[0][-1] == self.translator.profile  # its entry's status is still this one
+        ):
+            fold = like[3]
+        if fold is not self._fold_given:
+            consumer.fold(fold)
+            self._fold_given = fold
+        return consumer.feed(cpu, page, now / 1e9)
+
     def _fed(self, fed: Fed) -> None:
-        """What the consumer handed back of one page: a loss it reported, then the attempts
-        it kept, in record order."""
+        """What the consumer handed back of one page: a loss it reported, what it folded (all
+        of it before the first final), then the attempts it kept, in record order."""
         if fed.lost:
             self._check_lost()
+        if fed.folded is not None:
+            self._folded(fed.folded)
         for f in fed.finals:
             if f.kind == RETRIED:
                 self._retried(f.attempt)
             else:  # final with its block event, or a success (final at once, under log=all)
                 self._emit(f.attempt, f.block)
+
+    def _folded(self, folded: tracebulk.Folded) -> None:
+        # The fold the consumer counted for is the one _feed saw open, and nothing ran since
+        # that could end it: the sink takes the count.
+        like = self._like
+        if like is None or not self.sink.log_many(like[1], folded.n, folded.lo, folded.hi):
+            self._log_host(  # a bug, should one ever break that: said, not a crash in a storm
+                events.HOST_ERROR,
+                f"{folded.n} requests the trace consumer folded came after their fold ended:"
+                " they are in the counters, not in the ring",
+                folded=folded.n,
+            )
 
     def _count(self, consumer: Consumer) -> None:
         """The consumer's counters since the last call, into the sink: every attempt by
@@ -502,12 +547,24 @@ class KernelEngine(SourceBase):
             op=operation(b.rwbs if b is not None else "", a.qid, a.flags),
         )
         self.sink.log(event)
-        opened = self.sink.opened_fold(event)
-        self._like = (
-            (self._like_key(a, b), event, disk.lba_size if disk is not None else 0)
-            if opened
-            else None
-        )
+        self._like = None
+        if self.sink.opened_fold(event):
+            lba_size = disk.lba_size if disk is not None else 0
+            like_c = self._consumer_like(a, b, lba_size)
+            self._like = (self._like_key(a, b), event, lba_size, like_c)
+
+    def _consumer_like(self, a: Attempt, b: BlockEnd | None, lba_size: int) -> Like | None:
+        """What the trace consumer takes of the requests like `a` (with `b`) to fold them
+        itself, or None where only this side can: a retried attempt (log_attempts), a
+        passthrough one that may be this process's own, LBAs the consumer would make
+        otherwise than _log_entry."""
+        user = bool(a.flags & USER_CMD)
+        if b is None and a.status and a.qid and not user:
+            return None
+        if (user and self.recognise_own) or lba_size % 512 or (b and not self._fold_lbas):
+            return None
+        block = None if b is None else (b.dev, b.rwbs)
+        return Like(a.ctrl_id, a.disk, a.status, a.qid == 0, user, block, lba_size // 512)
 
     def _like_key(self, a: Attempt, b: BlockEnd | None) -> tuple[object, ...]:
         """What everything of a request's entry but its LBA, blocks, cid, qid and retries

@@ -9,8 +9,9 @@ is done or retried; the log policy says which completions become entries (one pe
 its final disposition, or one per attempt with `log_attempts`).
 
 Between the log policy and the ring (or `front`) stands the `Folder`: in a storm of like
-failures it folds the requests over FOLD_RATE into one entry with an exact count (`repeats`),
-so that the per-entry work of every output stays bounded whatever the rate of errors.
+failures (or of successes, under log=all) it folds the requests over FOLD_RATE into one entry
+with an exact count (`repeats`), so that the per-entry work of every output stays bounded
+whatever the rate.
 
 Invariant: `stats` is changed here and nowhere else (tests/test_architecture.py checks it), so
 every counter means the same whatever the source. COUNTERS lists its plain counters once, for
@@ -130,7 +131,8 @@ class Appender(Protocol):
 # second. So failed requests go to the ring one entry each while they come at most FOLD_RATE a
 # second on average, in bursts of up to FOLD_BURST (or a second's worth, if more): ordinary
 # bursts of errors, a few hundred, never fold. Beyond that, consecutive like ones fold into
-# one entry that counts them exactly (the option fold=; 0: never fold).
+# one entry that counts them exactly (the option fold=; 0: never fold). Successes, which only
+# log=all logs, do the same at the same rate, on a bucket of their own.
 FOLD_RATE = 200
 FOLD_BURST = 1000
 # A fold goes to the ring at most this long after it opened, even while like failures keep
@@ -144,26 +146,26 @@ Send = Callable[[Any, int | None, int | None], None]
 
 
 class Folder:
-    """Folds storms of like failures into one entry each, between the log policy and the ring.
+    """Folds storms of like entries into one entry each, between the log policy and the ring.
 
-    The rule: an entry goes on (`send`) at once unless it is a failure over the rate (a token
-    bucket, `rate` a second and `burst` deep, that the failures sent unfolded take from) or
-    like the open fold. A failure over the rate with no fold open opens one: it is held, as
-    the fold's first event. While a fold is open, every like event (same status word, opcode,
-    admin, op, controller, namespace, disk and origin, not replayed: it differs only in LBA,
-    blocks, cid, qid or retries) is counted into it, whatever the bucket holds, and nothing
-    of it is kept but a count and the lowest and highest LBA. The fold goes on as its first event,
-    with `repeats` (how many more) and `lba_range` set and timed when it opened, when anything
-    else comes (an unlike entry, which follows it; a host event: `close`), when FOLD_NS have
-    passed since it opened (at the next entry, or `tick`), or when the source ends (`close`).
-    Entries come to it before `front` (the kernel source's Placer): a fold's LBA is looked up
-    once, for its first event.
+    The rule: an entry goes on (`send`) at once unless it is over the rate (a token bucket,
+    `rate` a second and `burst` deep, that the entries sent unfolded take from; failures and
+    successes, which only log=all logs, have a bucket each) or like the open fold. An entry over
+    the rate with no fold open opens one: it is held, as the fold's first event. While a fold is
+    open, every like event (same status word, opcode, admin, op, controller, namespace, disk and
+    origin, not replayed: it differs only in LBA, blocks, cid, qid or retries) is counted into
+    it, whatever the bucket holds, and nothing of it is kept but a count and the lowest and
+    highest LBA. The fold goes on as its first event, with `repeats` (how many more) and
+    `lba_range` set and timed when it opened, when anything else comes (an unlike entry, which
+    follows it; a host event: `close`), when FOLD_NS have passed since it opened (at the next
+    entry, or `tick`), or when the source ends (`close`). Entries come to it before `front` (the
+    kernel source's Placer): a fold's LBA is looked up once, for its first event.
 
     Invariant: every event given to `add` is sent exactly once, on its own or counted in the
-    `repeats` of exactly one event sent; events are sent in the order given (a fold stands
-    where its first event was: nothing given after that is sent before it); `stats.folded` is
-    the sum of the `repeats` sent, so `stats.logged` == the events sent + their repeats +
-    `pending`.
+    `repeats` of exactly one event sent (so is every one `add_like` and `add_many` count);
+    events are sent in the order given (a fold stands where its first event was: nothing given
+    after that is sent before it); `stats.folded` is the sum of the `repeats` sent, so
+    `stats.logged` == the events sent + their repeats + `pending`.
     """
 
     __slots__ = (
@@ -194,8 +196,10 @@ class Folder:
         self.rate = rate
         self.burst = float(max(burst, rate))
         self.per_ns = rate / 1_000_000_000
-        self.tokens = self.burst
-        self.last_ns = 0  # when the bucket was last filled (monotonic ns)
+        # The buckets of failures [0] and successes [1], and when each was last filled
+        # (monotonic ns).
+        self.tokens = [self.burst, self.burst]
+        self.last_ns = [0, 0]
         self.first: NvmeEvent | None = None  # the open fold's first event
         self.repeats = 0  # like events counted into it since
         self.lo = NO_LBA  # lowest first LBA and highest last LBA of them all (-1: none)
@@ -242,17 +246,19 @@ class Folder:
                         self.hi = last
                 return
             self.close()
-        if not self.rate or event.status.ok:
+        if not self.rate:
             self.send(event, None, None)
             return
-        # The bucket, filled for the time since it was last looked at.
-        tokens = self.tokens + (now - self.last_ns) * self.per_ns
-        self.last_ns = now
+        # The bucket (successes have their own: log=all's stream of them never makes a failure
+        # fold), filled for the time since it was last looked at.
+        b = 1 if event.status.ok else 0
+        tokens = self.tokens[b] + (now - self.last_ns[b]) * self.per_ns
+        self.last_ns[b] = now
         if tokens >= 1.0:
-            self.tokens = (tokens if tokens < self.burst else self.burst) - 1.0
+            self.tokens[b] = (tokens if tokens < self.burst else self.burst) - 1.0
             self.send(event, None, None)
             return
-        self.tokens = tokens
+        self.tokens[b] = tokens
         if event.replayed or event.place is not None:  # not what a source logs: never held
             self.send(event, None, None)
             return
@@ -272,6 +278,20 @@ class Folder:
             last = slba + (nlb or 1) - 1
             if last > self.hi:
                 self.hi = last
+        return True
+
+    def add_many(self, first: NvmeEvent, n: int, lo: int | None, hi: int | None) -> bool:
+        """Count `n` more events into the open fold at once, of LBAs `lo`..`hi` (None: none):
+        for a source that counted like events itself (the kernel source's trace consumer),
+        having seen the fold open with `first` at the time they came. False, counting
+        nothing, when `first` is not the open fold's first event."""
+        if self.first is not first:
+            return False
+        self.repeats += n
+        if lo is not None and lo < self.lo:
+            self.lo = lo
+        if hi is not None and hi > self.hi:
+            self.hi = hi
         return True
 
     def _open(self, event: NvmeEvent, now: int) -> None:
@@ -485,6 +505,21 @@ class Sink:
             return False
         self.stats.logged += 1
         return True
+
+    def log_many(self, first: NvmeEvent, n: int, lo: int | None, hi: int | None) -> bool:
+        """`n` completions the policy logs, counted by the source, whose entries would be like
+        `first` (`lo`..`hi`: their lowest and highest LBA, or None): counted into the open
+        fold if `first` opened it; False (nothing counted) otherwise. See Folder.add_many."""
+        if not self.folder.add_many(first, n, lo, hi):
+            return False
+        self.stats.logged += n
+        return True
+
+    def folding(self, first: NvmeEvent, now: int) -> bool:
+        """Whether the open fold is `first`'s and still takes like entries at monotonic time
+        `now` (ns)."""
+        folder = self.folder
+        return folder.first is first and now < folder.until
 
     def opened_fold(self, event: NvmeEvent) -> bool:
         """Whether `event`, just logged, opened the fold that is open now."""

@@ -15,8 +15,11 @@
  * disk (or dev) and status word that Python drains (nvmefs_tb_take); only what the log policy
  * keeps (a 2048-byte table indexed by SCT/SC, handed in), and retried attempts whose status
  * Python watches (another such table: path errors, which multipath may fail over), go back to
- * Python, one `struct nvmefs_tb_final` each. A page is hostile input: every read is checked against its
- * length, and nothing a page holds can make this code read or write outside it or its tables.
+ * Python, one `struct nvmefs_tb_final` each. In a storm, finals like the one whose entry opened
+ * the kernel source's fold (nvmefs_tb_fold) are only counted, with their LBA range
+ * (nvmefs_tb_take_folded): a storm's requests cost Python nothing each. A page is hostile
+ * input: every read is checked against its length, and nothing a page holds can make this code
+ * read or write outside it or its tables.
  *
  * Everything between the cdef markers is also given to cffi's cdef
  * (nvmefs/linux/tracebulk_build.py): one declaration for both. */
@@ -92,6 +95,27 @@ struct nvmefs_tb_count {
     uint64_t n;
 };
 
+/* A fold (nvmefs_tb_fold): finals like the one whose entry opened the kernel source's open
+ * fold are counted here instead of handed back. Like: the same kind, controller, disk, status
+ * word, admin (qid 0) and user-passthrough flag, and for a FINAL the same dev and rwbs of its
+ * block event: all an entry holds but the LBA, blocks, cid, qid and retries. */
+struct nvmefs_tb_like {
+    uint32_t kind; /* NVMEFS_TB_FINAL, _SUCCESS or _ALONE */
+    uint32_t admin, user;
+    int64_t ctrl_id, status, dev;
+    uint32_t disk_len, rwbs_len;
+    char disk[64];
+    char rwbs[16];
+    uint64_t lba_sectors; /* 512-byte sectors per LBA of the disk (FINAL): 0 for none known */
+};
+
+/* What a fold counted since the last take: `n` finals; over those with an LBA (`has_lba`), the
+ * lowest first LBA and the highest last LBA (first + blocks - 1, 65 bits: hi + 2^64 hi_carry). */
+struct nvmefs_tb_folded {
+    uint64_t n, lo, hi;
+    uint32_t hi_carry, has_lba;
+};
+
 /* Plain counters since the last take. */
 struct nvmefs_tb_totals {
     uint64_t retried;   /* attempts superseded on their CPU or expired: they were retried */
@@ -107,6 +131,8 @@ int nvmefs_tb_feed(struct nvmefs_tb *c, uint32_t cpu, const char *page, size_t l
                    struct nvmefs_tb_final *out, uint32_t cap, int64_t *lost);
 int nvmefs_tb_expire(struct nvmefs_tb *c, double now, double grace, struct nvmefs_tb_final *out,
                      uint32_t cap);
+void nvmefs_tb_fold(struct nvmefs_tb *c, const struct nvmefs_tb_like *like);
+void nvmefs_tb_take_folded(struct nvmefs_tb *c, struct nvmefs_tb_folded *out);
 uint32_t nvmefs_tb_pending(const struct nvmefs_tb *c);
 uint32_t nvmefs_tb_used(const struct nvmefs_tb *c);
 int nvmefs_tb_take(struct nvmefs_tb *c, struct nvmefs_tb_count *out, uint32_t cap,
@@ -153,6 +179,10 @@ struct nvmefs_tb {
     uint32_t *order; /* the used slots, in the order they were first used */
     uint32_t used;
     struct nvmefs_tb_totals totals;
+    struct nvmefs_tb_like like;
+    uint32_t fold;    /* a fold is set (nvmefs_tb_fold) */
+    uint32_t folding; /* within a feed: it still folds (no final was handed back before) */
+    struct nvmefs_tb_folded folded;
 };
 
 static uint16_t rd16(const uint8_t *p)
@@ -276,6 +306,28 @@ void nvmefs_tb_configure(struct nvmefs_tb *c, const uint8_t *keep, const uint8_t
     c->log_attempts = log_attempts;
 }
 
+/* Fold the finals like `like` from the next feed on (NULL: none). A feed folds nothing of a
+ * page that says events were lost before it (Python logs the loss first, which ends the fold),
+ * nor anything after a final it hands back. */
+void nvmefs_tb_fold(struct nvmefs_tb *c, const struct nvmefs_tb_like *like)
+{
+    c->fold = like != NULL;
+    if (like != NULL) {
+        c->like = *like;
+        if (c->like.disk_len > NVMEFS_TB_DISK_MAX)
+            c->like.disk_len = NVMEFS_TB_DISK_MAX;
+        if (c->like.rwbs_len > NVMEFS_TB_RWBS_MAX)
+            c->like.rwbs_len = NVMEFS_TB_RWBS_MAX;
+    }
+}
+
+/* What the fold counted since the last take; it starts again from zero. */
+void nvmefs_tb_take_folded(struct nvmefs_tb *c, struct nvmefs_tb_folded *out)
+{
+    *out = c->folded;
+    memset(&c->folded, 0, sizeof(c->folded));
+}
+
 uint32_t nvmefs_tb_pending(const struct nvmefs_tb *c)
 {
     return c->npending;
@@ -363,12 +415,59 @@ static void put(uint32_t kind, const struct nvmefs_tb_attempt *a, const struct n
         f->b = *b;
 }
 
-/* A final for Python if the policy keeps its status. */
+/* Whether a final is like the fold's (see struct nvmefs_tb_like). */
+static int like(const struct nvmefs_tb_like *l, uint32_t kind, const struct nvmefs_tb_attempt *a,
+                const struct nvmefs_tb_block *b)
+{
+    if (l->kind != kind || l->ctrl_id != a->ctrl_id || l->status != a->status ||
+        l->admin != (a->qid == 0) || l->user != ((a->flags & NVMEFS_TB_USER_CMD) != 0) ||
+        l->disk_len != a->disk_len || memcmp(l->disk, a->disk, a->disk_len) != 0)
+        return 0;
+    if (kind != NVMEFS_TB_FINAL)
+        return 1;
+    return l->dev == b->dev && l->rwbs_len == b->rwbs_len &&
+           memcmp(l->rwbs, b->rwbs, b->rwbs_len) == 0;
+}
+
+/* Count a like final into the fold, with its LBAs as the kernel source makes them: first
+ * sector / sectors per LBA, blocks nr_sector / sectors per LBA (1 if none); none for a block
+ * event without a sector (all ones: passthrough) or a disk of no known LBA size. */
+static void fold_in(struct nvmefs_tb *c, const struct nvmefs_tb_block *b)
+{
+    struct nvmefs_tb_folded *f = &c->folded;
+    uint64_t k = c->like.lba_sectors, slba, blocks, last;
+    uint32_t carry;
+
+    f->n++;
+    if (b == NULL || k == 0 || (uint64_t)b->sector == UINT64_MAX)
+        return;
+    slba = (uint64_t)b->sector / k;
+    blocks = (uint64_t)b->nr_sector / k;
+    last = slba + (blocks ? blocks : 1) - 1;
+    carry = last < slba;
+    if (!f->has_lba || slba < f->lo)
+        f->lo = slba;
+    if (!f->has_lba || carry > f->hi_carry || (carry == f->hi_carry && last > f->hi)) {
+        f->hi = last;
+        f->hi_carry = carry;
+    }
+    f->has_lba = 1;
+}
+
+/* A final for Python if the policy keeps its status, unless the fold counts it. Once a final
+ * went back in a feed, nothing more of that feed is folded: Python takes the fold's count
+ * before the feed's finals, and the first of them may end the fold. */
 static void emit(struct nvmefs_tb *c, uint32_t kind, const struct nvmefs_tb_attempt *a,
                  const struct nvmefs_tb_block *b, struct nvmefs_tb_final *out, uint32_t *n)
 {
-    if (c->keep[(uint64_t)a->status & SCT_SC_MASK])
-        put(kind, a, b, out, n);
+    if (!c->keep[(uint64_t)a->status & SCT_SC_MASK])
+        return;
+    if (c->folding && like(&c->like, kind, a, b)) {
+        fold_in(c, b);
+        return;
+    }
+    c->folding = 0;
+    put(kind, a, b, out, n);
 }
 
 /* An attempt that was retried: counted; reported if its status is watched, or with
@@ -379,8 +478,10 @@ static void superseded(struct nvmefs_tb *c, const struct nvmefs_tb_attempt *a,
     uint64_t code = (uint64_t)a->status & SCT_SC_MASK;
 
     c->totals.retried++;
-    if (c->watch[code] || (c->log_attempts && c->keep[code]))
+    if (c->watch[code] || (c->log_attempts && c->keep[code])) {
+        c->folding = 0;
         put(NVMEFS_TB_RETRIED, a, NULL, out, n);
+    }
 }
 
 static void record(struct nvmefs_tb *c, uint32_t cpu, const uint8_t *rec, size_t len, double now,
@@ -488,6 +589,7 @@ int nvmefs_tb_feed(struct nvmefs_tb *c, uint32_t cpu, const char *data, size_t l
     uint32_t n = 0;
 
     *lost = 0;
+    c->folding = 0;
     if (len > NVMEFS_TB_PAGE_MAX)
         return -EMSGSIZE;
     if (cpu >= NVMEFS_TB_CPU_MAX)
@@ -509,6 +611,7 @@ int nvmefs_tb_feed(struct nvmefs_tb *c, uint32_t cpu, const char *data, size_t l
         if ((commit & MISSED_STORED) && end + 8 <= len)
             *lost = (int64_t)rd64(page + end);
     }
+    c->folding = c->fold && *lost == 0;
     /* Positions are 64-bit: a length word adds at most 2^32 to one below 2^17. Every record
      * starts at or before `end` <= len; its data is cut at the page's length, as parse_page
      * slices it (a record may run past `end`: the walk stops after it). */

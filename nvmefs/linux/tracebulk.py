@@ -18,6 +18,10 @@ Theory of operation
   status is in the `watch` table (same indexing) whatever the policy: the kernel source watches
   path errors, which native multipath fails over to another path instead of retrying, and
   decides that itself.
+- A fold (`fold`, the kernel source's in a storm): the finals `Like` the entry that opened the
+  sink's fold are counted, with their LBA range, instead of handed back (`Fed.folded`), from
+  the start of a page until the first final that does go back (what Python does with that one
+  may end the fold), and not in a page that follows a loss (logging it ends the fold).
 - Two implementations with one behaviour: `CompiledConsumer` (tracebulk.c, built by cffi as
   nvmefs.linux.tracebulkext) and `PythonConsumer` (tracefs.parse_page and EventFormat.decode),
   the fallback when the module was not built. `consumer()` picks one; `unavailable()` says why
@@ -151,12 +155,63 @@ class Final:
     block: BlockEnd | None
 
 
+@dataclass(frozen=True, slots=True)
+class Like:
+    """The finals a fold counts (`Consumer.fold`): those of the same controller, disk, status
+    word, admin (qid 0) and user-passthrough flag, with a block event of the same dev and rwbs
+    (`block`), or none (None: a success, or a failed admin or passthrough attempt); all an
+    entry of the kernel source holds but its LBA, blocks, cid, qid and retries. `lba_sectors`:
+    512-byte sectors per LBA of the disk, by which a folded block event's LBAs are made (0:
+    they have none)."""
+
+    ctrl_id: int
+    disk: str
+    status: int
+    admin: bool
+    user: bool
+    block: tuple[int, str] | None
+    lba_sectors: int = 0
+
+    @property
+    def kind(self) -> int:
+        """tracebulk.c's NVMEFS_TB_* kind of the finals it takes: final, success or alone."""
+        return 0 if self.block is not None else 1 if self.status == 0 else 3
+
+    def takes(self, kind: str, a: Attempt, b: BlockEnd | None) -> bool:
+        """Whether a final (`kind`, `a`, `b`, as in Final) is one this takes, as tracebulk.c's
+        like() decides: integers compared as the 64-bit words it holds."""
+        if b is None:
+            if self.kind != (1 if kind == SUCCESS else 3):
+                return False
+        elif self.block is None or (self.block[0] - b.dev) & _M64 or self.block[1] != b.rwbs:
+            return False
+        return (
+            (self.ctrl_id - a.ctrl_id) & _M64 == 0
+            and (self.status - a.status) & _M64 == 0
+            and self.admin == (a.qid == 0)
+            and self.user == bool(a.flags & USER_CMD)
+            and self.disk == a.disk
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """What a fold counted in one feed: `n` finals; over those with an LBA, the lowest first
+    LBA and the highest last LBA (first + blocks - 1, blocks at least 1), or None for none."""
+
+    n: int
+    lo: int | None
+    hi: int | None
+
+
 class Fed(NamedTuple):
     """What one page gave: its lost-events word (0 none, -1 lost but not counted, else how
-    many were lost before it) and its finals, in record order."""
+    many were lost before it), what the fold counted (None: nothing), and its finals, in
+    record order. Every folded final came before the first of `finals`."""
 
     lost: int
     finals: list[Final]
+    folded: Folded | None = None
 
 
 AttemptKey = tuple[int, str, int]  # (ctrl_id, disk, status word)
@@ -212,6 +267,7 @@ class Consumer(Protocol):
     impl: str  # "compiled" or "python"
 
     def configure(self, keep: bytes, log_attempts: bool, watch: bytes | None = None) -> None: ...
+    def fold(self, like: Like | None) -> None: ...
     def feed(self, cpu: int, page: bytes, now: float | None = None) -> Fed: ...
     def expire(self, now: float, grace: float = GRACE_S) -> list[Final]: ...
     def pending(self) -> int: ...
@@ -237,6 +293,7 @@ class _Base:
         check_formats(nvme, block)
         self._nvme, self._block = nvme, block
         self._counts = Counts()
+        self._like: Like | None = None
         self.configure(keep, log_attempts, watch)
 
     def configure(self, keep: bytes, log_attempts: bool, watch: bytes | None = None) -> None:
@@ -261,7 +318,18 @@ class _Base:
             self._counts.lost_pages += 1
             if lost > 0:
                 self._counts.lost_events += lost
-        return Fed(lost, finals)
+        folded = self._take_folded() if self._like is not None else None
+        return Fed(lost, finals, folded if folded is not None and folded.n else None)
+
+    def fold(self, like: Like | None) -> None:
+        """From the next feed on, count the finals `like` takes instead of handing them back
+        (None: fold nothing); a feed's count comes in its `Fed.folded`. A feed folds nothing
+        of a page that says events were lost before it, nor any final after the first it
+        hands back: what the kernel source does with those may end its fold."""
+        if like is not None and not (like.disk.isascii() and (like.block or (0, ""))[1].isascii()):
+            like = None  # the C side compares bytes, this side strings: one answer for ASCII
+        self._like = like
+        self._set_fold(like)
 
     def take_counts(self) -> Counts:
         """The counters since the last call; they start again from zero."""
@@ -276,6 +344,12 @@ class _Base:
         raise NotImplementedError
 
     def _drain(self) -> None:
+        raise NotImplementedError
+
+    def _set_fold(self, like: Like | None) -> None:
+        raise NotImplementedError
+
+    def _take_folded(self) -> Folded | None:
         raise NotImplementedError
 
 
@@ -293,6 +367,8 @@ class PythonConsumer(_Base):
         watch: bytes | None = None,
     ) -> None:
         self.pairing = Pairing()
+        self._folding = False  # within a feed: the fold still counts (see _Base.fold)
+        self._folded = Folded(0, None, None)
         super().__init__(nvme, block, keep, log_attempts, watch)
         self._nvme_need = _need(nvme, NVME_FIELDS)
         self._block_need = _need(block, BLOCK_FIELDS)
@@ -316,9 +392,32 @@ class PythonConsumer(_Base):
     def _drain(self) -> None:
         pass  # counted straight into _counts
 
+    def _set_fold(self, like: Like | None) -> None:
+        self._folded = Folded(0, None, None)
+
+    def _take_folded(self) -> Folded | None:
+        folded, self._folded = self._folded, Folded(0, None, None)
+        return folded
+
     def _emit(self, kind: str, a: Attempt, b: BlockEnd | None, out: list[Final]) -> None:
-        if self._keep[a.status & SCT_SC_MASK]:
-            out.append(Final(kind, a, b))
+        if not self._keep[a.status & SCT_SC_MASK]:
+            return
+        like = self._like
+        if self._folding and like is not None and like.takes(kind, a, b):
+            self._fold_in(like.lba_sectors, b)
+            return
+        self._folding = False
+        out.append(Final(kind, a, b))
+
+    def _fold_in(self, lba_sectors: int, b: BlockEnd | None) -> None:
+        # As tracebulk.c's fold_in: the fields' values as unsigned 64-bit words.
+        n, lo, hi = self._folded.n + 1, self._folded.lo, self._folded.hi
+        if b is not None and lba_sectors and b.sector & _M64 != _M64:
+            slba = (b.sector & _M64) // lba_sectors
+            last = slba + ((b.nr_sector & _M64) // lba_sectors or 1) - 1
+            lo = slba if lo is None or slba < lo else lo
+            hi = last if hi is None or last > hi else hi
+        self._folded = Folded(n, lo, hi)
 
     def _superseded(self, a: Attempt | None, out: list[Final]) -> None:
         if a is None:
@@ -326,10 +425,12 @@ class PythonConsumer(_Base):
         self._counts.retried += 1
         code = a.status & SCT_SC_MASK
         if self._watch[code] or (self._log_attempts and self._keep[code]):
+            self._folding = False
             out.append(Final(RETRIED, a, None))
 
     def _feed(self, cpu: int, page: bytes, now: float) -> tuple[int, list[Final]]:
         lost, records = tracefs.parse_page(page)
+        self._folding = self._like is not None and not lost
         out: list[Final] = []
         nvme, block, counts, pairing = self._nvme, self._block, self._counts, self.pairing
         for rec in records:
@@ -371,6 +472,12 @@ class PythonConsumer(_Base):
 
 _A_INTS = ("ctrl_id", "qid", "cid", "retries", "flags", "status")  # tracebulk.c's order
 _B_INTS = ("dev", "sector", "nr_sector", "error")
+
+
+def _s64(v: int) -> int:
+    """A 64-bit word's value as the C side's int64_t holds it."""
+    v &= _M64
+    return v - (1 << 64) if v >> 63 else v
 
 
 def _final_struct(unsigned: set[str]) -> struct.Struct | None:
@@ -441,6 +548,8 @@ class CompiledConsumer(_Base):
         self._out: Any = ffi.new("struct nvmefs_tb_final[]", self._cap)
         self._lost: Any = ffi.new("int64_t *")
         self._totals: Any = ffi.new("struct nvmefs_tb_totals *")
+        self._like_c: Any = ffi.new("struct nvmefs_tb_like *")
+        self._folded_c: Any = ffi.new("struct nvmefs_tb_folded *")
         super().__init__(nvme, block, keep, log_attempts, watch)
 
     def _configure(self, keep: bytes, log_attempts: bool, watch: bytes) -> None:
@@ -527,6 +636,28 @@ class CompiledConsumer(_Base):
                 )
             out.append(Final(kind, attempt, blk))
         return out
+
+    def _set_fold(self, like: Like | None) -> None:
+        if like is None:
+            lib.nvmefs_tb_fold(self._c, ffi.NULL)
+            return
+        dev, rwbs = like.block or (0, "")
+        disk_b, rwbs_b = like.disk.encode(), rwbs.encode()
+        lk = self._like_c
+        lk.kind, lk.admin, lk.user = like.kind, like.admin, like.user
+        # Back to the C side's 64-bit words (Python holds u64 fields unsigned).
+        lk.ctrl_id, lk.status, lk.dev = (_s64(v) for v in (like.ctrl_id, like.status, dev))
+        lk.disk_len, lk.rwbs_len = len(disk_b), len(rwbs_b)
+        lk.disk, lk.rwbs = disk_b[: STRINGS["disk"]], rwbs_b[: STRINGS["rwbs"]]
+        lk.lba_sectors = like.lba_sectors
+        lib.nvmefs_tb_fold(self._c, lk)
+
+    def _take_folded(self) -> Folded | None:
+        f = self._folded_c
+        lib.nvmefs_tb_take_folded(self._c, f)
+        if not f.has_lba:
+            return Folded(f.n, None, None)
+        return Folded(f.n, f.lo, f.hi_carry << 64 | f.hi)
 
     def _drain(self) -> None:
         used = int(lib.nvmefs_tb_used(self._c))

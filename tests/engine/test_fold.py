@@ -140,15 +140,44 @@ def test_an_unlike_entry_ends_the_fold_which_goes_first(unlike: dict[str, Any]) 
     assert (b.repeats, b.lba_range) == (0, None)
 
 
-def test_successes_never_fold_and_end_a_fold() -> None:
+def test_successes_fold_over_a_bucket_of_their_own_and_end_a_fold_of_failures() -> None:
     f, out, stats = folder()
-    drain_bucket(f)
-    f.add(ev(0), T0)
-    ok = [ev(8 * i, word=0) for i in range(3000)]  # log=all: every success an entry
+    drain_bucket(f)  # the failures' bucket only
+    f.add(ev(0), T0)  # a failure over the rate: a fold opens
+    ok = [ev(8 * i, word=0) for i in range(3000)]  # log=all: a stream of successes
     for e in ok:
         f.add(e, T0)
-    assert out.events[FOLD_BURST].repeats == 0
-    assert out.events[FOLD_BURST + 1 :] == ok and stats.folded == 0
+    # The first success ends the failures' fold (which goes first); the successes' own bucket
+    # sends a burst of them unfolded; the rest fold into one entry with their exact count.
+    assert out.events[FOLD_BURST].repeats == 0 and out.events[FOLD_BURST].status.code
+    assert out.events[FOLD_BURST + 1 : 2 * FOLD_BURST + 1] == ok[:FOLD_BURST]
+    assert f.pending == 3000 - FOLD_BURST and f.first is ok[FOLD_BURST]
+    f.close()
+    assert out.events[-1] is ok[FOLD_BURST] and ok[FOLD_BURST].repeats == 3000 - FOLD_BURST - 1
+    assert stats.folded == 3000 - FOLD_BURST - 1
+    # A failure now: its bucket refilled for the time since (none), successes took nothing of it.
+    f2, out2, _ = folder()
+    for e in [ev(8 * i, word=0) for i in range(3000)]:
+        f2.add(e, T0)
+    f2.close()
+    f2.add(ev(0), T0)
+    assert out2.events[-1].status.code and out2.events[-1].repeats == 0 and f2.pending == 0
+
+
+def test_a_source_counts_like_events_into_the_open_fold_by_the_many() -> None:
+    """add_many: what a source counted itself (the kernel source's trace consumer) joins the
+    fold whose first event it saw open, with its LBAs; into no other fold."""
+    f, out, stats = folder()
+    drain_bucket(f)
+    first = ev(800)
+    f.add(first, T0)
+    assert f.add_many(first, 40, 16, 1 << 64) and f.add_many(first, 2, None, None)
+    assert not f.add_many(ev(800), 5, 0, 0)  # not the open fold's first event: nothing counted
+    f.add(ev(808), T0)
+    f.close()
+    assert out.events[-1] is first and first.repeats == 43 and stats.folded == 43
+    assert first.lba_range == (16, 1 << 64)
+    assert not f.add_many(first, 1, None, None)  # its fold went on: nothing counted
 
 
 def test_the_time_bound_sends_the_fold_on_and_the_refilled_bucket_logs_again() -> None:

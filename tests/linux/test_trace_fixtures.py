@@ -17,7 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nvmefs.linux import tracebulk
-from nvmefs.linux.tracebulk import FINAL, SUCCESS, CompiledConsumer, Counts, Final, PythonConsumer
+from nvmefs.linux.tracebulk import (
+    FINAL,
+    SUCCESS,
+    USER_CMD,
+    CompiledConsumer,
+    Counts,
+    Final,
+    Like,
+    PythonConsumer,
+)
 from nvmefs.linux.tracefs import EventFormat
 from nvmefs.nvme.policy import LogPolicy
 from nvmefs.nvme.status import SCT_SC_MASK
@@ -60,20 +69,23 @@ class Recorded:
             self.pages[int(f.name[3:].split(".")[0])] = pages
 
     def read(
-        self, impl: type[tracebulk.Consumer], log: str, log_attempts: bool
-    ) -> tuple[list[Final], Counts, list[int]]:
-        """Every page through a consumer of `impl`, then the grace period: (finals, counters,
-        each page's lost-events word)."""
+        self, impl: type[tracebulk.Consumer], log: str, log_attempts: bool,
+        fold: Like | None = None,
+    ) -> tuple[list[Final], Counts, list[int]]:  # fmt: skip
+        """Every page through a consumer of `impl` (folding the finals `fold` takes), then the
+        grace period: (finals, counters, each page's lost-events word). A folded final is in
+        the finals as None."""
         c = impl(self.nvme, self.block, LogPolicy(log).table, log_attempts)  # type: ignore[call-arg]
-        finals: list[Final] = []
+        c.fold(fold)
+        finals: list[Final | None] = []
         lost = []
         for cpu, pages in sorted(self.pages.items()):
             for page in pages:
                 fed = c.feed(cpu, page, 1.0)
-                finals += fed.finals
+                finals += [None] * (fed.folded.n if fed.folded else 0) + fed.finals
                 lost.append(fed.lost)
         finals += c.expire(100.0)
-        return finals, c.take_counts(), lost
+        return finals, c.take_counts(), lost  # type: ignore[return-value]
 
 
 def test_each_kernel_the_vm_boots_has_a_recording() -> None:
@@ -93,6 +105,33 @@ def test_both_consumers_read_the_same_from_the_kernels_pages(
     py = rec.read(PythonConsumer, log, log_attempts)
     c = rec.read(CompiledConsumer, log, log_attempts)
     assert py == c
+
+
+def like(f: Final, lba_sectors: int = 8) -> Like:
+    a, b = f.attempt, f.block
+    return Like(a.ctrl_id, a.disk, a.status, a.qid == 0, bool(a.flags & USER_CMD),
+                None if b is None else (b.dev, b.rwbs), lba_sectors)  # fmt: skip
+
+
+@pytest.mark.usefixtures("compiled_built")
+@pytest.mark.parametrize("log", ["media", "all"])
+@pytest.mark.parametrize("kernel", kernel_ids())
+def test_both_consumers_fold_the_same_and_every_folded_final_is_one_of_those_unfolded(
+    kernel: Path, log: str
+) -> None:
+    rec = Recorded(kernel)
+    unfolded, counts, _ = rec.read(PythonConsumer, log, False)
+    for f in unfolded[:12]:  # the first read of the bad LBA, and under log=all successes
+        folds = like(f)
+        py = rec.read(PythonConsumer, log, False, folds)
+        assert py == rec.read(CompiledConsumer, log, False, folds)
+        folded, c2, _ = py
+        assert c2 == counts  # folding counts the same
+        assert len(folded) == len(unfolded)  # one place each, folded or not, in order
+        for x, y in zip(folded, unfolded, strict=True):
+            assert x == y or (
+                x is None and y is not None and folds.takes(y.kind, y.attempt, y.block)
+            )
 
 
 @pytest.mark.parametrize("kernel", kernel_ids())

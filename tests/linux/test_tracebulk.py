@@ -24,6 +24,8 @@ from nvmefs.linux.tracebulk import (
     Consumer,
     Counts,
     Final,
+    Folded,
+    Like,
     PythonConsumer,
 )
 from nvmefs.linux.tracefs import EventFormat, Field, TraceError
@@ -100,6 +102,10 @@ class Both:
         a, b = self.py.take_counts(), self.c.take_counts()
         assert a == b
         return a
+
+    def fold(self, like: Like | None) -> None:
+        self.py.fold(like)
+        self.c.fold(like)
 
 
 # -- behaviour, on each implementation ---------------------------------------------------------
@@ -199,6 +205,44 @@ def test_a_success_is_final_at_once_and_ends_the_pending_attempt(make: Make) -> 
         (SUCCESS, 0, None),
     ]
     assert c.pending() == 0 and c.take_counts().retried == 1
+
+
+READ = Like(0, "nvme0n1", 0x281, False, False, (259 << 20, "RS"), 8)  # a_failed_read's request
+
+
+@pytest.mark.parametrize("make", IMPLS)
+def test_a_fold_counts_like_finals_with_their_lbas_until_a_final_goes_back(make: Make) -> None:
+    c = make(NVME, BLOCK, ALL)
+    c.fold(READ)
+    storm = [r for i in range(8) for r in a_failed_read(cid=10 * i)]
+    fed = c.feed(0, page(*storm))
+    assert fed.finals == [] and fed.folded == Folded(8, 256, 256)  # sector 2048, 8 sectors
+    # Another LBA, a passthrough one (no sector: no LBA), one of blocks beyond 64 bits.
+    fed = c.feed(0, page(nvme_record(0x281, 5), block_record(4096 + 8 * 7, 16, -61),
+                         nvme_record(0x281, 5), block_record(NO_SECTOR, 8, -61),
+                         nvme_record(0x281, 5), block_record(NO_SECTOR - 7, 16, -61)))  # fmt: skip
+    assert fed.finals == [] and fed.folded == Folded(3, 519, (NO_SECTOR - 7) // 8 + 2 - 1)
+    # Where a sector is an LBA, the last LBA of the highest request may pass 64 bits.
+    c.fold(dataclasses.replace(READ, lba_sectors=1))
+    fed = c.feed(0, page(nvme_record(0x281, 5), block_record(NO_SECTOR - 1, 16, -61)))
+    assert fed.folded == Folded(1, NO_SECTOR - 1, NO_SECTOR - 1 + 15)
+    c.fold(READ)
+    # An unlike final (a write) goes back, and so does every final after it in that page.
+    fed = c.feed(0, page(*a_failed_read(), nvme_record(0x281, 5),
+                         block_record(64, 8, -61, "WS"), *a_failed_read()))  # fmt: skip
+    assert fed.folded == Folded(1, 256, 256) and [f.block.rwbs for f in fed.finals] == ["WS", "RS"]  # type: ignore[union-attr]
+    # A page that says events were lost before it folds nothing; nor does an unset fold.
+    assert len(c.feed(0, raw_page(b"".join(event(r) for r in a_failed_read()), lost=3)).finals) == 1
+    c.fold(None)
+    fed = c.feed(0, page(*a_failed_read()))
+    assert fed.folded is None and len(fed.finals) == 1
+    # Successes fold as successes; and counters count every attempt and request all along.
+    c.fold(Like(0, "nvme0n1", 0, False, False, None))
+    fed = c.feed(0, page(*(nvme_record(0, cid=i) for i in range(30))))
+    assert fed.finals == [] and fed.folded == Folded(30, None, None)
+    counts = c.take_counts()
+    assert counts.failed == {(0, "nvme0n1", 0, False, 0x281): 8 + 3 + 1 + 3 + 2}
+    assert counts.attempts[(0, "nvme0n1", 0)] == 30
 
 
 @pytest.mark.parametrize("make", IMPLS)
@@ -346,7 +390,22 @@ int main(int argc, char **argv)
             watch[i] = (rnd() & 7) == 0;
         }
         nvmefs_tb_configure(c, keep, watch, rnd() & 1);
+        struct nvmefs_tb_folded folded;
+        struct nvmefs_tb_like like;
+        memset(&like, 0, sizeof(like));
         for (int it = 0; it < 1000; it++) {
+            if (it % 50 == 0) { /* a fold now and then, of any values (lengths beyond its arrays) */
+                like.kind = rnd() % 4;
+                like.admin = rnd() & 1;
+                like.user = rnd() & 1;
+                like.ctrl_id = (int64_t)(rnd() % 3);
+                like.status = (int64_t)(rnd() % 4 ? 0x281 : rnd());
+                like.dev = (int64_t)(rnd() % 2 ? 0 : rnd());
+                like.disk_len = (uint32_t)(rnd() % 80);
+                like.rwbs_len = (uint32_t)(rnd() % 20);
+                like.lba_sectors = rnd() % 3 ? rnd() % 9 : rnd();
+                nvmefs_tb_fold(c, rnd() % 3 ? &like : NULL);
+            }
             size_t len = rnd() % 3 == 0 ? rnd() % 64 : rnd() % 8192;
             uint8_t *pg = malloc(len ? len : 1);
             int64_t lost;
@@ -376,6 +435,8 @@ int main(int argc, char **argv)
             if (n < 0)
                 return 3;
             finals += n;
+            nvmefs_tb_take_folded(c, &folded);
+            finals += (long)folded.n;
             if (it % 97 == 0 && nvmefs_tb_expire(c, it * 0.01, 0.5, out, cap) < 0)
                 return 4;
             if (it % 300 == 0 && nvmefs_tb_take(c, counts, LOAD_MAX, &tot) < 0)
@@ -449,6 +510,22 @@ pages = st.tuples(
     st.one_of(st.none(), st.integers(-1, 1000)),
     st.floats(0, 0.7),
 )
+# Folds that the random records match now and then (and the odd ones: 64-bit words, no LBA).
+likes = st.builds(
+    Like,
+    st.sampled_from([0, 1, -1, (1 << 64) - 1]),
+    st.sampled_from([*DISKS, "nvme0n\u00e9"]),
+    st.one_of(st.sampled_from(STATUSES), st.integers(0, 0xFFFF)),
+    st.booleans(),
+    st.booleans(),
+    st.one_of(
+        st.none(),
+        st.tuples(
+            st.sampled_from([0, 259 << 20, (259 << 20) | 7, 0xFFFFFFFF]), st.sampled_from(RWBS)
+        ),
+    ),
+    st.sampled_from([0, 1, 8, 3, 1 << 63, (1 << 64) - 1]),
+)
 keeps = st.one_of(
     st.sampled_from([MEDIA, ERRORS, ALL, bytes(2048)]),
     st.binary(min_size=2048, max_size=2048),
@@ -475,6 +552,7 @@ def fill(chunks: list[bytes], limit: int = 4096 - 16 - 8) -> Iterator[bytes]:
     st.lists(st.tuples(st.integers(0, 11), keeps, st.booleans(), keeps), max_size=2),
     keeps,
     st.booleans(),
+    st.lists(st.tuples(st.integers(0, 11), st.one_of(st.none(), likes)), max_size=3),
 )
 def test_both_give_the_same_finals_and_counts_on_random_streams(
     stream: list[tuple[int, list[bytes], int | None, float]],
@@ -483,6 +561,7 @@ def test_both_give_the_same_finals_and_counts_on_random_streams(
     changes: list[tuple[int, bytes, bool, bytes]],
     watch: bytes,
     slow: bool,
+    folds: list[tuple[int, Like | None]],
 ) -> None:
     both = Both(keep, log_attempts, watch=watch)
     if slow:
@@ -492,6 +571,9 @@ def test_both_give_the_same_finals_and_counts_on_random_streams(
         for at, k, la, w in changes:
             if at == i:
                 both.configure(k, la, w)
+        for at, like in folds:
+            if at == i:
+                both.fold(like)
         now += step
         for data in fill(chunks):
             both.feed(cpu, raw_page(data, lost=lost), now)
@@ -541,6 +623,7 @@ def test_hostile_pages_neither_crash_nor_disagree(
     fed: list[tuple[int, bytes]], keep: bytes, watch: bytes
 ) -> None:
     both = Both(keep, log_attempts=True, watch=watch)
+    both.fold(READ)  # hostile pages under a fold too
     both.feed(0, page(nvme_record(0x281, 1)))  # an attempt waits while the garbage comes
     for cpu, pg in fed:
         both.feed(cpu, pg)
