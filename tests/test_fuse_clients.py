@@ -20,7 +20,7 @@ from tests.mounts import ALL_READS_FAIL, BUF, LINE, mounted, stats, wait_for, wa
 
 pytestmark = pytest.mark.fuse
 
-STATIC = "sim_size=64M,passes=1,log=errors,retries=0,capacity=4096"
+STATIC = "sim_size=64M,passes=1,log=errors,retries=0,capacity=4096,fold=0"
 # One failing chunk in a 1 MiB namespace scrubbed every 0.3 s: a steady trickle of entries.
 TRICKLE = "sim_size=1M,passes=0,interval=0.3,log=errors,retries=0,clock=realtime,capacity=4096"
 FIRST_LBA_FAILS = '[[fault]]\nopcode = "read"\nlba = [0, 0]\nstatus = 0x4281\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nvmefs import options
+from nvmefs.engine.sink import FOLD_RATE
 from nvmefs.options import OPTIONS
 
 # A value each option takes (the flags take none).
@@ -97,7 +98,7 @@ def test_parsed_options_cannot_be_edited() -> None:
 
 
 def test_fold_is_a_rate_of_entries_and_0_turns_folding_off() -> None:
-    assert options.parse([], allow_fuse=False)["fold"] == 200
+    assert options.parse([], allow_fuse=False)["fold"] == FOLD_RATE == 50
     assert options.parse(["fold=0"], allow_fuse=False)["fold"] == 0
     assert options.parse(["fold=0x10"], allow_fuse=False)["fold"] == 16
     for bad, why in [("abc", "'abc' is not a number"), ("-1", "not a number"), ("1.5", "number")]:

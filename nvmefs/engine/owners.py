@@ -14,6 +14,9 @@ Theory of operation
   and their entries go on as unresolved, saying so (counted), so the recorder's cost stays bounded
   whatever the rate of errors; at most a second's worth of lookups wait at once (lookups slower
   than the rate do not pile up). A lookup that fails in any way answers "unresolved" and why.
+  The lookups share the disks' layouts and the mount table (locate.Layouts): an LBA whose
+  answer needs no filesystem (an unmounted partition, a disk with none: a storm's usual case)
+  is answered from them in `append`, with no lookup and no wait (`known`).
 - An entry waits `wait_s` at most (the option locate_wait); then it goes to the ring with an
   "unresolved" place that says so (counted as late); a lookup still under way fills the cache
   for the next error there. An entry whose LBA is over the rate says that. At most HELD_MAX
@@ -26,6 +29,7 @@ Theory of operation
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import time
@@ -60,10 +64,13 @@ Key = tuple[str, int]  # (disk, LBA)
 Lookup = Callable[[str, int, float], Place]
 
 
-def lookup(disk: str, lba: int, timeout: float) -> Place:
-    """What owns `lba` of /dev/`disk` (blocking: for a worker thread)."""
+def locate_owner(
+    disk: str, lba: int, timeout: float, layouts: locate.Layouts | None = None
+) -> Place:
+    """What owns `lba` of /dev/`disk` (blocking: for a worker thread), with the disks' layouts
+    and the mount table from `layouts` when given."""
     try:
-        return locate.locate(f"/dev/{disk}", lba, timeout=timeout).place()
+        return locate.locate(f"/dev/{disk}", lba, timeout=timeout, layouts=layouts).place()
     except UsageError as e:  # an LBA beyond the disk, a disk gone
         return Place("unresolved", reason=str(e))
     except OSError as e:
@@ -91,13 +98,16 @@ class Placer:
     def __init__(
         self,
         ring: DebugRing,
-        lookup: Lookup = lookup,
+        lookup: Lookup | None = None,
         *,
         wait_s: float = WAIT_S,
         lookups_per_s: int = LOOKUPS_PER_S,
     ) -> None:
         self.ring = ring
-        self._lookup = lookup
+        # By default the lookups of one Placer share the disks' layouts and the mount table:
+        # in a storm they are of one disk, many a second.
+        self._layouts = locate.Layouts() if lookup is None else None
+        self._lookup: Lookup = lookup or functools.partial(locate_owner, layouts=self._layouts)
         self.wait_s = wait_s
         self.lookups_per_s = lookups_per_s
         self.held: collections.deque[Held] = collections.deque()
@@ -108,6 +118,7 @@ class Placer:
         self._lookup_wake = trio.Event()  # something was queued
         self._window = (0.0, 0)  # (second it started, lookups started in it)
         self.lookups = 0  # lookups done
+        self.known = 0  # LBAs answered from what the lookups keep, with no lookup
         self.placed = 0  # entries that went to the ring with their LBA's owner found
         self.late = 0  # entries that waited wait_s (or were pushed out) and went unresolved
         self.skipped = 0  # LBAs not looked up: over lookups_per_s, or a second's worth queued
@@ -122,7 +133,7 @@ class Placer:
             mono_ns, wall_ns = time.monotonic_ns(), time.time_ns()
         key = self._key(event)
         if key is not None:
-            place = self._cached(key)
+            place = self._cached(key) or self._known(key)
             if place is None and not self._start_lookup(key):
                 place = Place(UNRESOLVED, reason=f"not looked up: over {self.lookups_per_s}/s")
             if place is not None:
@@ -140,6 +151,8 @@ class Placer:
         """Send everything held to the ring now, with what is known (the source is ending)."""
         while self.held:
             self._send(self.held.popleft())
+        if self._layouts is not None:  # its mount table's descriptor (opened again if needed)
+            self._layouts.table.close()
 
     @property
     def lookups_queued(self) -> int:
@@ -150,6 +163,7 @@ class Placer:
         """The lines of `stats` about lookups."""
         return [
             ("locate_lookups", self.lookups),
+            ("locate_known", self.known),
             ("locate_placed", self.placed),
             ("locate_late", self.late),
             ("locate_skipped", self.skipped),
@@ -232,6 +246,17 @@ class Placer:
             return None
         self._cache.move_to_end(key)
         return hit[1]
+
+    def _known(self, key: Key) -> Place | None:
+        """The answer what the lookups keep gives at once, with no filesystem to ask (an
+        unmounted partition, a disk without a filesystem: a storm's usual case); None when a
+        lookup must tell (or this Placer was given its own lookup)."""
+        if self._layouts is None:
+            return None
+        place = self._layouts.known(f"/dev/{key[0]}", key[1])
+        if place is not None:
+            self.known += 1
+        return place
 
     def _remember(self, key: Key, place: Place) -> None:
         self._cache[key] = (time.monotonic(), place)

@@ -133,8 +133,8 @@ class Appender(Protocol):
 # bursts of errors, a few hundred, never fold. Beyond that, consecutive like ones fold into
 # one entry that counts them exactly (the option fold=; 0: never fold). Successes, which only
 # log=all logs, do the same at the same rate, on a bucket of their own.
-FOLD_RATE = 200
-FOLD_BURST = 1000
+FOLD_RATE = 50
+FOLD_BURST = 500
 # A fold goes to the ring at most this long after it opened, even while like failures keep
 # coming, so the ring and its readers are never more than about this far behind.
 FOLD_S = 1.0

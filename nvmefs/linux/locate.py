@@ -43,7 +43,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -62,6 +62,10 @@ MAX_FILES = 200_000
 OUTPUT_CAP = 1 << 20
 # Cached answers (each well under a KiB).
 CACHE_SIZE = 256
+# How long a Layouts keeps a disk's layout (see Layouts), and how often `known` asks whether
+# the mount table changed.
+LAYOUT_S = 10.0
+MOUNTS_POLL_S = 0.1
 # Filesystems whose FIEMAP addresses are not device offsets (btrfs, bcachefs: logical
 # addresses over several devices) or that have no blocks of their own on a disk.
 UNSUPPORTED = frozenset({"btrfs", "bcachefs", "zfs", "nfs", "nfs4", "cifs", "tmpfs", "overlay"})
@@ -120,7 +124,7 @@ def _read(path: str) -> str:
         return f.read(4096).strip()
 
 
-def disk_name(path: str) -> str:
+def disk_name(path: str, layouts: Layouts | None = None) -> str:
     """The sysfs name of the block device at `path` (a node such as /dev/nvme0n1, or a name);
     UsageError when it is none."""
     try:
@@ -130,10 +134,14 @@ def disk_name(path: str) -> str:
     if not stat.S_ISBLK(st.st_mode):
         raise UsageError(f"{path}: not a block device")
     link = f"{SYS_DEV_BLOCK}/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    try:
-        return os.path.basename(os.path.realpath(link, strict=True))
-    except OSError:
-        raise UsageError(f"{path}: no such block device in sysfs") from None
+
+    def read() -> str:
+        try:
+            return os.path.basename(os.path.realpath(link, strict=True))
+        except OSError:
+            raise UsageError(f"{path}: no such block device in sysfs") from None
+
+    return read() if layouts is None else layouts.name(st.st_rdev, read)
 
 
 def partitions(disk: str, root: str = SYS_BLOCK) -> list[Part]:
@@ -167,6 +175,150 @@ def holders(name: str, root: str = SYS_BLOCK) -> list[str]:
         return sorted(os.listdir(os.path.join(root, name, "holders")))
     except OSError:
         return []
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What sysfs says of a disk, read at monotonic time `read_at`: its device number, LBA size
+    and size in 512-byte sectors, its partitions by start, and what holds the disk and each
+    partition (by sysfs name)."""
+
+    name: str
+    dev: str
+    lba_size: int
+    sectors: int
+    parts: tuple[Part, ...]
+    holders: dict[str, list[str]]
+    read_at: float
+
+
+def read_layout(name: str, root: str = SYS_BLOCK) -> Layout:
+    """The Layout of disk `name` now (OSError if it is gone)."""
+    base = os.path.join(root, name)
+    parts = tuple(partitions(name, root))
+    return Layout(
+        name,
+        _read(f"{base}/dev"),
+        int(_read(f"{base}/queue/logical_block_size")),
+        int(_read(f"{base}/size")),
+        parts,
+        {p: holders(p, root) for p in (name, *(q.name for q in parts))},
+        time.monotonic(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What `Layouts.known` answers for a disk at once, from its layout read at `read_at`: the
+    answer for the 512-byte sectors [start, end) of each partition (or the whole disk) kept."""
+
+    read_at: float
+    lba_size: int
+    extents: list[tuple[int, int, Place]]
+
+
+class Layouts:
+    """Disks' layouts and the mount table, kept between the lookups of a long-running caller
+    (the kernel source's Placer, which in a storm looks up LBAs of one disk many times a
+    second: reading sysfs and the mount table again for each cost more than the rest of the
+    lookup). A disk's layout is read again after `ttl` seconds (and its sysfs name, from its
+    device number); the mount table whenever it changed (mountinfo.MountTable), and so are
+    the mounts of a device found in it. Thread-safe."""
+
+    def __init__(self, ttl: float = LAYOUT_S, root: str = SYS_BLOCK) -> None:
+        self.ttl = ttl
+        self.root = root
+        self.table = mountinfo.MountTable()
+        self._disks: dict[str, Layout] = {}
+        self._names: dict[int, tuple[float, str]] = {}  # by device number: (read at, name)
+        self._mounts_of: dict[str, list[mountinfo.Mount]] = {}  # by dev, for `_generation`
+        self._generation = -1
+        self._known: dict[str, _Known] = {}  # by disk path: see `known`
+        self._polled = 0.0  # when `known` last polled the mount table
+        self._lock = threading.Lock()
+
+    def name(self, rdev: int, read: Callable[[], str]) -> str:
+        """The sysfs name of block device number `rdev` (`read` finds it when not known)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._names.get(rdev)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        name = read()
+        with self._lock:
+            self._names[rdev] = (now, name)
+        return name
+
+    def disk(self, name: str) -> Layout:
+        with self._lock:
+            lay = self._disks.get(name)
+        if lay is None or time.monotonic() - lay.read_at >= self.ttl:
+            lay = read_layout(name, self.root)
+            with self._lock:
+                self._disks[name] = lay
+        return lay
+
+    def known(self, disk: str, lba: int) -> Place | None:
+        """The answer for `lba` of block device `disk` (a /dev path) when what is kept gives
+        it with no filesystem to ask (see `_where`: its partition is held, not mounted, or of
+        a filesystem nvmefs cannot map), else None. For the event loop: it reads nothing but
+        a stat and a poll of the mount table (at most every MOUNTS_POLL_S), never raises, and
+        answers the LBAs of a partition it answered for within `ttl` from a table."""
+        now = time.monotonic()
+        try:
+            if now - self._polled >= MOUNTS_POLL_S:
+                self._polled = now
+                if self.table.changed():
+                    with self._lock:
+                        self._known.clear()
+                    return None
+            with self._lock:
+                k = self._known.get(disk)
+            if k is not None and now - k.read_at < self.ttl:
+                sector = lba * k.lba_size // SECTOR
+                for start, end, place in k.extents:
+                    if start <= sector < end:
+                        return place
+            return self._known_now(disk, lba, now)
+        except (OSError, UsageError, ValueError):
+            return None
+
+    def _known_now(self, disk: str, lba: int, now: float) -> Place | None:
+        # What `known` gives when the partition is not in its table yet: `_where` over what is
+        # kept, if all of it is (nothing read), and its partition's extent noted.
+        rdev = os.stat(disk).st_rdev
+        with self._lock:
+            named = self._names.get(rdev)
+            lay = None if named is None else self._disks.get(named[1])
+        if named is None or lay is None or now - min(named[0], lay.read_at) >= self.ttl:
+            return None
+        if self.table.changed():
+            return None
+        where = _where(disk, lba, self)
+        if not isinstance(where, Location) or where.partition is None:
+            return None  # a filesystem to ask, or in no partition (a gap: rare, not kept)
+        name = where.partition.removeprefix("/dev/")
+        part = next((p for p in lay.parts if p.name == name), Part(name, lay.dev, 0, lay.sectors))
+        place = where.place()
+        with self._lock:
+            k = self._known.get(disk)
+            if k is None or k.read_at != lay.read_at:
+                k = self._known[disk] = _Known(lay.read_at, lay.lba_size, [])
+            k.extents.append((part.start, part.start + part.size, place))
+        return place
+
+    def mounts_of(self, dev: str) -> list[mountinfo.Mount]:
+        generation, table = self.table.get()
+        with self._lock:
+            if generation != self._generation:
+                self._mounts_of, self._generation = {}, generation
+            hit = self._mounts_of.get(dev)
+        if hit is None:
+            hit = _mounts_in(table, dev)
+            with self._lock:
+                if generation == self._generation:
+                    self._mounts_of[dev] = hit
+        return hit
 
 
 # ---------------------------------------------------------------- FIEMAP and GETFSMAP
@@ -521,10 +673,9 @@ def _same_device(source: str, dev: str) -> bool:
     return stat.S_ISBLK(st.st_mode) and f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" == dev
 
 
-def _mount_of(dev: str) -> list[mountinfo.Mount]:
-    """The mounts of block device `dev`, in the table's order. btrfs shows an anonymous
+def _mounts_in(table: Sequence[mountinfo.Mount], dev: str) -> list[mountinfo.Mount]:
+    """The mounts of block device `dev` in `table`, in its order. btrfs shows an anonymous
     device number in mountinfo (0:NN): its mounts are found by their source."""
-    table = mountinfo.mounts()
     found = [m for m in table if m.dev == dev]
     return found or [m for m in table if m.source.startswith("/") and _same_device(m.source, dev)]
 
@@ -540,37 +691,59 @@ def _through_mounts(mounts: Sequence[mountinfo.Mount], rel: str, ino: int) -> st
     return None
 
 
-def locate(disk: str, lba: int, timeout: float = TIMEOUT_S, max_files: int = MAX_FILES) -> Location:
-    """What owns `lba` of block device `disk` (a /dev path). UsageError for a path that is no
-    block device or an LBA beyond it; every other failure is an "unresolved" answer with its
-    reason. Takes at most about `timeout` seconds (each tool and the walk stop by then)."""
-    name = disk_name(disk)
-    lba_size = int(_read(f"{SYS_BLOCK}/{name}/queue/logical_block_size"))
-    sectors = int(_read(f"{SYS_BLOCK}/{name}/size"))
+def _where(
+    disk: str, lba: int, layouts: Layouts | None
+) -> Location | tuple[Location, Part, list[mountinfo.Mount], int]:
+    """The first steps of `locate`, which need no filesystem: the answer when they give it
+    (no partition there, a holder, not mounted), else (the location so far, the partition,
+    its mounts, the byte offset of `lba` in it)."""
+    name = disk_name(disk, layouts)
+    lay = read_layout(name) if layouts is None else layouts.disk(name)
+    lba_size, sectors = lay.lba_size, lay.sectors
     if lba < 0 or lba * lba_size >= sectors * SECTOR:
         raise UsageError(f"LBA {lba} is beyond {disk} ({sectors * SECTOR // lba_size} LBAs)")
     loc = Location(disk=disk, lba=lba, lba_size=lba_size)
-    parts = partitions(name)
-    if parts:
-        part = find_part(parts, lba * lba_size // SECTOR)
+    if lay.parts:
+        part = find_part(lay.parts, lba * lba_size // SECTOR)
         if part is None:
             return replace(loc, reason="in no partition (the partition table or a gap)")
     else:
-        part = Part(name, _read(f"{SYS_BLOCK}/{name}/dev"), 0, sectors)
+        part = Part(name, lay.dev, 0, sectors)
     offset = fs_offset(lba, lba_size, part.start)
     loc = replace(loc, partition=f"/dev/{part.name}", partition_lba=offset // lba_size)
-    held = holders(part.name)
+    held = lay.holders.get(part.name) or []
     if held:
         return replace(
             loc, reason=f"/dev/{part.name} is used by {', '.join(held)} (LVM, md or dm-crypt)"
         )
-    mounts = _mount_of(part.dev)
+    mounts = (
+        _mounts_in(mountinfo.mounts(), part.dev) if layouts is None else layouts.mounts_of(part.dev)
+    )
     if not mounts:
         return replace(loc, reason=f"/dev/{part.name} is not mounted")
+    if mounts[0].fstype in UNSUPPORTED:
+        fs, point = mounts[0].fstype, mounts[0].point
+        return replace(
+            loc, fs=fs, mountpoint=point, reason=f"{fs} is not supported (no device offsets)"
+        )
+    return loc, part, mounts, offset
+
+
+def locate(
+    disk: str, lba: int, timeout: float = TIMEOUT_S, max_files: int = MAX_FILES,
+    layouts: Layouts | None = None,
+) -> Location:  # fmt: skip
+    """What owns `lba` of block device `disk` (a /dev path). UsageError for a path that is no
+    block device or an LBA beyond it; every other failure is an "unresolved" answer with its
+    reason. Takes at most about `timeout` seconds (each tool and the walk stop by then). With
+    `layouts`, the disk's layout and the mount table come from there (a caller that looks up
+    many LBAs); else they are read now."""
+    where = _where(disk, lba, layouts)
+    if isinstance(where, Location):
+        return where
+    loc, part, mounts, offset = where
     mount = mounts[0]
     loc = replace(loc, fs=mount.fstype, mountpoint=mount.point)
-    if mount.fstype in UNSUPPORTED:
-        return replace(loc, reason=f"{mount.fstype} is not supported (no device offsets)")
     try:
         block = os.statvfs(mount.point).f_bsize
     except OSError as e:

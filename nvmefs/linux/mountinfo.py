@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import threading
 from dataclasses import dataclass
 
 PATH = "/proc/self/mountinfo"
@@ -66,6 +67,53 @@ def mounts(path: str = PATH) -> list[Mount]:
         return read(fd)
     finally:
         os.close(fd)
+
+
+class MountTable:
+    """The mount table, read again only when it changed: poll() on an open mountinfo reports
+    POLLPRI once after every change of the table (proc(5)). `generation` counts
+    the reads. Thread-safe.
+
+    Invariant: `get()` returns the table as it is, at the cost of one poll() when nothing
+    changed."""
+
+    def __init__(self, path: str = PATH) -> None:
+        self.path = path
+        self.generation = 0
+        self._fd: int | None = None
+        self._poll = select.poll()
+        self._table: list[Mount] = []
+        self._stale = False  # a poll saw a change the table does not have yet
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[int, list[Mount]]:
+        """(generation, the table now); OSError if it cannot be read."""
+        with self._lock:
+            if self._fd is None:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._poll.register(fd, select.POLLPRI)
+                self._fd = fd
+            elif self.generation and not self._stale and not self._poll.poll(0):
+                return self.generation, self._table
+            self._table = read(self._fd)
+            self._stale = False
+            self.generation += 1
+            return self.generation, self._table
+
+    def changed(self) -> bool:
+        """Whether `get()` would read the table again (one poll())."""
+        with self._lock:
+            # A poll that reports the change consumes it (the kernel's mounts_poll): noted.
+            self._stale = self._stale or bool(self._poll.poll(0))
+            return self._fd is None or not self.generation or self._stale
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                self._poll.unregister(self._fd)
+                os.close(self._fd)
+                self._fd = None
+                self.generation += 1
 
 
 class MountWatch:

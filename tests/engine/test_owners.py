@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import trio
@@ -241,3 +242,30 @@ async def test_lookups_slower_than_the_rate_do_not_pile_up() -> None:
                 await trio.sleep(0.025)
         nursery.cancel_scope.cancel()
     assert p.skipped > 0 and len(ring) == 120
+
+
+@pytest.mark.root
+async def test_a_storm_on_an_unmounted_disk_is_answered_from_what_the_lookups_keep(
+    tmp_path: Path,
+) -> None:
+    """After one lookup of a disk with no filesystem mounted, its other LBAs are answered in
+    append, with no lookup and no wait: a storm there costs the recorder next to nothing."""
+    from tests.linux.test_locate import loop_disk
+
+    with loop_disk(tmp_path, "64M") as disk:
+        name = disk.dev.removeprefix("/dev/")
+        ring = DebugRing(1024)
+        p = Placer(ring, wait_s=5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.run)
+            p.append(error(8, disk=name))
+            with trio.fail_after(10):
+                while len(ring) < 1:
+                    await trio.sleep(0.01)
+            for lba in range(16, 16 + 8 * 300, 8):
+                p.append(error(lba, disk=name))
+            assert len(ring) == 301 and not p.held  # none waited
+            nursery.cancel_scope.cancel()
+        places = [e.place for e in events(ring) if isinstance(e, NvmeEvent)]
+        assert all(pl is not None and "not mounted" in str(pl.reason) for pl in places)
+        assert (p.lookups, p.known, p.skipped) == (1, 300, 0)

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,41 @@ def test_partitioned_disk_translates_the_lba_through_the_partition_start(
         gpt = run_locate(disk.dev, 1)
         assert gpt["owner"] == "unresolved" and gpt["partition"] is None
         assert "no partition" in str(gpt["reason"])
+        # Through kept layouts (the daemon's Placer), the same answers; and a mount made
+        # since is seen at the next lookup.
+        lay = locate.Layouts()
+        for lba in (43008 + 2, 2048 + 5, 1, 43008 + 2):
+            assert locate.locate(disk.dev, lba, layouts=lay) == locate.locate(disk.dev, lba)
+        sh("mkfs.ext4", "-q", "-b", "4096", f"{disk.dev}p1")
+        disk.mount(f"{disk.dev}p1", tmp_path / "mnt1")
+        assert locate.locate(disk.dev, 2048 + 5, layouts=lay).fs == "ext4"
+        lay.table.close()
+
+
+@pytest.mark.root
+def test_kept_layouts_answer_an_unmounted_disk_at_once_and_see_a_mount_come(
+    tmp_path: Path,
+) -> None:
+    need("mkfs.ext4")
+    with loop_disk(tmp_path, "64M") as disk:
+        kept = locate.Layouts()
+        try:
+            assert kept.known(disk.dev, 100) is None  # nothing kept yet: a lookup must tell
+            first = locate.locate(disk.dev, 100, layouts=kept)
+            assert "not mounted" in str(first.reason)
+            at_once = kept.known(disk.dev, 200)
+            assert at_once == locate.locate(disk.dev, 200).place()
+            assert at_once is not None and at_once.owner == "unresolved"
+            assert kept.known(disk.dev, 300) is at_once  # the partition's answer, kept
+            assert kept.known(disk.dev, 1 << 40) is None  # beyond the disk: the lookup says so
+            sh("mkfs.ext4", "-q", disk.dev)
+            disk.mount(disk.dev, tmp_path / "mnt")
+            time.sleep(locate.MOUNTS_POLL_S)
+            assert kept.known(disk.dev, 200) is None  # the table changed: a lookup must tell
+            assert locate.locate(disk.dev, 200, layouts=kept).fs == "ext4"
+            assert kept.known(disk.dev, 200) is None  # a filesystem to ask: never at once
+        finally:
+            kept.table.close()
 
 
 @pytest.mark.root
@@ -399,6 +435,27 @@ def test_partitions_and_holders_come_from_sysfs(tmp_path: Path) -> None:
     assert locate.find_part(parts, 4196) is None
     assert locate.holders("nvme0n1p2", str(disk)) == ["dm-0"]
     assert locate.holders("nvme0n1p1", str(disk)) == []
+
+
+def test_a_disks_layout_is_kept_for_its_time_and_read_again_after(tmp_path: Path) -> None:
+    disk = tmp_path / "nvme0n1"
+    (disk / "queue").mkdir(parents=True)
+    for f, v in (("dev", "259:0"), ("size", "8192"), ("queue/logical_block_size", "4096")):
+        (disk / f).write_text(v + "\n")
+    part = disk / "nvme0n1p1"
+    (part / "holders").mkdir(parents=True)
+    for f, v in (("partition", "1"), ("dev", "259:1"), ("start", "2048"), ("size", "2048")):
+        (part / f).write_text(v + "\n")
+    (tmp_path / "nvme0n1p1").symlink_to(part)  # /sys/class/block lists partitions too
+    kept = locate.Layouts(ttl=3600, root=str(tmp_path))
+    first = kept.disk("nvme0n1")
+    assert (first.dev, first.lba_size, first.sectors) == ("259:0", 4096, 8192)
+    assert first.parts == (locate.Part("nvme0n1p1", "259:1", 2048, 2048),)
+    assert first.holders == {"nvme0n1": [], "nvme0n1p1": []}
+    (part / "holders" / "dm-0").touch()  # LVM takes the partition
+    assert kept.disk("nvme0n1") is first  # within its time: not read again
+    fresh = locate.Layouts(ttl=0, root=str(tmp_path)).disk("nvme0n1")
+    assert fresh.holders["nvme0n1p1"] == ["dm-0"] and fresh.parts == first.parts
 
 
 @pytest.mark.root

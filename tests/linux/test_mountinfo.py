@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -37,3 +40,24 @@ def test_any_path_survives_the_kernels_escaping(raw: bytes) -> None:
 
 def test_this_process_sees_its_root_mount() -> None:
     assert any(m.point == "/" for m in mountinfo.mounts())
+
+
+@pytest.mark.root
+def test_the_table_is_read_again_only_when_a_mount_changed_it(tmp_path: Path) -> None:
+    table = mountinfo.MountTable()
+    try:
+        gen, mounts = table.get()
+        assert any(m.point == "/" for m in mounts)
+        assert table.get()[0] == gen  # nothing changed: not read again
+        point = tmp_path / "t"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "nvmefs-test", str(point)], check=True)
+        try:
+            gen2, mounts = table.get()
+            assert gen2 > gen and any(m.point == str(point) for m in mounts)
+        finally:
+            subprocess.run(["umount", str(point)], check=True)
+        gen3, mounts = table.get()
+        assert gen3 > gen2 and not any(m.point == str(point) for m in mounts)
+    finally:
+        table.close()
