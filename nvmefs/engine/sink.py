@@ -202,7 +202,7 @@ class Folder:
         self.last_ns = [0, 0]
         self.first: NvmeEvent | None = None  # the open fold's first event
         self.repeats = 0  # like events counted into it since
-        self.lo = NO_LBA  # lowest first LBA and highest last LBA of them all (-1: none)
+        self.lo = NO_LBA  # lowest first LBA and highest last LBA of them all (NO_LBA, -1: none)
         self.hi = -1
         self.mono_ns = self.wall_ns = 0  # when it opened: the time its entry carries
         self.until = 0  # when it goes on at the latest (monotonic ns)

@@ -209,10 +209,12 @@ def read_layout(name: str, root: str = SYS_BLOCK) -> Layout:
 
 @dataclass(frozen=True, slots=True)
 class _Known:
-    """What `Layouts.known` answers for a disk at once, from its layout read at `read_at`: the
-    answer for the 512-byte sectors [start, end) of each partition (or the whole disk) kept."""
+    """What `Layouts.known` answers for a disk at once, from its layout read at `read_at` and the
+    mount table of `generation`: the answer for the 512-byte sectors [start, end) of each
+    partition (or the whole disk) noted."""
 
     read_at: float
+    generation: int  # of the mount table
     lba_size: int
     extents: list[tuple[int, int, Place]]
 
@@ -259,55 +261,37 @@ class Layouts:
         return lay
 
     def known(self, disk: str, lba: int) -> Place | None:
-        """The answer for `lba` of block device `disk` (a /dev path) when what is kept gives
-        it with no filesystem to ask (see `_where`: its partition is held, not mounted, or of
-        a filesystem nvmefs cannot map), else None. For the event loop: it reads nothing but
-        a stat and a poll of the mount table (at most every MOUNTS_POLL_S), never raises, and
-        answers the LBAs of a partition it answered for within `ttl` from a table."""
+        """The answer for `lba` of block device `disk` (a /dev path) when a lookup gave it for
+        its partition with no filesystem to ask (see `_where`: the partition is held, not
+        mounted, or of a filesystem nvmefs cannot map), within `ttl` and with the mount table
+        unchanged since; else None. For the event loop: it reads nothing (a poll of the mount
+        table at most every MOUNTS_POLL_S, never waiting for a lookup's read of it)."""
         now = time.monotonic()
-        try:
-            if now - self._polled >= MOUNTS_POLL_S:
-                self._polled = now
-                if self.table.changed():
-                    with self._lock:
-                        self._known.clear()
-                    return None
-            with self._lock:
-                k = self._known.get(disk)
-            if k is not None and now - k.read_at < self.ttl:
-                sector = lba * k.lba_size // SECTOR
-                for start, end, place in k.extents:
-                    if start <= sector < end:
-                        return place
-            return self._known_now(disk, lba, now)
-        except (OSError, UsageError, ValueError):
-            return None
-
-    def _known_now(self, disk: str, lba: int, now: float) -> Place | None:
-        # What `known` gives when the partition is not in its table yet: `_where` over what is
-        # kept, if all of it is (nothing read), and its partition's extent noted.
-        rdev = os.stat(disk).st_rdev
-        with self._lock:
-            named = self._names.get(rdev)
-            lay = None if named is None else self._disks.get(named[1])
-        if named is None or lay is None or now - min(named[0], lay.read_at) >= self.ttl:
-            return None
-        if self.table.changed():
-            return None
-        where = _where(disk, lba, self)
-        if not isinstance(where, Location) or where.partition is None:
-            return None  # a filesystem to ask, or in no partition (a gap: rare, not kept)
-        name = where.partition.removeprefix("/dev/")
-        part = next((p for p in lay.parts if p.name == name), Part(name, lay.dev, 0, lay.sectors))
-        place = where.place()
+        if now - self._polled >= MOUNTS_POLL_S:
+            self._polled = now
+            if self.table.changed():
+                return None
         with self._lock:
             k = self._known.get(disk)
-            if k is None or k.read_at != lay.read_at:
-                k = self._known[disk] = _Known(lay.read_at, lay.lba_size, [])
-            k.extents.append((part.start, part.start + part.size, place))
-        return place
+        if k is None or now - k.read_at >= self.ttl or k.generation != self.table.generation:
+            return None
+        sector = lba * k.lba_size // SECTOR
+        for start, end, place in k.extents:
+            if start <= sector < end:
+                return place
+        return None
 
-    def mounts_of(self, dev: str) -> list[mountinfo.Mount]:
+    def note(self, disk: str, lay: Layout, part: Part, generation: int, answer: Location) -> None:
+        """What `_where` answered for `part` of `disk` from layout `lay` and the mount table of
+        `generation`, for `known`."""
+        with self._lock:
+            k = self._known.get(disk)
+            if k is None or (k.read_at, k.generation) != (lay.read_at, generation):
+                k = self._known[disk] = _Known(lay.read_at, generation, lay.lba_size, [])
+            k.extents.append((part.start, part.start + part.size, answer.place()))
+
+    def mounts_of(self, dev: str) -> tuple[int, list[mountinfo.Mount]]:
+        """(the mount table's generation, the mounts of block device `dev` in it)."""
         generation, table = self.table.get()
         with self._lock:
             if generation != self._generation:
@@ -318,7 +302,7 @@ class Layouts:
             with self._lock:
                 if generation == self._generation:
                     self._mounts_of[dev] = hit
-        return hit
+        return generation, hit
 
 
 # ---------------------------------------------------------------- FIEMAP and GETFSMAP
@@ -711,22 +695,30 @@ def _where(
         part = Part(name, lay.dev, 0, sectors)
     offset = fs_offset(lba, lba_size, part.start)
     loc = replace(loc, partition=f"/dev/{part.name}", partition_lba=offset // lba_size)
+    generation = -1 if layouts is None else layouts.table.generation
     held = lay.holders.get(part.name) or []
+    answer = None
     if held:
-        return replace(
+        answer = replace(
             loc, reason=f"/dev/{part.name} is used by {', '.join(held)} (LVM, md or dm-crypt)"
         )
-    mounts = (
-        _mounts_in(mountinfo.mounts(), part.dev) if layouts is None else layouts.mounts_of(part.dev)
-    )
-    if not mounts:
-        return replace(loc, reason=f"/dev/{part.name} is not mounted")
-    if mounts[0].fstype in UNSUPPORTED:
-        fs, point = mounts[0].fstype, mounts[0].point
-        return replace(
-            loc, fs=fs, mountpoint=point, reason=f"{fs} is not supported (no device offsets)"
-        )
-    return loc, part, mounts, offset
+    else:
+        if layouts is None:
+            mounts = _mounts_in(mountinfo.mounts(), part.dev)
+        else:
+            generation, mounts = layouts.mounts_of(part.dev)
+        if not mounts:
+            answer = replace(loc, reason=f"/dev/{part.name} is not mounted")
+        elif mounts[0].fstype in UNSUPPORTED:
+            fs, point = mounts[0].fstype, mounts[0].point
+            answer = replace(
+                loc, fs=fs, mountpoint=point, reason=f"{fs} is not supported (no device offsets)"
+            )
+    if answer is None:
+        return loc, part, mounts, offset
+    if layouts is not None:  # the same for every LBA of the partition: `known` gives it
+        layouts.note(disk, lay, part, generation, answer)
+    return answer
 
 
 def locate(

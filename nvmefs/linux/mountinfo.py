@@ -101,11 +101,16 @@ class MountTable:
             return self.generation, self._table
 
     def changed(self) -> bool:
-        """Whether `get()` would read the table again (one poll())."""
-        with self._lock:
+        """Whether `get()` would read the table again (one poll()); True at once, without
+        waiting, while another thread reads it."""
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
             # A poll that reports the change consumes it (the kernel's mounts_poll): noted.
             self._stale = self._stale or bool(self._poll.poll(0))
             return self._fd is None or not self.generation or self._stale
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

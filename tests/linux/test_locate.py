@@ -257,6 +257,7 @@ def test_kept_layouts_answer_an_unmounted_disk_at_once_and_see_a_mount_come(
             assert kept.known(disk.dev, 1 << 40) is None  # beyond the disk: the lookup says so
             sh("mkfs.ext4", "-q", disk.dev)
             disk.mount(disk.dev, tmp_path / "mnt")
+            kept.table.get()  # a lookup of another disk read the table (and took its poll)
             time.sleep(locate.MOUNTS_POLL_S)
             assert kept.known(disk.dev, 200) is None  # the table changed: a lookup must tell
             assert locate.locate(disk.dev, 200, layouts=kept).fs == "ext4"
