@@ -86,7 +86,7 @@ BUFFER_MAX_KB = 8192
 BUFFER_TOTAL_KB = 32768
 # How long a reader waits after it is woken, before it reads: what a storm writes meanwhile
 # (thousands of events a second) fills pages. Small beside the 2 s an entry may take.
-READ_DELAY_S = 0.05
+READ_DELAY_S = 0.1
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
