@@ -269,16 +269,11 @@ class Folder:
         the event it would make is like `first` (it made `first` from the same inputs, all
         but the LBA, blocks, cid, qid and retries). False, counting nothing, when `first` is
         not the open fold's first event or the fold's time is up: then make it and `add` it."""
-        if self.first is not first or now >= self.until:
+        if now >= self.until:
             return False
-        self.repeats += 1
-        if slba is not None:
-            if slba < self.lo:
-                self.lo = slba
-            last = slba + (nlb or 1) - 1
-            if last > self.hi:
-                self.hi = last
-        return True
+        if slba is None:
+            return self.add_many(first, 1, None, None)
+        return self.add_many(first, 1, slba, slba + (nlb or 1) - 1)
 
     def add_many(self, first: NvmeEvent, n: int, lo: int | None, hi: int | None) -> bool:
         """Count `n` more events into the open fold at once, of LBAs `lo`..`hi` (None: none):

@@ -122,12 +122,13 @@ class MountTable:
 
 
 class MountWatch:
-    """Whether this filesystem is still mounted anywhere, from /proc/self/mountinfo.
+    """Whether this filesystem is still mounted anywhere, from the mount table (a MountTable
+    of its own).
 
     `start()` (once the mount is live) notes the device number of the FUSE mount at the
     mountpoint, so a later mount at the same path does not count as ours. Invariant: `mounted`
-    is what the mount table said at the last read; the table is read again only after poll()
-    on it reports a change, so asking costs one system call when nothing changed.
+    is what the mount table said at its last read; the table is read again only after it
+    changed, so asking costs one poll() when nothing changed.
     """
 
     def __init__(self, mountpoint: str) -> None:
@@ -136,24 +137,26 @@ class MountWatch:
         self.path = mountpoint
         self.dev: str | None = None
         self.mounted = True
-        self._fd: int | None = None
-        self._poll = select.poll()
+        self._table: MountTable | None = None
+        self._generation = 0  # of the table `mounted` was found in
 
     def start(self) -> None:
-        self._fd = os.open(PATH, os.O_RDONLY | os.O_CLOEXEC)
-        self._poll.register(self._fd, select.POLLPRI)
-        for m in read(self._fd):
+        table = MountTable()
+        self._generation, mounts = table.get()
+        for m in mounts:
             if m.point == self.path and m.fstype.startswith("fuse"):
                 self.dev = m.dev  # the last one listed is the one on top
         self.mounted = True
+        self._table = table
 
     def still_mounted(self) -> bool:
-        if self._fd is None:
+        if self._table is None:
             return True
-        if self._poll.poll(0):  # the mount table changed since the last look
-            table = read(self._fd)
+        generation, mounts = self._table.get()
+        if generation != self._generation:  # the mount table changed since the last look
+            self._generation = generation
             if self.dev is not None:
-                self.mounted = any(m.dev == self.dev for m in table)
+                self.mounted = any(m.dev == self.dev for m in mounts)
             else:
-                self.mounted = any(m.point == self.path for m in table)
+                self.mounted = any(m.point == self.path for m in mounts)
         return self.mounted
