@@ -114,3 +114,86 @@ def test_a_path_removed_while_reads_go_on_is_a_host_entry_not_an_error(tmp_path:
             "failovers accounted",
         )
         print(f"requests failed over: {stats(mnt)['failovers']}")
+
+
+@contextmanager
+def set_text(path: Path, value: str) -> Iterator[None]:
+    before = path.read_text().strip()
+    path.write_text(value)
+    try:
+        yield
+    finally:
+        path.write_text(before)
+
+
+def test_a_path_that_stops_answering_fails_its_requests_over(tmp_path: Path) -> None:
+    """A controller that falls silent under load (its PCI function stops decoding memory and
+    mastering the bus, as a port that dropped the link looks to its driver): its requests in
+    flight time out, the kernel cancels them (0x371, a path error) and fails them over to the
+    other path, then resets the controller and it comes back."""
+    ctrls, head, _ = mp()
+    # mpb sits behind the root port rp2: its PCI function's parent is a PCI bridge.
+    behind_a_bridge = [Path(f"/sys/class/nvme/{c}/device").resolve().parent.name.count(":") == 2
+                       for c in ctrls]  # fmt: skip
+    (ctrl,) = [c for c, bridged in zip(ctrls, behind_a_bridge, strict=True) if bridged]
+    (path,) = [p for p in devices.paths(head) if (hc := devices.path_disk(p)) and hc[1] == ctrl]
+    config = Path(f"/sys/class/nvme/{ctrl}/device/config")
+    state = Path(f"/sys/class/nvme/{ctrl}/state")
+    stop = threading.Event()
+    failed: list[str] = []
+
+    def reads(first: int) -> None:  # good blocks only: no read of these loops is an error
+        lba = first
+        while not stop.is_set():
+            p = subprocess.run(
+                ["dd", f"if=/dev/{head}", "of=/dev/null", "bs=4096", "count=16",
+                 f"skip={lba}", "iflag=direct", "status=none"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if p.returncode != 0:
+                failed.append(p.stderr)
+            lba = (lba + 16) % 2048
+
+    # The kernel waits 30 s for a request by default: 1 s on this path, to keep the test short.
+    with (
+        round_robin(head),
+        set_text(Path(f"/sys/block/{path}/queue/io_timeout"), "1000"),
+        kernel_mount(tmp_path) as mnt,
+    ):
+        readers = [threading.Thread(target=reads, args=(i * 512,)) for i in range(4)]
+        for r in readers:
+            r.start()
+        try:
+            time.sleep(1)
+            with config.open("r+b", buffering=0) as f:  # PCI_COMMAND: memory and bus master off
+                f.seek(4)
+                command = int.from_bytes(f.read(2), "little")
+                f.seek(4)
+                f.write((command & ~0x6).to_bytes(2, "little"))
+            wait_for(lambda: int(stats(mnt)["failovers"]) > 0, 60, "a failover")
+            wait_for(lambda: state.read_text().strip() == "live", 60, "the controller back")
+            time.sleep(1)  # reads go on over both paths again
+        finally:
+            stop.set()
+            for r in readers:
+                r.join()
+        assert failed == []  # the kernel failed those requests over: none reached dd
+        # None is an error of the namespace. The only NVMe errors are the controller's admin
+        # commands the reset cancelled: the Aborts the kernel sent for the timed-out requests
+        # (it logs "Abort status: 0x371" for each).
+        assert all((r["admin"], r["ctrl"], r["status"], r["disk"]) == (True, ctrl, "0x371", None)
+                   for r in nvme_records(mnt)), nvme_records(mnt)  # fmt: skip
+        # The path's entries say how many failed over.
+        wait_for(
+            lambda: (
+                int(stats(mnt)["failovers"])
+                == sum(
+                    int(str(r.get("failovers") or 0)) for r in records(mnt) if r.get("path") == path
+                )
+            ),
+            15,
+            "failovers accounted",
+        )
+        host = [r for r in records(mnt) if r.get("path") == path]
+        assert all((r["disk"], r["ctrl"], r["status"]) == (head, ctrl, "0x371") for r in host), host
+        print(f"requests failed over: {stats(mnt)['failovers']}")
