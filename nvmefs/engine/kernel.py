@@ -111,12 +111,16 @@ def default_buffer_kb(cpus: int, kernel_kb: int) -> int | None:
     return kb if kb > kernel_kb else None
 
 
-def operation(rwbs: str, qid: int, flags: int) -> str:
-    """What the request was: admin (qid 0), passthrough (a user command), or from rwbs."""
+def operation(rwbs: str | None, qid: int, flags: int) -> str | None:
+    """What the request was: admin (qid 0), passthrough (a user command), or from the rwbs of
+    its block event; None when it had none (a success under log=all: only failures' block
+    events are traced, and nvme_complete_rq does not say the opcode)."""
     if qid == 0:
         return "admin"
     if flags & USER_CMD:
         return "passthrough"
+    if rwbs is None:
+        return None
     ops = rwbs.lstrip("F") or "F"  # a leading F on a data op is a preflush
     if ops.startswith("DE"):
         return "secure-erase"
@@ -544,7 +548,7 @@ class KernelEngine(SourceBase):
             nlb=nlb,
             retries=a.retries,
             disk=disk.namespace if disk is not None and a.qid else None,
-            op=operation(b.rwbs if b is not None else "", a.qid, a.flags),
+            op=operation(b.rwbs if b is not None else None, a.qid, a.flags),
         )
         self.sink.log(event)
         self._like = None

@@ -132,7 +132,9 @@ class Appender(Protocol):
 # second on average, in bursts of up to FOLD_BURST (or a second's worth, if more): ordinary
 # bursts of errors, a few hundred, never fold. Beyond that, consecutive like ones fold into
 # one entry that counts them exactly (the option fold=; 0: never fold). Successes, which only
-# log=all logs, do the same at the same rate, on a bucket of their own.
+# log=all logs, do the same at the same rate, on a bucket of their own that holds one second's
+# worth: a burst of successes is how I/O starts, not an episode to keep in detail, and the
+# burst a start or a pause refilled would push hundreds of entries of history out of the ring.
 FOLD_RATE = 50
 FOLD_BURST = 500
 # A fold goes to the ring at most this long after it opened, even while like failures keep
@@ -149,10 +151,10 @@ class Folder:
     """Folds storms of like entries into one entry each, between the log policy and the ring.
 
     The rule: an entry goes on (`send`) at once unless it is over the rate (a token bucket,
-    `rate` a second and `burst` deep, that the entries sent unfolded take from; failures and
-    successes, which only log=all logs, have a bucket each) or like the open fold. An entry over
-    the rate with no fold open opens one: it is held, as the fold's first event. While a fold is
-    open, every like event (same status word, opcode, admin, op, controller, namespace, disk and
+    `rate` a second and `burst` deep, that the entries sent unfolded take from; successes,
+    which only log=all logs, have a bucket of their own, a second's worth deep) or like the
+    open fold. An entry over the rate with no fold open opens one: it is held, as the fold's
+    first event. While a fold is open, every like event (same status word, opcode, admin, op, controller, namespace, disk and
     origin, not replayed: it differs only in LBA, blocks, cid, qid or retries) is counted into
     it, whatever the bucket holds, and nothing of it is kept but a count and the lowest and
     highest LBA. The fold goes on as its first event, with `repeats` (how many more) and
@@ -170,6 +172,7 @@ class Folder:
 
     __slots__ = (
         "burst",
+        "caps",
         "first",
         "hi",
         "last_ns",
@@ -196,9 +199,10 @@ class Folder:
         self.rate = rate
         self.burst = float(max(burst, rate))
         self.per_ns = rate / 1_000_000_000
-        # The buckets of failures [0] and successes [1], and when each was last filled
-        # (monotonic ns).
-        self.tokens = [self.burst, self.burst]
+        # The buckets of failures [0] and successes [1]: how deep each is, what it holds, and
+        # when it was last filled (monotonic ns).
+        self.caps = [self.burst, max(float(rate), 1.0)]
+        self.tokens = list(self.caps)
         self.last_ns = [0, 0]
         self.first: NvmeEvent | None = None  # the open fold's first event
         self.repeats = 0  # like events counted into it since
@@ -255,7 +259,8 @@ class Folder:
         tokens = self.tokens[b] + (now - self.last_ns[b]) * self.per_ns
         self.last_ns[b] = now
         if tokens >= 1.0:
-            self.tokens[b] = (tokens if tokens < self.burst else self.burst) - 1.0
+            cap = self.caps[b]
+            self.tokens[b] = (tokens if tokens < cap else cap) - 1.0
             self.send(event, None, None)
             return
         self.tokens[b] = tokens

@@ -147,14 +147,20 @@ def test_successes_fold_over_a_bucket_of_their_own_and_end_a_fold_of_failures() 
     ok = [ev(8 * i, word=0) for i in range(3000)]  # log=all: a stream of successes
     for e in ok:
         f.add(e, T0)
-    # The first success ends the failures' fold (which goes first); the successes' own bucket
-    # sends a burst of them unfolded; the rest fold into one entry with their exact count.
+    # The first success ends the failures' fold (which goes first); the successes' own bucket,
+    # a second's worth deep (no burst: how I/O starts is no episode), sends that many of them
+    # unfolded; the rest fold into one entry with their exact count.
     assert out.events[FOLD_BURST].repeats == 0 and out.events[FOLD_BURST].status.code
-    assert out.events[FOLD_BURST + 1 : 2 * FOLD_BURST + 1] == ok[:FOLD_BURST]
-    assert f.pending == 3000 - FOLD_BURST and f.first is ok[FOLD_BURST]
+    assert out.events[FOLD_BURST + 1 :] == ok[:FOLD_RATE]
+    assert f.pending == 3000 - FOLD_RATE and f.first is ok[FOLD_RATE]
     f.close()
-    assert out.events[-1] is ok[FOLD_BURST] and ok[FOLD_BURST].repeats == 3000 - FOLD_BURST - 1
-    assert stats.folded == 3000 - FOLD_BURST - 1
+    assert out.events[-1] is ok[FOLD_RATE] and ok[FOLD_RATE].repeats == 3000 - FOLD_RATE - 1
+    assert stats.folded == 3000 - FOLD_RATE - 1
+    # A second later the successes' bucket holds a second's worth again, and no more.
+    for e in [ev(8 * i, word=0) for i in range(3000)]:
+        f.add(e, T0 + 10 * FOLD_NS)
+    f.close()
+    assert len(out.events) == FOLD_BURST + 1 + FOLD_RATE + 1 + FOLD_RATE + 1
     # A failure now: its bucket refilled for the time since (none), successes took nothing of it.
     f2, out2, _ = folder()
     for e in [ev(8 * i, word=0) for i in range(3000)]:

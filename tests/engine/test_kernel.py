@@ -99,7 +99,8 @@ def test_policy_decides_and_log_all_logs_successes() -> None:
     e = engine("all")
     e.page(0, page(nvme_record(0)))
     (ok,) = entries(e)
-    assert ok.status.ok and ok.slba is None
+    # Its block event is not traced (only failures' are): no LBA, and no operation either.
+    assert ok.status.ok and ok.slba is None and ok.op is None
 
 
 def test_passthrough_and_admin_are_marked() -> None:
@@ -140,9 +141,9 @@ def test_a_policy_change_reaches_the_consumer() -> None:
     ("rwbs", "qid", "flags", "op"),
     [("RS", 1, 0, "read"), ("WS", 1, 0, "write"), ("FWS", 1, 0, "write"), ("F", 1, 0, "flush"),
      ("D", 1, 0, "discard"), ("RA", 1, 0, "read"), ("N", 0, 2, "admin"),
-     ("RS", 1, 2, "passthrough")],
+     ("RS", 1, 2, "passthrough"), (None, 1, 0, None), (None, 0, 0, "admin")],
 )  # fmt: skip
-def test_operation_names(rwbs: str, qid: int, flags: int, op: str) -> None:
+def test_operation_names(rwbs: str | None, qid: int, flags: int, op: str | None) -> None:
     assert operation(rwbs, qid, flags) == op
 
 
