@@ -3,10 +3,12 @@
 Theory of operation
 - A private tracefs instance enables `nvme:nvme_complete_rq` (filtered `status != 0` unless the
   log policy wants successes too) and `block:block_rq_complete` filtered `error != 0`. One trio
-  task per CPU waits on that CPU's trace_pipe_raw (buffer_percent 0: woken by any data), lets
-  READ_DELAY_S pass once it has read all there was (so that a storm's events come in full
-  pages, not one read and one turn of Python per event or two), and hands its pages to the
-  trace consumer, which reads them with the offsets of each event's format file.
+  task reads every CPU's trace_pipe_raw (buffer_percent 0: readable at any data): once any is
+  readable it lets READ_DELAY_S pass (so that a storm's events come in full pages, not one
+  read and one turn of Python per event or two), reads every CPU until all are drained, and
+  hands the pages to the trace consumer, which reads them with the offsets of each event's
+  format file. One task, not one per CPU: a wake-up costs the same for one CPU's pages as for
+  all of them, and under steady I/O on every CPU a task each would wake that many times more.
 - nvme_complete_rq fires for every attempt of a request; the block event fires once, at the
   request's final completion, right after the last nvme_complete_rq and on the same CPU. Each
   page goes to a trace consumer (nvmefs.linux.tracebulk: the compiled one, or its Python
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -84,9 +87,11 @@ PAGES_PER_TURN = 16
 # for all CPUs together, and never less than the kernel's own default.
 BUFFER_MAX_KB = 8192
 BUFFER_TOTAL_KB = 32768
-# How long a reader waits after it is woken, before it reads: what a storm writes meanwhile
-# (thousands of events a second) fills pages. Small beside the 2 s an entry may take.
-READ_DELAY_S = 0.1
+# How long the reader waits after it is woken, before it reads: what a storm or a busy disk
+# under log=all writes meanwhile fills pages, and each turn of reading costs the machine CPU
+# its own I/O wants (at QD1 under log=all, 0.5 s took half the daemon's CPU of 0.1 s).
+# Small beside the 2 s an entry may take.
+READ_DELAY_S = 0.5
 OWN_WINDOW_S = 2.0  # how far apart our engine's and the tracepoint's view of one command may be
 HOLD_S = 0.5  # a passthrough error waits this long for our own engine to claim it
 HOUSEKEEPING_S = 0.25  # expired attempts and held entries are resolved this often
@@ -125,6 +130,21 @@ def operation(rwbs: str | None, qid: int, flags: int) -> str | None:
     if ops.startswith("DE"):
         return "secure-erase"
     return OPS.get(ops[0], "other")
+
+
+async def _any_readable(fds: list[int]) -> None:
+    """Return once any of `fds` is readable."""
+    if len(fds) == 1:
+        await trio.lowlevel.wait_readable(fds[0])
+        return
+    async with trio.open_nursery() as nursery:
+
+        async def one(fd: int) -> None:
+            await trio.lowlevel.wait_readable(fd)
+            nursery.cancel_scope.cancel()
+
+        for fd in fds:
+            nursery.start_soon(one, fd)
 
 
 @dataclass(frozen=True)
@@ -291,8 +311,7 @@ class KernelEngine(SourceBase):
                     " the instance keeps tracing until the next start",
                 )
             async with trio.open_nursery() as nursery:
-                for cpu, fd in zip(cpus, fds, strict=True):
-                    nursery.start_soon(self._read_cpu, cpu, fd)
+                nursery.start_soon(self._read, list(zip(cpus, fds, strict=True)))
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self.fold_timer)
                 if self.placer is not None:
@@ -338,29 +357,40 @@ class KernelEngine(SourceBase):
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def _read_cpu(self, cpu: int, fd: int) -> None:
+    async def _read(self, readers: list[tuple[int, int]]) -> None:
+        """Every CPU's pages (`readers`: (cpu, trace_pipe_raw fd) each), in turns."""
         consumer = self.consumer
         assert consumer is not None  # use_formats() made it before the readers start
-        drained = True  # the last turn read all there was: the next waits READ_DELAY_S
+        ready = select.poll()
+        for _cpu, fd in readers:
+            ready.register(fd, select.POLLIN)
         while True:
-            await trio.lowlevel.wait_readable(fd)
-            if drained:
-                await trio.sleep(READ_DELAY_S)
-            # A bounded number of pages per turn: under a flood the FUSE requests, the other
-            # CPUs and the housekeeping must still get theirs.
-            drained = False
-            for _ in range(PAGES_PER_TURN):
-                try:
-                    page = os.read(fd, PAGE)
-                except BlockingIOError:
-                    drained = True
-                    break
-                if not page:
-                    drained = True
-                    break
-                self._fed(self._feed(consumer, cpu, page))
-            self._count(consumer)
-            await trio.lowlevel.checkpoint()
+            if not ready.poll(0):  # nothing to read now: wait for the first CPU that has some
+                await _any_readable([fd for _cpu, fd in readers])
+            await trio.sleep(READ_DELAY_S)
+            full = True
+            while full:  # turns, until a turn leaves every CPU drained
+                full = False
+                since = 0  # pages since the last checkpoint
+                for cpu, fd in readers:
+                    # A bounded number of pages per CPU and turn, and a checkpoint every so
+                    # many: under a flood the FUSE requests and the housekeeping get theirs.
+                    for _ in range(PAGES_PER_TURN):
+                        try:
+                            page = os.read(fd, PAGE)
+                        except BlockingIOError:
+                            break
+                        if not page:
+                            break
+                        self._fed(self._feed(consumer, cpu, page))
+                        since += 1
+                    else:
+                        full = True
+                    if since >= PAGES_PER_TURN:
+                        since = 0
+                        await trio.lowlevel.checkpoint()
+                self._count(consumer)
+                await trio.lowlevel.checkpoint()
 
     def page(self, cpu: int, page: bytes) -> None:
         """Take one trace_pipe_raw page of `cpu`: its entries, then its counters."""
