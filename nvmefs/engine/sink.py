@@ -151,17 +151,18 @@ class Folder:
     """Folds storms of like entries into one entry each, between the log policy and the ring.
 
     The rule: an entry goes on (`send`) at once unless it is over the rate (a token bucket,
-    `rate` a second and `burst` deep, that the entries sent unfolded take from; successes,
-    which only log=all logs, have a bucket of their own, a second's worth deep) or like the
-    open fold. An entry over the rate with no fold open opens one: it is held, as the fold's
-    first event. While a fold is open, every like event (same status word, opcode, admin, op, controller, namespace, disk and
-    origin, not replayed: it differs only in LBA, blocks, cid, qid or retries) is counted into
-    it, whatever the bucket holds, and nothing of it is kept but a count and the lowest and
-    highest LBA. The fold goes on as its first event, with `repeats` (how many more) and
-    `lba_range` set and timed when it opened, when anything else comes (an unlike entry, which
-    follows it; a host event: `close`), when FOLD_NS have passed since it opened (at the next
-    entry, or `tick`), or when the source ends (`close`). Entries come to it before `front` (the
-    kernel source's Placer): a fold's LBA is looked up once, for its first event.
+    `rate` a second and `burst` deep, that the entries sent unfolded take from; successes, which
+    only log=all logs, have a bucket of their own, a second's worth deep) or like the open fold.
+    An entry over the rate with no fold open opens one: it is held, as the fold's first event.
+    While a fold is open, every like event (same status word, opcode, admin, op, controller,
+    namespace, disk and origin, not replayed: it differs only in LBA, blocks, cid, qid or
+    retries) is counted into it, whatever the bucket holds, and nothing of it is kept but a
+    count and the lowest and highest LBA. The fold goes on as its first event, with `repeats`
+    (how many more) and `lba_range` set and timed when it opened, when anything else comes (an
+    unlike entry, which follows it; a host event: `close`), when FOLD_NS have passed since it
+    opened (at the next entry, or `tick`), or when the source ends (`close`). Entries come to it
+    before `front` (the kernel source's Placer): a fold's LBA is looked up once, for its first
+    event.
 
     Invariant: every event given to `add` is sent exactly once, on its own or counted in the
     `repeats` of exactly one event sent (so is every one `add_like` and `add_many` count);
