@@ -44,6 +44,24 @@ def round_robin(head: str) -> Iterator[None]:
         policy.write_text(before)
 
 
+def good_reads(
+    head: str, stop: threading.Event, failed: list[str], first: int = 0, count: int = 64
+) -> None:
+    """Direct reads of /dev/`head`, `count` 4 KiB blocks each from block `first` on, until
+    `stop`, within the first 8 MiB: far from BAD_LBA (10 MiB), so no read of them is an error
+    of the namespace. What dd says of any that failed goes to `failed`."""
+    lba = first
+    while not stop.is_set():
+        p = subprocess.run(
+            ["dd", f"if=/dev/{head}", "of=/dev/null", "bs=4096", f"count={count}",
+             f"skip={lba}", "iflag=direct", "status=none"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if p.returncode != 0:
+            failed.append(p.stderr)
+        lba = (lba + count) % 2048
+
+
 def test_failed_reads_on_the_head_name_the_namespace_its_lbas_and_the_path_taken(
     tmp_path: Path,
 ) -> None:
@@ -69,19 +87,7 @@ def test_a_path_removed_while_reads_go_on_is_a_host_entry_not_an_error(tmp_path:
         stop = threading.Event()
         failed: list[str] = []
 
-        def reads() -> None:  # good blocks only: no read of this loop is an error
-            lba = 0
-            while not stop.is_set():
-                p = subprocess.run(
-                    ["dd", f"if=/dev/{head}", "of=/dev/null", "bs=4096", "count=64",
-                     f"skip={lba}", "iflag=direct", "status=none"],
-                    capture_output=True, text=True,
-                )  # fmt: skip
-                if p.returncode != 0:
-                    failed.append(p.stderr)
-                lba = (lba + 64) % 2048  # the first 8 MiB: far from LBA 20480 (10 MiB)
-
-        reader = threading.Thread(target=reads)
+        reader = threading.Thread(target=good_reads, args=(head, stop, failed))
         reader.start()
         try:
             time.sleep(2)
@@ -142,25 +148,14 @@ def test_a_path_that_stops_answering_fails_its_requests_over(tmp_path: Path) -> 
     stop = threading.Event()
     failed: list[str] = []
 
-    def reads(first: int) -> None:  # good blocks only: no read of these loops is an error
-        lba = first
-        while not stop.is_set():
-            p = subprocess.run(
-                ["dd", f"if=/dev/{head}", "of=/dev/null", "bs=4096", "count=16",
-                 f"skip={lba}", "iflag=direct", "status=none"],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if p.returncode != 0:
-                failed.append(p.stderr)
-            lba = (lba + 16) % 2048
-
     # The kernel waits 30 s for a request by default: 1 s on this path, to keep the test short.
     with (
         round_robin(head),
         set_text(Path(f"/sys/block/{path}/queue/io_timeout"), "1000"),
         kernel_mount(tmp_path) as mnt,
     ):
-        readers = [threading.Thread(target=reads, args=(i * 512,)) for i in range(4)]
+        readers = [threading.Thread(target=good_reads, args=(head, stop, failed, i * 512, 16))
+                   for i in range(4)]  # fmt: skip
         for r in readers:
             r.start()
         try:
