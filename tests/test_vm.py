@@ -32,24 +32,27 @@ TIMED_OUT = 124
 # guest starts spends 10-30 s importing), with room for a loaded machine.
 VM_S = 1800
 BOOTS = 3
-# The other kernels, by the Debian suite that has them, and what runs on them: on 6.12 every
-# test of the kernel source, its backfill and multipath. On 5.10 the two that read what its
-# tracepoints and its log lines give, and a failover of requests in flight (its nvme driver
-# decides that with code of its own): the rest passed there by hand, but under TCG each Python
-# process of a 5.10 guest starts about 6 times slower, mostly in its 9p client (`import trio`
-# 45 s against 7 s on 6.1), and each test takes about 2 minutes: the whole set would add 30 to
-# a run that must stay well under 45. 5.10 has no generic char devices (/dev/ngXnY came in
-# 5.13): device sources are not for it.
-OTHER_KERNELS = {
-    "6.12": ("bookworm-backports", [
-        "tests/vm/test_kernel_source.py", "tests/vm/test_backfill.py", "tests/vm/test_multipath.py",
-        "tests/vm/test_storm.py",
-    ]),
-    "5.10": ("bullseye", [
-        "tests/vm/test_kernel_source.py::test_other_processes_errors_one_entry_per_failed_request",
-        "tests/vm/test_backfill.py::test_errors_before_the_mount_come_from_the_kernel_log_once",
-        "tests/vm/test_multipath.py::test_a_path_that_stops_answering_fails_its_requests_over",
-    ]),
+# What depends on the kernel's tracepoints and log lines: it runs on the other kernels too.
+KERNEL_SOURCE_TESTS = [
+    "tests/vm/test_kernel_source.py", "tests/vm/test_backfill.py", "tests/vm/test_multipath.py",
+    "tests/vm/test_storm.py",
+]  # fmt: skip
+# The other kernels, by the Debian suite that has them: the kernel-source tests, but those that
+# cannot run on that kernel in this test bed (each with why).
+OTHER_KERNELS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
+    "6.12": ("bookworm-backports", KERNEL_SOURCE_TESTS, ()),
+    "5.10": ("bullseye", KERNEL_SOURCE_TESTS, (
+        # A device source needs the generic nodes /dev/ngXnY, which came in 5.13 (5.10's own
+        # refusal is test_kernel_source.py's test_a_kernel_without_the_generic_node_...).
+        "tests/vm/test_kernel_source.py::"
+        "test_a_device_source_with_kernel_adds_other_processes_errors_once",
+        # QEMU 7.2's NVMe controller stops completing a 5.10 guest's commands under sustained
+        # clean reads: fio's 4 s of random reads at QD32 (io_uring or libaio) times out within
+        # seconds, then the abort, the reset and the controller disabled for the rest of the
+        # boot. The flood this test needs is that. 5.10's lost-event accounting is checked by
+        # test_storm.py's tiny buffer, whose reads all fail.
+        "tests/vm/test_kernel_source.py::test_lost_events_are_counted_exactly",
+    )),
 }  # fmt: skip
 # The guest's pytest keeps its temporary files here, not under /tmp/pytest-of-root: the guest's
 # /tmp shows the host's (an overlay over it), and pytest's start-up clean-up of old numbered
@@ -71,13 +74,15 @@ def run_vm(tests: list[str], deselect: list[str], kernel: str | None) -> tuple[i
     return p.returncode, p.stdout + p.stderr
 
 
-def passes_in_the_vm(tests: list[str], kernel: str | None = None) -> None:
-    """Every test of `tests` passes in a VM booting `kernel` (the host's: None), in one boot or,
-    after stalls, in up to BOOTS boots (see the module docstring)."""
+def passes_in_the_vm(
+    tests: list[str], kernel: str | None = None, but: tuple[str, ...] = ()
+) -> None:
+    """Every test of `tests` but those of `but` passes in a VM booting `kernel` (the host's:
+    None), in one boot or, after stalls, in up to BOOTS boots (see the module docstring)."""
     PASSED.parent.mkdir(parents=True, exist_ok=True)
     PASSED.write_text("")
     for boot in range(1, BOOTS + 1):
-        code, out = run_vm(tests, sorted(set(PASSED.read_text().split())), kernel)
+        code, out = run_vm(tests, sorted(set(PASSED.read_text().split()) | set(but)), kernel)
         print(out)
         if code not in (STALLED, TIMED_OUT) or boot == BOOTS:
             break
@@ -85,12 +90,14 @@ def passes_in_the_vm(tests: list[str], kernel: str | None = None) -> None:
               "passed in all: running the rest in a new VM")  # fmt: skip
     summary = re.findall(r"=+ (.*) in [\d.]+s", out)
     assert code == 0 and summary, out[-4000:]
-    if boot == 1:
-        assert re.fullmatch(r"\d+ passed", summary[-1]), summary[-1]  # nothing failed or skipped
+    if boot == 1:  # nothing failed or skipped
+        expected = rf"\d+ passed, {len(but)} deselected" if but else r"\d+ passed"
+        assert re.fullmatch(expected, summary[-1]), summary[-1]
         return
     assert re.fullmatch(r"\d+ passed, \d+ deselected|\d+ passed", summary[-1]), summary[-1]
     (collected,) = re.findall(r"collected (\d+) items", out)
-    assert len(set(PASSED.read_text().split())) == int(collected)  # each passed in one boot
+    # each passed in one boot
+    assert len(set(PASSED.read_text().split()) - set(but)) == int(collected) - len(but)
 
 
 @pytest.mark.vm
@@ -103,8 +110,8 @@ def test_vm_suite_passes_against_qemus_nvme_controllers() -> None:
 @pytest.mark.timeout(BOOTS * (VM_S + 60) + 600)  # and the download of the kernel, once
 @pytest.mark.parametrize("release", list(OTHER_KERNELS))
 def test_the_kernel_source_and_backfill_pass_on_other_debian_kernels(release: str) -> None:
-    suite, tests = OTHER_KERNELS[release]
+    suite, tests, but = OTHER_KERNELS[release]
     fetch = subprocess.run([sys.executable, str(VM_PY), "fetch-kernel", suite],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert fetch.returncode == 0, fetch.stdout + fetch.stderr
-    passes_in_the_vm(tests, kernel=release)
+    passes_in_the_vm(tests, kernel=release, but=but)

@@ -109,3 +109,28 @@ def test_a_stall_report_names_each_vcpus_place_and_stack(vm: ModuleType, tmp_pat
 def test_without_kallsyms_addresses_are_shown_in_hex(vm: ModuleType, tmp_path: Path) -> None:
     name = vm.symbols(tmp_path / "missing")
     assert name(0xFFFFFFFF81002000) == "0xffffffff81002000"
+
+
+def test_the_guest_script_runs_any_command_whole_with_its_status(
+    vm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command reaches the guest in a file: a retry's long --deselect list is not cut at
+    the kernel command line's 2048 bytes. Run here by sh, without the 9p mounts."""
+    import subprocess
+
+    monkeypatch.setattr(vm, "CACHED", {})
+    monkeypatch.setattr(vm, "KALLSYMS", tmp_path / "kallsyms.txt")
+    args = [f"--deselect=tests/vm/test_x.py::test_{i} 'quoted' $HOME" for i in range(200)]
+    out = tmp_path / "args"
+    command = ["python3", "-c", f"import sys; open({str(out)!r}, 'w').write(repr(sys.argv[1:])); "
+               "sys.exit(3)", *args]  # fmt: skip
+    script = tmp_path / "guest.sh"
+    script.write_text(vm.guest_script(command, heartbeat=True))
+    p = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and out.read_text() == repr(args)
+    assert "cache=loose" not in script.read_text()
+    # With the trees to mount, each is mounted read-only and cached before the command runs.
+    monkeypatch.setattr(vm, "CACHED", {"nvmefs-usr": Path("/usr")})
+    first, *_ = vm.guest_script(["true"], heartbeat=False).splitlines()
+    assert first.startswith("mount -t 9p -o ro,") and "cache=loose" in first
+    assert first.endswith("nvmefs-usr /usr || exit 1")

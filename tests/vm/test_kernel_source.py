@@ -369,6 +369,28 @@ def test_a_device_source_with_kernel_adds_other_processes_errors_once(tmp_path: 
         cleanup(mnt)
 
 
+def test_a_device_source_without_its_generic_node_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Device sources use the generic node /dev/ngXnY, which kernels before 5.13 do not have:
+    on 5.10 it is not there; on later kernels the test takes it away for the time of the run."""
+    ns = controller("nvmefs-err").namespaces[0]
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    node = os.stat(ns.generic) if os.path.exists(ns.generic) else None
+    if node is not None:
+        os.unlink(ns.generic)
+    try:
+        p = subprocess.run([*NVMEFS, ns.block, str(mnt)], capture_output=True, text=True)
+    finally:
+        if node is not None:
+            os.mknod(ns.generic, node.st_mode, node.st_rdev)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == (
+        f"nvmefs: {ns.block}: no generic node {ns.generic} (device sources need it: Linux 5.13"
+        " or later; `nvmefs kernel` records this drive's errors without it)\n"
+    )
+    assert not is_mounted(mnt) and not any(mnt.iterdir())
+
+
 def test_controllers_that_disappear_and_appear_are_logged(tmp_path: Path) -> None:
     with kernel_mount(tmp_path) as mnt:
         name = controller("nvmefs-err").name
