@@ -476,7 +476,7 @@ class Journal:
                     self._move(rotated(name, k), rotated(name, k + 1))
             st = d.lstat(name)
             if st is not None and (st.st_dev, st.st_ino) == self._ident:
-                self._move(name, rotated(name, 1))
+                self._move(name, rotated(name, 1), replaced_next=True)
             d.rename(tmp, name)
         except BaseException:
             os.close(fd)
@@ -492,17 +492,20 @@ class Journal:
         d.sync()
         self._progress()
 
-    def _move(self, old: str, new: str) -> None:
+    def _move(self, old: str, new: str, replaced_next: bool = False) -> None:
         """Rename a journal file of the chain one place on. If another user holds the new
         name with what a rename cannot replace (a directory), the file is removed instead:
-        the chain is shorter than journal_keep there, and the journal goes on (reported)."""
+        the chain is shorter than journal_keep there, and the journal goes on (reported).
+        `replaced_next`: the caller renames a file over `old` next, which removes it then: the
+        live name is never missing, even to a crash between the two steps."""
         try:
             self._dir.rename(old, new)
         except OSError as e:
             st = self._dir.lstat(new)
             if st is None or self._dir.is_ours(new):
                 raise
-            self._dir.unlink(old)
+            if not replaced_next:
+                self._dir.unlink(old)
             self.squatted += 1
             self._report(
                 f"{self._dir.join(new)} is held by uid {st.st_uid} ({e.strerror}): "
