@@ -4,6 +4,7 @@ shown, what keeps the stall watchdog quiet, and how a stalled guest's vCPUs are 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -116,8 +117,6 @@ def test_the_guest_script_runs_any_command_whole_with_its_status(
 ) -> None:
     """The command reaches the guest in a file: a retry's long --deselect list is not cut at
     the kernel command line's 2048 bytes. Run here by sh, without the 9p mounts."""
-    import subprocess
-
     monkeypatch.setattr(vm, "CACHED", {})
     monkeypatch.setattr(vm, "KALLSYMS", tmp_path / "kallsyms.txt")
     args = [f"--deselect=tests/vm/test_x.py::test_{i} 'quoted' $HOME" for i in range(200)]

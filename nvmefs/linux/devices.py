@@ -235,15 +235,15 @@ def resolve(path: str, sysfs: Path = SYSFS) -> DeviceSource:
         if not found:
             raise DeviceError(f"{path}: no NVMe namespace with this node in {sysfs}")
         ctrl, namespaces = found[0][0], [found[0][1]]
-    for n in namespaces:
-        if not os.path.exists(n.generic):
-            raise DeviceError(
-                f"{path}: no generic node {n.generic} (device sources need it: Linux 5.13 or"
-                " later; `nvmefs kernel` records this drive's errors without it)"
-            )
-    for node_path in [ctrl.node] + [n.generic for n in namespaces]:
+    generic = [n.generic for n in namespaces]
+    for node_path in [ctrl.node, *generic]:
         try:
             os.close(os.open(node_path, os.O_RDWR))
         except OSError as e:
+            if isinstance(e, FileNotFoundError) and node_path in generic:
+                raise DeviceError(
+                    f"{path}: no generic node {node_path} (device sources need it: Linux 5.13"
+                    " or later; `nvmefs kernel` records this drive's errors without it)"
+                ) from None
             raise DeviceError(f"{node_path}: cannot open: {e.strerror}") from None
     return DeviceSource(path, ctrl, namespaces)
