@@ -3,25 +3,20 @@ shown, what keeps the stall watchdog quiet, and how a stalled guest's vCPUs are 
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests import contrib
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def vm() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nvmefs_vm_runner", REPO / "contrib/qemu/vm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and typing look a module up by name
-    spec.loader.exec_module(module)
-    return module
+    return contrib.load("contrib/qemu/vm.py", "nvmefs_vm_runner")
 
 
 QEMU_AIO = "qemu-system-x86_64: aio failed: Input/output error\n"

@@ -131,6 +131,16 @@ def parse_hist(text: str) -> int:
     return sum(int(n) for n in re.findall(r"hitcount:\s*(\d+)", text))
 
 
+def parse_hist_keys(text: str) -> dict[int, int]:
+    """A one-key tracefs histogram's hitcounts by key, as signed 64-bit numbers (the kernel
+    prints a negative errno as its unsigned bit pattern)."""
+    out: dict[int, int] = {}
+    for key, n in re.findall(r"^\{\s*\w+:\s*(\d+)\s*\}\s*hitcount:\s*(\d+)", text, re.M):
+        k = int(key)
+        out[k - (1 << 64) if k >= 1 << 63 else k] = int(n)
+    return out
+
+
 def parse_stats(text: str) -> dict[str, str]:
     """A mount's `stats` file: one `name value` a line."""
     out = {}
@@ -318,6 +328,10 @@ class KernelCount:
             parse_hist((ev / "block/block_rq_complete/hist").read_text()),
             parse_hist((ev / "nvme/nvme_complete_rq/hist").read_text()),
         )
+
+    def failed_by_error(self) -> dict[int, int]:
+        """The failed requests so far by the block layer's error (a negative errno)."""
+        return parse_hist_keys((self.path / "events/block/block_rq_complete/hist").read_text())
 
     def __exit__(self, *exc: object) -> None:
         for event, trigger in self.triggers.items():

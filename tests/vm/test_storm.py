@@ -1,16 +1,30 @@
 """An error storm in the VM (issue 20): fio at QD32 whose every read fails (the 4 KiB of
 nvmefs-err over its bad LBA 2048, read again and again), under the `kernel` source with the
-default policy and a journal. Every failed request fio saw is counted in nvmefs_errors_total
-and accounted for in the journal (its entries and what they fold, `repeats`); with a tiny
-trace buffer, what the kernel dropped is said exactly and covers every request not counted."""
+default policy and a journal. Every failed request is counted in nvmefs_errors_total and
+accounted for in the journal (its entries and what they fold, `repeats`); with a tiny trace
+buffer, what the kernel dropped is said exactly and covers every request not counted.
+
+The reference is the kernel's own count of the namespace's failed requests, by error: a
+histogram trigger in an instance of the test's own (contrib/bench/vm_storm.py's KernelCount,
+which loses nothing), and fio's total_err beside it. They agree, but where the test bed's
+controller stalls (it now and then stops completing a few commands: the driver aborts them
+after 30 s and resets the controller 30 s later): the reset fails the requests that were out
+of retries with EIO (0x371 Host Aborted Command), the kernel and nvmefs count them, and fio's
+total_err leaves them out (seen 4 of 4 times on 6.12)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from tests import contrib
 from tests.mounts import stats
 from tests.vm.test_kernel_source import (
     err_nodes,
@@ -21,63 +35,97 @@ from tests.vm.test_kernel_source import (
     records,
 )
 
+BENCH = contrib.load("contrib/bench/vm_storm.py", "nvmefs_vm_storm_bench")
 BAD_OFFSET = 2048 * 512  # contrib/qemu/vm.py READ_ERROR_LBAS[0], in bytes
 STORM_S = 8
+IO_TIMEOUT_S = 30  # nvme_core.io_timeout in the bed: a stall keeps fio at least this much longer
 
 
-def fio_storm(block: str, seconds: int = STORM_S) -> int:
-    """fio's random reads at QD32 of the 4 KiB over the bad LBA, going on after each error as
-    the issue's storm does; the number of requests that failed (fio's total_err)."""
+def fio_storm(block: str, seconds: int = STORM_S) -> tuple[Any, float]:
+    """The benchmark's storm (fio's random reads at QD32, going on after each error) over the
+    4 KiB of the bad LBA only; fio's figures (vm_storm.FioStorm) and how long fio ran, in
+    seconds of the clock."""
+    t0 = time.monotonic()
     p = subprocess.run(
-        ["fio", "--name=storm", f"--filename={block}", "--rw=randread", "--bs=4k",
-         "--iodepth=32", "--ioengine=io_uring", "--direct=1", f"--runtime={seconds}",
-         "--time_based", f"--offset={BAD_OFFSET}", "--size=4k", "--continue_on_error=all",
-         "--ignore_error=61,5,84:5", "--output-format=json"],
+        ["fio", "--name=storm", f"--filename={block}", *BENCH.FIO_STORM, f"--runtime={seconds}",
+         f"--offset={BAD_OFFSET}", "--size=4k", "--output-format=json"],
         capture_output=True, text=True, timeout=seconds + 120,
     )  # fmt: skip
-    (job,) = json.loads(p.stdout[p.stdout.index("{") :])["jobs"]
-    errors = int(job["total_err"])
-    assert errors > 100, (errors, p.stderr)  # a storm, not a few errors
-    return errors
+    took = time.monotonic() - t0
+    fio = BENCH.parse_fio(p.stdout)
+    assert fio.failed > 100, (fio, p.stderr)  # a storm, not a few errors
+    return fio, took
+
+
+@contextmanager
+def kernel_count(block: str, disk: str) -> Iterator[Any]:
+    """The kernel's own count of the failed requests of namespace `block` (KernelCount)."""
+    rdev = os.stat(block).st_rdev
+    with BENCH.KernelCount(disk, (os.major(rdev), os.minor(rdev))) as count:
+        yield count
+
+
+def check_fio(fio: Any, took: float, seconds: int, kernel: dict[int, int]) -> None:
+    """fio's failed requests are the kernel's; where the bed stalled (fio ran far longer than
+    asked), fio's total_err may leave out the requests the controller's reset failed with EIO,
+    no others."""
+    total = sum(kernel.values())
+    if took < seconds + IO_TIMEOUT_S:
+        assert fio.failed == total, (fio, kernel)
+    else:
+        assert 0 <= total - fio.failed <= kernel.get(-errno.EIO, 0), (fio, kernel)
 
 
 def test_every_failed_request_of_a_storm_is_counted_and_in_the_journal(tmp_path: Path) -> None:
     ctrl, block, disk = err_nodes()
     ctrl = ctrl.rsplit("/", 1)[1]
+    nsid = int(disk.rsplit("n", 1)[1])
     journal = tmp_path / "storm.jsonl"
-    with kernel_mount(tmp_path, f"journal={journal}") as mnt:  # the default policy
-        failed = fio_storm(block)
+    # The default policy.
+    with kernel_count(block, disk) as count, kernel_mount(tmp_path, f"journal={journal}") as mnt:
+        fio, took = fio_storm(block)
         time.sleep(3)  # the last requests' block events, a housekeeping round
-        counted = errors_total(mnt, ctrl)
+        counted = errors_total(mnt, ctrl, nsid)
+        kernel = count.failed_by_error()
         st = stats(mnt)
     lines = [json.loads(ln) for ln in journal.read_text().splitlines()]
     entries = [r for r in lines if r["kind"] == "nvme" and r["disk"] == disk]
     folded = sum(int(r.get("repeats") or 0) for r in entries)
     print(
-        f"\nstorm: fio failed {failed} requests; nvmefs counted {counted}, journal "
-        f"{len(entries)} entries + {folded} folded; lost events {st['trace_lost_events']}; "
-        f"consumer {st['trace_consumer']}"
+        f"\nstorm: fio failed {fio.failed} requests in {took:.1f} s, the kernel "
+        f"{kernel}; nvmefs counted {counted}, journal {len(entries)} entries + {folded} "
+        f"folded; lost events {st['trace_lost_events']}; consumer {st['trace_consumer']}"
     )
     assert int(st["trace_lost_events"]) == 0, st
-    assert counted == failed
-    assert len(entries) + folded == failed
+    assert counted == sum(kernel.values())
+    check_fio(fio, took, STORM_S, kernel)
+    # The policy logs the medium errors (ENODATA), not the EIO of a reset's cancellation.
+    assert len(entries) + folded == kernel.get(-errno.ENODATA, 0)
     assert all(r["status"] == "0x281" and r["slba"] == 2048 for r in entries), entries[:3]
 
 
 def test_a_storm_through_a_tiny_buffer_says_exactly_what_it_lost(tmp_path: Path) -> None:
-    ctrl, block, _ = err_nodes()
+    ctrl, block, disk = err_nodes()
     ctrl = ctrl.rsplit("/", 1)[1]
+    nsid = int(disk.rsplit("n", 1)[1])
     # A ring big enough to keep every `lost` entry.
-    with kernel_mount(tmp_path, "trace_buffer_kb=4,capacity=100000") as mnt:
+    with (
+        kernel_count(block, disk) as count,
+        kernel_mount(tmp_path, "trace_buffer_kb=4,capacity=100000") as mnt,
+    ):
         (inst,) = instances()
-        failed = fio_storm(block, 5)
+        fio, took = fio_storm(block, 5)
         time.sleep(6)  # past one slow housekeeping round (the backstop for the last losses)
         dropped = kernel_dropped(inst)
         said = sum(int(str(r["lost"])) for r in records(mnt) if r["kind"] == "lost")
-        counted = errors_total(mnt, ctrl)
+        counted = errors_total(mnt, ctrl, nsid)
+        kernel = count.failed_by_error()
         st = stats(mnt)
-    print(f"\ntiny buffer: fio failed {failed}, counted {counted}, events lost {dropped}")
+    failed = sum(kernel.values())
+    print(f"\ntiny buffer: fio failed {fio.failed}, the kernel {failed}, counted {counted}, "
+          f"events lost {dropped}")  # fmt: skip
     assert dropped > 0, "the tiny buffer lost nothing: the test proves nothing"
     assert said == dropped == int(st["trace_lost_events"])
+    check_fio(fio, took, 5, kernel)
     # Each request not counted lost at least one of its events.
     assert counted <= failed and failed - counted <= dropped, (failed, counted, dropped)
