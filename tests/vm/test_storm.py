@@ -6,11 +6,11 @@ buffer, what the kernel dropped is said exactly and covers every request not cou
 
 The reference is the kernel's own count of the namespace's failed requests, by error: a
 histogram trigger in an instance of the test's own (contrib/bench/vm_storm.py's KernelCount,
-which loses nothing), and fio's total_err beside it. They agree, but where the test bed's
+which loses nothing), and fio's total_err beside it. They agree except where the test bed's
 controller stalls (it now and then stops completing a few commands: the driver aborts them
 after 30 s and resets the controller 30 s later): the reset fails the requests that were out
 of retries with EIO (0x371 Host Aborted Command), the kernel and nvmefs count them, and fio's
-total_err leaves them out (seen 4 of 4 times on 6.12)."""
+total_err leaves them out (in every stalled run seen on 6.12)."""
 
 from __future__ import annotations
 
