@@ -9,7 +9,9 @@ from types import ModuleType
 
 import pytest
 
+from nvmefs.linux import devices
 from tests import contrib
+from tests.vm import guest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,3 +131,30 @@ def test_the_guest_script_runs_any_command_whole_with_its_status(
     first, *_ = vm.guest_script(["true"], heartbeat=False).splitlines()
     assert first.startswith("mount -t 9p -o ro,") and "cache=loose" in first
     assert first.endswith("nvmefs-usr /usr || exit 1")
+
+
+def test_a_controller_lost_after_a_timeout_ends_the_boot_for_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tests/vm/guest.py bed_lost: only a controller that is gone after the driver timed out
+    commands (in 5.10's or 6.x's words) ends the guest's session, with BED_LOST."""
+    here = [devices.Controller("nvme3", "nvmefs-err", "QEMU", "1.0", "pcie", "0000:00:04.0")]
+    lines = {
+        "5.10": "[  9.1] nvme nvme3: I/O 5 QID 2 timeout, aborting\n",
+        "6.12": "[ 115.9] nvme nvme7: I/O tag 68 (9044) opcode 0x2 (I/O Cmd) QID 2 timeout, "
+        "reset controller\n",
+    }
+    for controllers, log, ends in [
+        ([], lines["5.10"], True),
+        ([], lines["6.12"], True),
+        ([], "[  9.1] nvme nvme3: pci function 0000:00:04.0\n", False),  # removed on purpose
+        (here, lines["6.12"], False),  # still there: the tests go on
+    ]:
+        monkeypatch.setattr(devices, "controllers", lambda c=controllers: c)
+        monkeypatch.setattr(guest, "dmesg", lambda log=log: log)
+        if ends:
+            with pytest.raises(pytest.exit.Exception) as e:
+                guest.bed_lost("nvmefs-err")
+            assert e.value.returncode == guest.BED_LOST
+        else:
+            guest.bed_lost("nvmefs-err")

@@ -305,7 +305,13 @@ def process_tree_cpu_s(pid: int) -> float:
 
 class KernelCount:
     """The kernel's count of the storm disk's failed requests and attempts: histogram triggers
-    in an instance of our own that records nothing."""
+    in an instance of our own that records nothing. Invariant: entered, the instance exists;
+    left (or failed to enter), it is gone."""
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this kernel has histogram triggers (Debian's 5.10 is built without)."""
+        return (tracefs.find(mount=True) / "events/block/block_rq_complete/hist").exists()
 
     def __init__(self, disk: str, dev: tuple[int, int]) -> None:
         kdev = devices.kernel_dev(*dev)
@@ -317,8 +323,12 @@ class KernelCount:
 
     def __enter__(self) -> KernelCount:
         self.path.mkdir()
-        for event, trigger in self.triggers.items():
-            (self.path / "events" / event / "trigger").write_text(trigger)
+        try:
+            for event, trigger in self.triggers.items():
+                (self.path / "events" / event / "trigger").write_text(trigger)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def read(self) -> tuple[int, int]:

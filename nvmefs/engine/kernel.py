@@ -614,9 +614,14 @@ class KernelEngine(SourceBase):
         return disk
 
     def _refresh_disks(self) -> None:
-        self._disks = self.disks()
+        # A disk that went away keeps its entry: its last requests' events are read after it
+        # went (a controller the kernel removes fails what it had in flight as it goes), and
+        # they are still errors of its namespace. A name or number the kernel gives again is
+        # the new disk's.
+        fresh = self.disks()
+        self._disks = {**self._disks, **fresh}
         # Path disks have no device number: dev 0 is a request without a disk.
-        self._by_dev = {d.dev: d for d in self._disks.values() if d.dev}
+        self._by_dev = {**self._by_dev, **{d.dev: d for d in fresh.values() if d.dev}}
 
     # -- housekeeping --------------------------------------------------------------------------
 

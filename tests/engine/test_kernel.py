@@ -68,6 +68,28 @@ def test_six_attempts_and_one_block_error_make_one_entry() -> None:
     assert e.stats.failed == {("nvme0", 1, 0x281): 1}  # the request, not its attempts
 
 
+def test_a_disk_that_went_away_still_names_its_last_requests() -> None:
+    """The kernel removed the controller (a reset that failed): the requests it failed on its
+    way out are read after the disk is gone from sysfs, and are still its namespace's."""
+    present = {d.name: d for d in (DISK, HEAD, PATH)}
+    e = KernelEngine(KernelSpec("kernel"), DebugRing(256), disks=lambda: dict(present))
+    e.use_formats(
+        EventFormat.parse("nvme", "nvme_complete_rq", NVME_FORMAT),
+        EventFormat.parse("block", "block_rq_complete", BLOCK_FORMAT),
+    )
+    e.page(0, page(*a_failed_read()))
+    del present[DISK.name]
+    present["nvme9n1"] = Disk("nvme9n1", 259 << 20 | 9, 2, 512)
+    e._refresh_disks()  # as when the controller is seen gone
+    e.page(0, page(nvme_record(0x371, 5, cid=7), block_record(2048, 8, -5, "RS")))
+    assert e.stats.failed == {("nvme0", 1, 0x281): 1, ("nvme0", 1, 0x371): 1}
+    # A name given again is the new disk's.
+    present[DISK.name] = Disk("nvme0n1", 259 << 20 | 3, 4, 512)
+    e._refresh_disks()
+    e.page(1, page(*a_failed_read()))
+    assert e.stats.failed[("nvme0", 4, 0x281)] == 1
+
+
 def test_log_attempts_logs_each_attempt() -> None:
     e = engine(log_attempts=True)
     e.page(0, page(*a_failed_read()))
