@@ -812,6 +812,11 @@ def main() -> int:
     p.add_argument("--no-qd1", action="store_true")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
+    if not args.no_storm and not KernelCount.available():
+        p.error(
+            "this kernel has no histogram triggers (CONFIG_HIST_TRIGGERS), which give the"
+            " storm's reference count: boot another (--kernel 6.12) or use --no-storm"
+        )
     res: dict[str, float] = {}
     started = time.monotonic()
     complete = args.no_storm or storm(args, res)
