@@ -22,7 +22,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ BENCH = contrib.load("contrib/bench/vm_storm.py", "nvmefs_vm_storm_bench")
 BAD_OFFSET = 2048 * 512  # contrib/qemu/vm.py READ_ERROR_LBAS[0], in bytes
 STORM_S = 8
 IO_TIMEOUT_S = 30  # nvme_core.io_timeout in the bed: a stall keeps fio at least this much longer
+QUIET_S = 2.0
+SETTLE_MAX_S = 60.0
 
 
 def fio_storm(block: str, seconds: int = STORM_S) -> tuple[Any, float]:
@@ -87,6 +89,22 @@ def samples(mnt: Path, ctrl: str) -> list[str]:
             if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln]  # fmt: skip
 
 
+def settled(read: Callable[[], int], target: int | None = None) -> tuple[int, float]:
+    """What `read` gives once the daemon caught up with the storm's trace pages: `target`, or
+    the same for QUIET_S; (the value, seconds waited). Not a fixed pause: on a loaded machine
+    the daemon can be seconds behind the storm. Gives up after SETTLE_MAX_S."""
+    t0 = time.monotonic()
+    value, since = read(), t0
+    while time.monotonic() - t0 < SETTLE_MAX_S:
+        if value == target or (target is None and time.monotonic() - since >= QUIET_S):
+            break
+        time.sleep(0.5)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value, time.monotonic() - t0
+
+
 def check_fio(fio: Any, took: float, seconds: int, kernel: dict[int, int]) -> None:
     """fio's failed requests are the kernel's; where the bed stalled (fio ran far longer than
     asked), fio's total_err may leave out the requests the controller's reset failed with EIO,
@@ -107,9 +125,8 @@ def test_every_failed_request_of_a_storm_is_counted_and_in_the_journal(tmp_path:
     # The default policy.
     with kernel_count(block, disk) as count, kernel_mount(tmp_path, f"journal={journal}") as mnt:
         fio, took = fio_storm(block)
-        time.sleep(3)  # the last requests' block events, a housekeeping round
-        counted = errors_total(mnt, ctrl, nsid)
         kernel = failed_by_error(count, fio)
+        counted, waited = settled(lambda: errors_total(mnt, ctrl, nsid), sum(kernel.values()))
         prom = samples(mnt, ctrl)
         st = stats(mnt)
     lines = [json.loads(ln) for ln in journal.read_text().splitlines()]
@@ -118,11 +135,11 @@ def test_every_failed_request_of_a_storm_is_counted_and_in_the_journal(tmp_path:
     print(
         f"\nstorm: fio failed {fio.failed} requests in {took:.1f} s, "
         f"{'the kernel' if count is not None else 'so (no histogram triggers)'} {kernel}; "
-        f"nvmefs counted {counted}, journal {len(entries)} entries + {folded} "
-        f"folded; lost events {st['trace_lost_events']}; consumer {st['trace_consumer']}"
+        f"nvmefs counted {counted} ({waited:.1f} s after fio), journal {len(entries)} entries "
+        f"+ {folded} folded; lost events {st['trace_lost_events']}; consumer {st['trace_consumer']}"
     )
     assert int(st["trace_lost_events"]) == 0, st
-    assert counted == sum(kernel.values()), prom
+    assert counted == sum(kernel.values()), (ctrl, disk, nsid, prom)
     check_fio(fio, took, STORM_S, kernel)
     # The policy logs the medium errors (ENODATA), not the EIO of a reset's cancellation.
     assert len(entries) + folded == kernel.get(-errno.ENODATA, 0)
@@ -142,15 +159,15 @@ def test_a_storm_through_a_tiny_buffer_says_exactly_what_it_lost(tmp_path: Path)
         (inst,) = instances()
         fio, took = fio_storm(block, 5)
         time.sleep(6)  # past one slow housekeeping round (the backstop for the last losses)
+        counted, waited = settled(lambda: errors_total(mnt, ctrl, nsid))
         dropped = kernel_dropped(inst)
         said = sum(int(str(r["lost"])) for r in records(mnt) if r["kind"] == "lost")
-        counted = errors_total(mnt, ctrl, nsid)
         kernel = failed_by_error(count, fio)
         prom = samples(mnt, ctrl)
         st = stats(mnt)
     failed = sum(kernel.values())
     print(f"\ntiny buffer: fio failed {fio.failed}, the kernel {failed}, counted {counted}, "
-          f"events lost {dropped}")  # fmt: skip
+          f"events lost {dropped}; settled in {waited:.1f} s")  # fmt: skip
     assert dropped > 0, "the tiny buffer lost nothing: the test proves nothing"
     assert said == dropped == int(st["trace_lost_events"])
     check_fio(fio, took, 5, kernel)
