@@ -32,7 +32,6 @@ from tests.mounts import stats
 from tests.vm.guest import bed_lost, controller
 from tests.vm.test_kernel_source import (
     err_nodes,
-    errors_total,
     instances,
     kernel_dropped,
     kernel_mount,
@@ -81,6 +80,11 @@ def failed_by_error(count: Any, fio: Any) -> dict[int, int]:
     if count is None:
         return {-errno.ENODATA: fio.failed}
     return dict(count.failed_by_error())
+
+
+def errors_total(mnt: Path, ctrl: str, nsid: int) -> int:
+    """nvmefs_errors_total of one namespace (the bench's reading of it)."""
+    return int(BENCH.prom_errors((mnt / "nvmefs.prom").read_text(), ctrl, nsid))
 
 
 def samples(mnt: Path, ctrl: str) -> list[str]:
