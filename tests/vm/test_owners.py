@@ -215,6 +215,7 @@ def test_a_lookup_among_100k_files_is_bounded_and_the_recorder_keeps_time(
     errors elsewhere are counted at once and every entry reaches the ring by its wait."""
     err_ctrl, err_block, err_disk = err_nodes()
     err_ctrl = os.path.basename(err_ctrl)
+    fs_ctrl = controller("nvmefs-fs").name
     with filesystem(tmp_path, fs, MANY[fs]) as (disk, part, mnt):
         files = fill(mnt)
         start = int(Path(f"/sys/class/block/{os.path.basename(part)}/start").read_text())
@@ -237,6 +238,10 @@ def test_a_lookup_among_100k_files_is_bounded_and_the_recorder_keeps_time(
             p = dd(f"if={path}", "of=/dev/null", "bs=4096", f"skip={offset // 4096}", "count=1")
             assert p.returncode != 0, "the read of the bad block did not fail"
             fs_entry = pool.submit(arrival_of_entry, m, disk, time.monotonic())
+            # The file's error is taken first, and its lookup starts: the source reads every
+            # CPU's events in one turn, CPU by CPU, so an error elsewhere made at once could
+            # come before it (on CI: its quick lookup ended before the file's began).
+            wait_for(lambda: errors_total(m, fs_ctrl) >= 1, 30, "the file's error counted")
             # Meanwhile, errors on another disk: counted at once, in the ring by their wait.
             late: list[tuple[float, float, int]] = []
             for n in range(1, 4):
