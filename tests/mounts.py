@@ -34,6 +34,15 @@ def is_mounted(mnt: Path) -> bool:
     return any(line.split()[4] == real for line in mountinfo())
 
 
+def gone(pid: int) -> bool:
+    """Process `pid` has exited: it is not there, or it is a zombie its parent has not reaped
+    yet (reaping is its parent's business, and an init that reaps by polling is slow at it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def daemon_pids(mnt: Path) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"nvmefs .*{mnt}"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]

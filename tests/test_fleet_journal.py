@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import cleanup, daemon_pids, is_mounted, mounted, run_nvmefs, stats, wait_for
+from tests.mounts import (
+    cleanup,
+    daemon_pids,
+    gone,
+    is_mounted,
+    mounted,
+    run_nvmefs,
+    stats,
+    wait_for,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -48,7 +57,7 @@ def test_sigkill_in_a_storm_then_mount_again_replays_and_continues(tmp_path: Pat
         assert stats(mnt)["journal_lost"] == "0", stats(mnt)
         (pid,) = daemon_pids(mnt)
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to die")
+        wait_for(lambda: gone(pid), 10, "the daemon to die")
     # A kill in a rotation may leave its new file, a number missing, or (between the renames of
     # PATH to PATH.1 and of the new file to PATH) no PATH: the next start copes.
     names = {f.name for f in jdir.iterdir()}

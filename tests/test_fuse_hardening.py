@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import BUF, LINE, is_mounted, mounted, stats, wait_for
+from tests.mounts import BUF, LINE, gone, is_mounted, mounted, stats, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -408,10 +408,10 @@ def test_a_lazily_unmounted_daemon_exits_when_its_last_handle_closes(tmp_path: P
             wait_for(lambda: os.path.exists(f"/proc/{follower.pid}/fd/3"), 5, "tail to open")
             subprocess.run(["umount", "-l", str(mnt)], check=True)
             time.sleep(1)
-            assert os.path.exists(f"/proc/{pid}")
+            assert not gone(pid)
             follower.terminate()
             follower.wait(5)
-            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5, "the daemon to exit")
+            wait_for(lambda: gone(pid), 5, "the daemon to exit")
         finally:
             for p in (follower, holder):
                 p.kill()

@@ -18,6 +18,7 @@ from tests.mounts import (
     BUF,
     cleanup,
     daemon_pids,
+    gone,
     is_mounted,
     mounted,
     mountinfo,
@@ -54,14 +55,14 @@ def test_signals_end_the_daemon_with_the_mount_gone(tmp_path: Path, sig: int) ->
         pid = int(stats(mnt)["pid"])
         os.kill(pid, sig)
         wait_for(lambda: not is_mounted(mnt), 10, "the mount to go")
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to exit")
+        wait_for(lambda: gone(pid), 10, "the daemon to exit")
 
 
 def test_umount_ends_the_daemon(tmp_path: Path) -> None:
     with mounted(tmp_path, "faults=demo") as mnt:
         pid = int(stats(mnt)["pid"])
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to exit")
+        wait_for(lambda: gone(pid), 10, "the daemon to exit")
         assert not is_mounted(mnt)
 
 
@@ -116,7 +117,7 @@ def test_a_dead_mount_gets_a_clear_message(tmp_path: Path) -> None:
         assert run_nvmefs("sim", str(mnt), "-o", "workload=idle").returncode == 0
         pid = daemon_pids(mnt)[0]
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to die")
+        wait_for(lambda: gone(pid), 10, "the daemon to die")
         with pytest.raises(OSError) as err:
             os.stat(mnt)
         assert err.value.errno == errno.ENOTCONN

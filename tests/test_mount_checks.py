@@ -29,6 +29,7 @@ from tests.mounts import (
     NVMEFS,
     cleanup,
     daemon_pids,
+    gone,
     is_mounted,
     mounted,
     mountinfo,
@@ -149,7 +150,7 @@ def test_the_daemon_holds_the_lock_for_its_life_and_no_program_inherits_it(tmp_p
         finally:
             os.close(other)
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to exit")
+        wait_for(lambda: gone(pid), 10, "the daemon to exit")
         # Released with the daemon: the next mount gets it.
         p = run_nvmefs("sim", str(mnt), "-o", "workload=idle")
         assert p.returncode == 0, p.stderr
@@ -162,7 +163,7 @@ def test_the_daemon_holds_the_lock_for_its_life_and_no_program_inherits_it(tmp_p
 def _kill_daemon(mnt: Path) -> None:
     (pid,) = daemon_pids(mnt)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to die")
+    wait_for(lambda: gone(pid), 10, "the daemon to die")
 
 
 def test_a_dead_mount_is_dead_even_while_its_root_attributes_are_cached(tmp_path: Path) -> None:

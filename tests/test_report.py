@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from tests.mounts import NVMEFS, daemon_pids, is_mounted, mounted, run_nvmefs, wait_for, wait_static
+from tests.mounts import (
+    NVMEFS,
+    daemon_pids,
+    gone,
+    is_mounted,
+    mounted,
+    run_nvmefs,
+    wait_for,
+    wait_static,
+)
 
 # Media errors in places a scrub of the 64 MiB simulated namespace (LBAs 0..131071) reads,
 # one of them seeded-random, and a region that fails in many 4 KiB commands (DNR: no
@@ -119,7 +128,7 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         live["ring_lines"] = (mnt / "nvme_circular_buffer.jsonl").read_bytes().split(b"\n")[:-1]
         (pid,) = daemon_pids(mnt)
         subprocess.run(["umount", str(mnt)], check=True)  # a clean stop: the journal complete
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to end")
+        wait_for(lambda: gone(pid), 10, "the daemon to end")
         assert not is_mounted(mnt)
     return path, live
 

@@ -27,6 +27,7 @@ from nvmefs.linux.tracefs import (
     record_type,
 )
 from tests.linux.tracepages import BLOCK_FORMAT, NVME_FORMAT, block_record, nvme_record, page
+from tests.mounts import gone
 
 
 def test_formats_are_read_from_the_format_file() -> None:
@@ -138,14 +139,6 @@ def maker(*args: str) -> Iterator[tuple[subprocess.Popen[str], Path, int]]:
     finally:
         p.kill()
         p.wait()
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_until(cond: Callable[[], bool], timeout: float) -> float:

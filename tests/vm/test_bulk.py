@@ -20,7 +20,7 @@ from nvmefs.nvme import commands as c
 from nvmefs.nvme import lbas
 from nvmefs.store.events import NvmeEvent
 from nvmefs.store.ring import EVENT, DebugRing
-from tests.mounts import BUF, cleanup, is_mounted, stats, wait_for
+from tests.mounts import BUF, cleanup, gone, is_mounted, stats, wait_for
 from tests.vm.guest import engine_on, ng
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
@@ -88,14 +88,6 @@ async def test_compiled_randread_counts_every_completion() -> None:
         assert e.stats.completions - before == progress.commands == 3000
         assert progress.bytes_done == 3000 * 4096 and progress.failed == 0 and not entries(ring)
         assert e.stats.latency_ns_max > 0
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie not yet reaped counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @pytest.mark.parametrize("datapath", ["compiled", "python"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import BUF, cleanup, daemon_pids, is_mounted, stats, wait_for
+from tests.mounts import BUF, cleanup, daemon_pids, gone, is_mounted, stats, wait_for
 from tests.vm.guest import controller, dmesg, qmp
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
@@ -46,14 +46,6 @@ def guardians(pid: int) -> list[int]:
 def guardian(pid: int) -> int:
     (g,) = guardians(pid)
     return g
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @contextmanager
