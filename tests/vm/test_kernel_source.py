@@ -233,13 +233,15 @@ def test_a_killed_daemons_instance_goes_within_seconds(tmp_path: Path) -> None:
     assert instances() == []
 
 
+def samples(mnt: Path, ctrl: str) -> list[str]:
+    """nvmefs_errors_total's samples of controller `ctrl`."""
+    return [ln for ln in (mnt / "nvmefs.prom").read_text().splitlines()
+            if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln]  # fmt: skip
+
+
 def errors_total(mnt: Path, ctrl: str) -> int:
     """nvmefs_errors_total of controller `ctrl` (every failed request, logged or not)."""
-    total = 0
-    for ln in (mnt / "nvmefs.prom").read_text().splitlines():
-        if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln:
-            total += int(float(ln.rsplit(" ", 1)[1]))
-    return total
+    return sum(int(float(ln.rsplit(" ", 1)[1])) for ln in samples(mnt, ctrl))
 
 
 def kernel_dropped(inst: str) -> int:

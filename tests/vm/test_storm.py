@@ -36,6 +36,7 @@ from tests.vm.test_kernel_source import (
     kernel_dropped,
     kernel_mount,
     records,
+    samples,
 )
 
 BENCH = contrib.load("contrib/bench/vm_storm.py", "nvmefs_vm_storm_bench")
@@ -87,10 +88,12 @@ def errors_total(mnt: Path, ctrl: str, nsid: int) -> int:
     return int(BENCH.prom_errors((mnt / "nvmefs.prom").read_text(), ctrl, nsid))
 
 
-def samples(mnt: Path, ctrl: str) -> list[str]:
-    """nvmefs_errors_total's samples of controller `ctrl` (for a failure's message)."""
-    return [ln for ln in (mnt / "nvmefs.prom").read_text().splitlines()
-            if ln.startswith("nvmefs_errors_total{") and f'ctrl="{ctrl}"' in ln]  # fmt: skip
+def storm_namespace() -> tuple[str, str, str, int]:
+    """(controller name, block node, disk, nsid) of the namespace with injected errors. The
+    nsid from sysfs, not from the disk's name: a multipath head is named by its instance in
+    the subsystem, which a controller added again gets anew (nvme7n2 for nsid 1)."""
+    ctrl, block, disk = err_nodes()
+    return os.path.basename(ctrl), block, disk, controller("nvmefs-err").namespaces[0].nsid
 
 
 def settled(read: Callable[[], int], target: int | None = None) -> tuple[int, float]:
@@ -123,11 +126,7 @@ def check_fio(fio: Any, took: float, seconds: int, kernel: dict[int, int]) -> No
 
 def test_every_failed_request_of_a_storm_is_counted_and_in_the_journal(tmp_path: Path) -> None:
     bed_lost("nvmefs-err")
-    ctrl, block, disk = err_nodes()
-    ctrl = ctrl.rsplit("/", 1)[1]
-    # Not from the disk's name: a multipath head is named by its instance in the subsystem,
-    # which a controller added again gets anew (nvme7n2 for nsid 1).
-    nsid = controller("nvmefs-err").namespaces[0].nsid
+    ctrl, block, disk, nsid = storm_namespace()
     journal = tmp_path / "storm.jsonl"
     # The default policy.
     with kernel_count(block, disk) as count, kernel_mount(tmp_path, f"journal={journal}") as mnt:
@@ -155,11 +154,7 @@ def test_every_failed_request_of_a_storm_is_counted_and_in_the_journal(tmp_path:
 
 def test_a_storm_through_a_tiny_buffer_says_exactly_what_it_lost(tmp_path: Path) -> None:
     bed_lost("nvmefs-err")
-    ctrl, block, disk = err_nodes()
-    ctrl = ctrl.rsplit("/", 1)[1]
-    # Not from the disk's name: a multipath head is named by its instance in the subsystem,
-    # which a controller added again gets anew (nvme7n2 for nsid 1).
-    nsid = controller("nvmefs-err").namespaces[0].nsid
+    ctrl, block, disk, nsid = storm_namespace()
     # A ring big enough to keep every `lost` entry.
     with (
         kernel_count(block, disk) as count,
