@@ -14,7 +14,7 @@ import pytest
 
 from nvmefs.linux import devices
 from tests.mounts import BUF, cleanup, is_mounted, stats, wait_for
-from tests.vm.guest import ng, qmp
+from tests.vm.guest import dmesg, ng, qmp
 
 NVMEFS = [sys.executable, "-m", "nvmefs"]
 
@@ -86,7 +86,14 @@ def test_mount_ring_and_tail_f_within_2s(tmp_path: Path) -> None:
                 got.append((time.time(), line))
 
         threading.Thread(target=collect, daemon=True).start()
-        wait_for(lambda: len(got) >= 12, 60, "new entries in tail -f")
+        try:
+            wait_for(lambda: len(got) >= 12, 60, "new entries in tail -f")
+        except AssertionError:  # say whether the scrub went on, and what the driver said
+            nvme = [ln for ln in dmesg().splitlines() if "nvme" in ln][-15:]
+            raise AssertionError(
+                f"{len(got)} lines from tail -f in 60 s; stats {stats(mnt)}; the guest's last "
+                f"nvme lines {nvme}"
+            ) from None
         tail.terminate()
         _, err = tail.communicate(timeout=10)
         assert b"truncated" not in err
